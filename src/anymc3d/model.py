@@ -1,0 +1,142 @@
+"""Backbone + plugin -> logits, slice weights and view weights.
+
+The frozen backbone runs once per slice per stream (input x view) with that stream's LoRA
+adapter active; each stream's task query pools its slice embeddings into a stream embedding;
+a fusion query pools the stream embeddings; dropout + linear gives the logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .backbones import Backbone
+from .plugins.lora import activate, add_adapter, adapter_parameters
+from .plugins.pooling import TaskQueryPool
+from .plugins.spec import PluginSpec
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                                   # (B, n_outputs)
+    slice_weights: dict[str, torch.Tensor]                 # stream -> (B, S)
+    view_weights: torch.Tensor                             # (B, V)
+    patches: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> (B, S, h, w, D) when asked
+
+
+def adapter_name(prefix: str, stream: str) -> str:
+    return (prefix + stream).replace(":", "_").replace(".", "_").replace("-", "_")
+
+
+class AnyMC3D(nn.Module):
+    """One plugin on a (shared) frozen backbone. ``adapter_prefix`` keeps several plugins apart."""
+
+    def __init__(self, backbone: Backbone, spec: PluginSpec, adapter_prefix: str = "p0_",
+                 chunk: int = 256, autocast: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        self.streams = spec.streams
+        self.chunk = chunk
+        self.autocast = autocast
+        d = backbone.embed_dim
+        self.adapters: dict[str, str] = {}
+        if spec.lora.r > 0:
+            targets = backbone.lora_targets(spec.lora.last_k)
+            for s in self.streams:
+                name = adapter_name(adapter_prefix, s)
+                add_adapter(backbone.model, name, targets, spec.lora)
+                self.adapters[s] = name
+        self.slice_pool = nn.ModuleDict({s.replace(":", "__"): TaskQueryPool(d) for s in self.streams})
+        self.view_pool = TaskQueryPool(d)
+        self.head = nn.Sequential(nn.Dropout(spec.head_dropout), nn.Linear(d, spec.n_outputs))
+
+    # ---- parameters -------------------------------------------------------------------------
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        out = {}
+        for s, name in self.adapters.items():
+            for k, p in adapter_parameters(self.backbone.model, name).items():
+                out[f"lora.{s}.{k}"] = p
+        return out
+
+    def head_parameters(self) -> dict[str, nn.Parameter]:
+        out = {}
+        for s in self.streams:
+            out[f"query.{s}"] = self.slice_pool[s.replace(":", "__")].query
+        out["query.fusion"] = self.view_pool.query
+        for k, p in self.head.named_parameters():
+            out[f"head.{k}"] = p
+        return out
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything a plugin file stores: LoRA A/B per stream, queries, head."""
+        return {k: p.detach() for k, p in {**self.lora_parameters(), **self.head_parameters()}.items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = {**self.lora_parameters(), **self.head_parameters()}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"plugin tensors do not match the spec (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        with torch.no_grad():
+            for k, p in own.items():
+                if p.shape != state[k].shape:
+                    raise KeyError(f"plugin tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(p.shape)}")
+                p.copy_(state[k])
+
+    def n_trainable(self) -> int:
+        return int(sum(p.numel() for p in {**self.lora_parameters(), **self.head_parameters()}.values()))
+
+    def set_trainable(self, flag: bool = True) -> None:
+        for p in {**self.lora_parameters(), **self.head_parameters()}.values():
+            p.requires_grad_(flag)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def embed_slices(self, stream: str, x: torch.Tensor, keep_patches: bool = False):
+        """x: (N, C, H, W) slices of one stream -> (N, D) embeddings [and (N, h, w, D) patch tokens]."""
+        activate(self.backbone.model, self.adapters.get(stream))
+        cls, patches = [], []
+        for i in range(0, x.shape[0], self.chunk):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.backbone(x[i:i + self.chunk])
+            cls.append(out.cls.float())
+            if keep_patches:
+                patches.append(out.patches.float())
+        return torch.cat(cls), (torch.cat(patches) if keep_patches else None)
+
+    def forward(self, slices: dict[str, torch.Tensor], slice_mask: dict[str, torch.Tensor] | None = None,
+                present: torch.Tensor | None = None, keep_patches: bool = False) -> ModelOutput:
+        """slices: stream -> (B, S, C, H, W); slice_mask: stream -> (B, S) bool; present: (B, V) bool."""
+        pooled, sw, patches = [], {}, {}
+        batch = next(iter(slices.values())).shape[0]
+        for s in self.streams:
+            if s not in slices:
+                pooled.append(torch.zeros(batch, self.backbone.embed_dim))
+                sw[s] = torch.zeros(batch, 0)
+                continue
+            x = slices[s]
+            b, n = x.shape[:2]
+            emb, pt = self.embed_slices(s, x.flatten(0, 1), keep_patches)
+            emb = emb.view(b, n, -1)
+            mask = slice_mask.get(s) if slice_mask else None
+            v, w = self.slice_pool[s.replace(":", "__")](emb, mask)
+            pooled.append(v)
+            sw[s] = w
+            if keep_patches:
+                patches[s] = pt.view(b, n, *pt.shape[1:])
+        views = torch.stack(pooled, dim=1)  # (B, V, D)
+        if present is None:
+            present = torch.tensor([[s in slices for s in self.streams]] * batch)
+        if not bool(present.any(dim=1).all()):
+            raise ValueError("every case needs at least one of the plugin's inputs")
+        if len(self.streams) == 1:
+            fused, vw = views[:, 0], torch.ones(batch, 1)
+        else:
+            fused, vw = self.view_pool(views, present)
+        return ModelOutput(self.head(fused), sw, vw, patches)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.spec.task_type == "multiclass":
+            return torch.softmax(logits, dim=-1)
+        return torch.sigmoid(logits)

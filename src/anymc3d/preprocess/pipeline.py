@@ -1,0 +1,86 @@
+"""The whole preprocessing path: Volume -> canonical (C,X,Y,Z) -> per-view slice stacks.
+
+Typical use::
+
+    vol = read_volume(path)
+    prep = prepare(vol, spec)                      # prep.slices["axial"]: (S, C, size, size)
+    ...                                            # model -> per-slice maps (S, size, size)
+    canon = slices_to_canonical(maps, spec, "axial", prep.record)
+    heat = canonical_to_input(canon, prep.record)  # shape == input spatial shape
+    write_nifti(heat, prep.record.input_affine, "heatmap.nii.gz")
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from anymc3d.errors import InputError
+from anymc3d.preprocess.intensity import apply_intensity
+from anymc3d.preprocess.slicing import to_slices
+from anymc3d.preprocess.spatial import SpatialRecord, apply_spatial, plan_spatial
+from anymc3d.preprocess.spec import PreprocessSpec
+from anymc3d.volume import Volume
+
+AFFINE_ATOL_MM = 1e-3
+
+
+def canonicalize(volume: Volume, spec: PreprocessSpec) -> tuple[np.ndarray, SpatialRecord]:
+    """Orientation + spacing + intensity -> float32 (C, X, Y, Z) in [0,1]-ish, and the record to invert it.
+
+    Spatial steps run first (linear interpolation) so intensity statistics describe the grid the
+    model actually sees.
+    """
+    arr = np.asarray(volume.array, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise InputError(f"{volume.source}: expected a 3D or 4D image, got shape {arr.shape}")
+    record = plan_spatial(arr.shape[1:], volume.affine, spec, volume.source)
+    canon = apply_spatial(arr, record, order=1)
+    return apply_intensity(canon, spec), record
+
+
+def canonicalize_mask(mask: Volume, spec: PreprocessSpec, reference: SpatialRecord) -> np.ndarray:
+    """Bring a mask onto its image's canonical grid (nearest neighbour); (X, Y, Z) integer labels.
+
+    The mask must share the image's voxel grid (shape and affine within 1e-3 mm), otherwise
+    the labels would silently land on the wrong voxels.
+    """
+    arr = np.asarray(mask.array)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise InputError(f"{mask.source}: a mask must be 3D (one channel), got shape {arr.shape} (image {reference.input_path})")
+    if tuple(arr.shape) != tuple(reference.input_shape):
+        raise InputError(
+            f"{mask.source}: mask shape {tuple(arr.shape)} does not match image {reference.input_path} shape {tuple(reference.input_shape)}"
+        )
+    if not np.allclose(np.asarray(mask.affine, dtype=np.float64), reference.input_affine, rtol=0, atol=AFFINE_ATOL_MM):
+        diff = float(np.abs(np.asarray(mask.affine) - reference.input_affine).max())
+        raise InputError(
+            f"{mask.source}: mask affine differs from image {reference.input_path} (max difference {diff:.4g} mm > {AFFINE_ATOL_MM})"
+        )
+    labels = np.rint(arr).astype(np.int32)
+    out = apply_spatial(labels, reference, order=0)
+    if out.size and out.min() >= 0 and out.max() <= 255:
+        return out.astype(np.uint8)
+    return out.astype(np.int32)
+
+
+@dataclass
+class PreparedVolume:
+    """Slice stacks per view plus the record that maps outputs back to the input grid."""
+
+    slices: dict[str, torch.Tensor]
+    record: SpatialRecord
+    canonical: Optional[np.ndarray] = None  # (C,X,Y,Z), kept only when asked (memory)
+
+
+def prepare(volume: Volume, spec: PreprocessSpec, *, keep_canonical: bool = False) -> PreparedVolume:
+    """``canonicalize`` then ``to_slices`` for every view in the spec (the prediction path)."""
+    canon, record = canonicalize(volume, spec)
+    slices = {view: to_slices(canon, spec, view) for view in spec.views}
+    return PreparedVolume(slices=slices, record=record, canonical=canon if keep_canonical else None)

@@ -1,0 +1,34 @@
+"""Classification losses: focal (paper default), BCE and CE, with optional class weights."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+
+def classification_loss(logits: torch.Tensor, target: torch.Tensor, task_type: str, kind: str = "focal",
+                        gamma: float = 2.0, alpha: float = 0.25, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, K); target: (B,) class index for multiclass, (B, K) {0,1} otherwise.
+
+    Binary/multilabel focal is torchvision's sigmoid focal loss (alpha weights positives, alpha<0 disables).
+    Multiclass focal is (1 - p_t)^gamma * CE, with ``class_weights`` as the per-class alpha.
+    ``class_weights`` for binary/multilabel are positive-class weights (pos_weight) in BCE mode.
+    """
+    if task_type == "multiclass":
+        target = target.long().view(-1)
+        ce = F.cross_entropy(logits, target, weight=class_weights, reduction="none")
+        if kind == "ce":
+            return ce.mean()
+        if kind != "focal":
+            raise ValueError(f"loss {kind!r} is not defined for multiclass (use focal or ce)")
+        pt = torch.exp(-F.cross_entropy(logits, target, reduction="none"))
+        return ((1 - pt) ** gamma * ce).mean()
+    target = target.float().view_as(logits)
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=class_weights)
+    if kind != "focal":
+        raise ValueError(f"loss {kind!r} is not defined for {task_type} (use focal or bce)")
+    loss = sigmoid_focal_loss(logits, target, alpha=alpha, gamma=gamma, reduction="none")
+    if class_weights is not None:
+        loss = loss * torch.where(target > 0, class_weights.to(loss.dtype), torch.ones_like(loss))
+    return loss.mean()

@@ -1,0 +1,135 @@
+"""`anymc3d train`: data -> preprocessing spec -> backbone + plugin -> fit -> plugin file + metrics."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..backbones import create_backbone
+from ..data import Case, TaskData, load_data
+from ..errors import InputError
+from ..evaluation import compute_metrics
+from ..inputs import PreparedCase, prepare_case
+from ..io import atomic_write
+from ..model import AnyMC3D
+from ..plugins import LoraSpec, PluginSpec, save_plugin
+from ..preprocess import PreprocessSpec
+from .trainer import Batcher, TrainConfig, fit, metric_scores, predict_prepared
+
+
+@dataclass
+class PreprocessOptions:
+    """User-facing preprocessing choices; unspecified fields come from the data source."""
+
+    views: list[str] = field(default_factory=lambda: ["axial"])
+    size: int | None = None
+    intensity: str | None = None
+    windows: str | list | None = None
+    spacing: tuple | None = None
+    max_slices: int | None = None
+
+    def spec_for(self, task: TaskData, backbone_size: int) -> PreprocessSpec:
+        kw = dict(views=list(self.views), size=self.size or backbone_size, intensity=self.intensity or task.intensity,
+                  orientation=task.orientation, spacing=self.spacing, max_slices=self.max_slices)
+        if self.windows is not None:
+            kw["windows"] = self.windows
+        return PreprocessSpec(**kw)
+
+
+def _stratify(cases: list[Case], task_type: str):
+    if task_type == "multilabel":
+        return None
+    y = [int(c.label[0]) for c in cases]
+    return y if min(np.bincount(y)[np.bincount(y) > 0]) >= 2 else None
+
+
+def assign_splits(task: TaskData, seed: int) -> dict[str, list[Case]]:
+    """Use the data's splits; carve a stratified validation set (15 %) from train when none is given."""
+    labelled = [c for c in task.cases if c.label is not None]
+    splits = {s: [c for c in labelled if c.split == s] for s in ("train", "val", "test")}
+    if not splits["train"]:
+        rest = [c for c in labelled if c.split not in ("val", "test")]
+        if len(rest) < 4:
+            raise InputError(f"{task.source}: need at least 4 labelled training cases, found {len(rest)}")
+        if not splits["test"]:
+            rest, splits["test"] = train_test_split(rest, test_size=0.15, random_state=seed, stratify=_stratify(rest, task.task_type))
+        splits["train"] = rest
+    if not splits["val"]:
+        tr = splits["train"]
+        splits["train"], splits["val"] = train_test_split(tr, test_size=0.15, random_state=seed, stratify=_stratify(tr, task.task_type))
+    return splits
+
+
+def prepare_all(cases: list[Case], specs: dict[str, PreprocessSpec], desc: str, progress: bool = True) -> list[PreparedCase]:
+    return [prepare_case(c, specs) for c in tqdm(cases, desc=f"preprocess {desc}", disable=not progress, leave=False)]
+
+
+def subsample(cases: list[Case], fraction: float, task_type: str, seed: int) -> list[Case]:
+    if fraction >= 1.0:
+        return cases
+    keep, _ = train_test_split(cases, train_size=fraction, random_state=seed, stratify=_stratify(cases, task_type))
+    return keep
+
+
+def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, weights: str | None = None,
+                 preprocess: PreprocessOptions | None = None, lora: LoraSpec | None = None,
+                 config: TrainConfig | None = None, task_name: str | None = None, head_dropout: float = 0.2,
+                 train_fraction: float = 1.0, resume: bool = False, data_kwargs: dict | None = None,
+                 log=print) -> dict:
+    """Train one plugin; writes plugin.safetensors, plugin.json, metrics.json, train_log.csv into ``out``."""
+    t_start = time.time()
+    out = Path(out)
+    cfg = config or TrainConfig()
+    task = data if isinstance(data, TaskData) else load_data(data, **(data_kwargs or {}))
+    splits = assign_splits(task, cfg.seed)
+    splits["train"] = subsample(splits["train"], train_fraction, task.task_type, cfg.seed)
+    pre = preprocess or PreprocessOptions()
+    bb = create_backbone(backbone, weights=weights, input_size=pre.size)
+    specs = {inp: pre.spec_for(task, bb.input_size) for inp in task.inputs}
+    spec = PluginSpec(task=task_name or task.name, task_type=task.task_type, label_names=task.label_names,
+                      inputs=task.inputs, preprocess={k: v.to_dict() for k, v in specs.items()},
+                      backbone=bb.name, backbone_fingerprint=bb.fingerprint, input_size=bb.input_size,
+                      lora=lora or LoraSpec(), head_dropout=head_dropout, version=__version__)
+    model = AnyMC3D(bb, spec)
+    n_params = model.n_trainable()
+    n_lora = sum(p.numel() for p in model.lora_parameters().values())
+    log(f"backbone {bb.name} ({bb.fingerprint}); streams {', '.join(model.streams)}; "
+        f"trainable parameters: {n_params:,} (LoRA {n_lora:,}, queries + head {n_params - n_lora:,})")
+    log(f"cases: train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])}")
+    prepared = {k: prepare_all(v, specs, k, cfg.progress) for k, v in splits.items()}
+    summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out, resume=resume)
+    batcher = Batcher(model, specs)
+    results = {}
+    for split in ("val", "test"):
+        if prepared[split]:
+            t0 = time.time()
+            probs, _ = predict_prepared(model, batcher, prepared[split], cfg.batch_size)
+            dt = time.time() - t0
+            y = task.labels(splits[split])
+            results[split] = compute_metrics(y, metric_scores(probs, task.task_type), task.task_type, task.label_names)
+            results[split]["infer_s_per_volume"] = dt / len(prepared[split])
+    spec.metrics = {s: {"auc": m["auc"], "acc": m["acc"], "n": m["n"]} for s, m in results.items()}
+    spec.training = {"data": task.source, "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
+                     "train_wall_s": summary["train_wall_s"], "config": summary["config"], "train_fraction": train_fraction,
+                     "n_train": len(splits["train"]), "trainable_params": n_params}
+    save_plugin(model, out)
+    metrics = {"task": spec.task, "task_type": task.task_type, "label_names": task.label_names,
+               "trainable_params": n_params, "lora_params": n_lora, "backbone": bb.name,
+               "backbone_fingerprint": bb.fingerprint, "streams": model.streams,
+               "train_wall_s": summary["train_wall_s"], "total_wall_s": round(time.time() - t_start, 2),
+               "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
+               "n_train": len(splits["train"]), "splits": {k: len(v) for k, v in splits.items()}, **results,
+               "history": summary["history"], "config": summary["config"]}
+    if "test" in results:
+        metrics.update(auc=results["test"]["auc"], acc=results["test"]["acc"], n=results["test"]["n"], split="test")
+    elif "val" in results:
+        metrics.update(auc=results["val"]["auc"], acc=results["val"]["acc"], n=results["val"]["n"], split="val")
+    with atomic_write(out / "metrics.json") as tmp:
+        Path(tmp).write_text(json.dumps(metrics, indent=2))
+    return metrics
