@@ -26,6 +26,7 @@ def weights_fingerprint(module: nn.Module) -> str:
     for name, tensor in module.state_dict().items():
         if "lora_" in name:
             continue
+        name = name.replace(".base_layer.", ".")  # peft wraps adapted layers; keep the frozen weight's own name
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())

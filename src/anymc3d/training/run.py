@@ -20,7 +20,7 @@ from ..io import atomic_write
 from ..model import AnyMC3D
 from ..plugins import LoraSpec, PluginSpec, save_plugin
 from ..preprocess import PreprocessSpec
-from .trainer import Batcher, TrainConfig, fit, metric_scores, predict_prepared
+from .trainer import Batcher, TrainConfig, fit, metric_scores, predict_prepared, seed_everything
 
 
 @dataclass
@@ -40,6 +40,20 @@ class PreprocessOptions:
         if self.windows is not None:
             kw["windows"] = self.windows
         return PreprocessSpec(**kw)
+
+
+def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
+    """Threshold maximising Youden's J (sensitivity + specificity - 1) on validation scores."""
+    from sklearn.metrics import roc_curve
+
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, score)
+    j = tpr - fpr
+    best = int(np.argmax(j[1:]) + 1)  # thr[0] is +inf
+    # midpoint between the chosen score and the next lower one generalises better than the score itself
+    lo = thr[best + 1] if best + 1 < len(thr) else thr[best] - 1e-6
+    return float(np.clip((thr[best] + lo) / 2, 1e-6, 1 - 1e-6))
 
 
 def _stratify(cases: list[Case], task_type: str):
@@ -81,8 +95,13 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
                  preprocess: PreprocessOptions | None = None, lora: LoraSpec | None = None,
                  config: TrainConfig | None = None, task_name: str | None = None, head_dropout: float = 0.2,
                  train_fraction: float = 1.0, resume: bool = False, data_kwargs: dict | None = None,
-                 log=print) -> dict:
-    """Train one plugin; writes plugin.safetensors, plugin.json, metrics.json, train_log.csv into ``out``."""
+                 threshold: str | float = "youden", log=print) -> dict:
+    """Train one plugin; writes plugin.safetensors, plugin.json, metrics.json, train_log.csv into ``out``.
+
+    ``threshold="youden"`` (binary): the decision threshold is the one that maximises sensitivity +
+    specificity on the validation split, stored in the plugin. Focal loss with alpha=0.25 shifts
+    probabilities down, so a fixed 0.5 would under-call positives.
+    """
     t_start = time.time()
     out = Path(out)
     cfg = config or TrainConfig()
@@ -96,6 +115,7 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
                       inputs=task.inputs, preprocess={k: v.to_dict() for k, v in specs.items()},
                       backbone=bb.name, backbone_fingerprint=bb.fingerprint, input_size=bb.input_size,
                       lora=lora or LoraSpec(), head_dropout=head_dropout, version=__version__)
+    seed_everything(cfg.seed)  # LoRA A matrices are drawn from the global RNG: same seed, same plugin
     model = AnyMC3D(bb, spec)
     n_params = model.n_trainable()
     n_lora = sum(p.numel() for p in model.lora_parameters().values())
@@ -105,21 +125,30 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
     prepared = {k: prepare_all(v, specs, k, cfg.progress) for k, v in splits.items()}
     summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out, resume=resume)
     batcher = Batcher(model, specs)
-    results = {}
+    scores, timing = {}, {}
     for split in ("val", "test"):
         if prepared[split]:
             t0 = time.time()
             probs, _ = predict_prepared(model, batcher, prepared[split], cfg.batch_size)
-            dt = time.time() - t0
-            y = task.labels(splits[split])
-            results[split] = compute_metrics(y, metric_scores(probs, task.task_type), task.task_type, task.label_names)
-            results[split]["infer_s_per_volume"] = dt / len(prepared[split])
+            timing[split] = (time.time() - t0) / len(prepared[split])
+            scores[split] = metric_scores(probs, task.task_type)
+    if task.task_type == "binary" and "val" in scores and threshold == "youden":
+        spec.threshold = youden_threshold(task.labels(splits["val"]), scores["val"])
+    elif isinstance(threshold, float):
+        spec.threshold = threshold
+    results = {}
+    for split, sc in scores.items():
+        y = task.labels(splits[split])
+        results[split] = compute_metrics(y, sc, task.task_type, task.label_names, threshold=spec.threshold)
+        results[split]["infer_s_per_volume"] = timing[split]
+        if spec.threshold != 0.5:  # MedMNIST's ACC thresholds at 0.5: keep it for comparison with published numbers
+            results[split]["acc_at_0.5"] = compute_metrics(y, sc, task.task_type, task.label_names, n_bootstrap=0)["acc"]
     spec.metrics = {s: {"auc": m["auc"], "acc": m["acc"], "n": m["n"]} for s, m in results.items()}
     spec.training = {"data": task.source, "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
                      "train_wall_s": summary["train_wall_s"], "config": summary["config"], "train_fraction": train_fraction,
                      "n_train": len(splits["train"]), "trainable_params": n_params}
     save_plugin(model, out)
-    metrics = {"task": spec.task, "task_type": task.task_type, "label_names": task.label_names,
+    metrics = {"task": spec.task, "task_type": task.task_type, "threshold": spec.threshold, "label_names": task.label_names,
                "trainable_params": n_params, "lora_params": n_lora, "backbone": bb.name,
                "backbone_fingerprint": bb.fingerprint, "streams": model.streams,
                "train_wall_s": summary["train_wall_s"], "total_wall_s": round(time.time() - t_start, 2),
@@ -127,9 +156,12 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
                "n_train": len(splits["train"]), "splits": {k: len(v) for k, v in splits.items()}, **results,
                "history": summary["history"], "config": summary["config"]}
     if "test" in results:
-        metrics.update(auc=results["test"]["auc"], acc=results["test"]["acc"], n=results["test"]["n"], split="test")
+        top = "test"
     elif "val" in results:
-        metrics.update(auc=results["val"]["auc"], acc=results["val"]["acc"], n=results["val"]["n"], split="val")
+        top = "val"
+    if results:
+        r = results[top]
+        metrics.update(auc=r["auc"], acc=r["acc"], n=r["n"], split=top, **({"acc_at_0.5": r["acc_at_0.5"]} if "acc_at_0.5" in r else {}))
     with atomic_write(out / "metrics.json") as tmp:
         Path(tmp).write_text(json.dumps(metrics, indent=2))
     return metrics

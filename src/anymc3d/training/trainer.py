@@ -163,6 +163,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
         history = json.loads(ck["history"])
     t0 = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
     for epoch in range(start_epoch, cfg.epochs):
+        seed_everything(cfg.seed * 1000 + epoch)  # dropout RNG per (seed, epoch): a resumed run matches
         model.train()
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         order = torch.randperm(len(train), generator=g).tolist()
@@ -182,7 +183,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
                 torch.nn.utils.clip_grad_norm_(lora + head, cfg.grad_clip)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan")}
         if val:

@@ -1,0 +1,1 @@
+"""Baselines run through the same data pipeline as the plugin."""
