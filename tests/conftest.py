@@ -65,11 +65,11 @@ def build_binary_dataset(root: Path, n: int = 16, seed: int = 0) -> Path:
 
 
 def build_multiclass_dataset(root: Path, n: int = 18, seed: int = 1) -> Path:
-    """Classes: none (no blob), low (blob A), high (blob B)."""
+    """Classes: clear (no blob), low (blob A), high (blob B)."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    names = ["none", "low", "high"]
-    blobs = {"none": [], "low": [BLOB_A], "high": [BLOB_B]}
+    names = ["clear", "low", "high"]
+    blobs = {"clear": [], "low": [BLOB_A], "high": [BLOB_B]}
     splits = ["train"] * 9 + ["val"] * 3 + ["test"] * 6
     rows = []
     for i in range(n):

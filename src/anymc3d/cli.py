@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=10)
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--no-amp", action="store_true", help="disable bf16 autocast")
+    t.add_argument("--seg-weight", type=float, default=0.5,
+                   help="λ of the auxiliary mask loss (Dice + BCE) when the manifest has a mask column; 0 disables")
     t.add_argument("--train-fraction", type=float, default=1.0)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--quiet", action="store_true")
@@ -150,12 +152,15 @@ def cmd_train(a: argparse.Namespace) -> int:
                             windows=windows, spacing=_spacing(a.spacing), max_slices=a.max_slices)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, loss=a.loss, lr_lora=a.lr_lora,
                       lr_head=a.lr_head, class_weighting=a.class_weighting, patience=a.patience,
-                      augment=not a.no_augment, amp=not a.no_amp, progress=not a.quiet)
+                      augment=not a.no_augment, amp=not a.no_amp, progress=not a.quiet, seg_weight=a.seg_weight)
     m = train_plugin(a.data, a.backbone, a.out, weights=a.weights, preprocess=pre,
                      lora=LoraSpec(r=a.lora_rank, alpha=a.lora_alpha, last_k=a.lora_last_k), config=cfg,
                      task_name=a.task_name, train_fraction=a.train_fraction, resume=a.resume, data_kwargs=data_kwargs(a))
     line = f"{m.get('split', 'val')} AUC {m['auc']:.4f}  ACC {m['acc']:.4f}  (n={m['n']})" if m.get("auc") is not None else "no AUC"
     print(f"{line}; trainable parameters {m['trainable_params']:,}; training {m['train_wall_s']:.0f} s")
+    if m.get("seg_decoder_params"):
+        print(f"auxiliary mask loss on {m['n_train_with_mask']} training cases; decoder {m['seg_decoder_params']:,} "
+              "parameters (training only, not in the plugin)")
     print(f"plugin: {a.out / 'plugin.safetensors'} + {a.out / 'plugin.json'}; metrics: {a.out / 'metrics.json'}")
     return 0
 
@@ -192,12 +197,11 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     predictor = load(a.plugin, weights=a.weights)
     items = _expand_inputs(a.images, predictor)
+    # Predict everything first: a bad input fails before any output is written (no half-filled --out).
+    rows = [predictor.predict(item, case_id=cid or case_id_from(item)) for cid, item in items]
     a.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for cid, item in items:
-        res = predictor.predict(item, case_id=cid or case_id_from(item))
+    for res in rows:
         write_json(res, a.out / f"{res['id']}.json")
-        rows.append(res)
         print(f"{res['id']}: {', '.join(res['predicted']) or '-'}  " +
               " ".join(f"{k}={v:.3f}" for k, v in res["probabilities"].items()))
     if len(rows) > 1:

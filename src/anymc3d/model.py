@@ -93,21 +93,48 @@ class AnyMC3D(nn.Module):
             p.requires_grad_(flag)
 
     # ---- forward ----------------------------------------------------------------------------
-    def embed_slices(self, stream: str, x: torch.Tensor, keep_patches: bool = False):
-        """x: (N, C, H, W) slices of one stream -> (N, D) embeddings [and (N, h, w, D) patch tokens]."""
+    @property
+    def last_k(self) -> int | None:
+        return self.spec.lora.last_k if self.spec.lora.r > 0 else None
+
+    @torch.no_grad()
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Shared-trunk activations of slices (N, C, H, W); only defined when LoRA sits in the last k blocks."""
+        k = self.last_k
+        if k is None:
+            raise ValueError("trunk() needs a plugin with lora.last_k set")
+        out = []
+        for i in range(0, x.shape[0], self.chunk):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out.append(self.backbone.forward_trunk(x[i:i + self.chunk], k))
+        return torch.cat(out)
+
+    def embed_slices(self, stream: str, x: torch.Tensor, keep_patches: bool = False, from_trunk: bool = False):
+        """x: (N, C, H, W) slices of one stream -> (N, D) embeddings [and (N, h, w, D) patch tokens].
+
+        With ``lora.last_k`` the frozen trunk runs without autograd and only the adapted tail is
+        differentiated; ``from_trunk=True`` means x already holds trunk activations (cache)."""
         activate(self.backbone.model, self.adapters.get(stream))
+        k = self.last_k
+        if from_trunk and k is None:
+            raise ValueError("trunk activations given to a plugin without lora.last_k")
         cls, patches = [], []
         for i in range(0, x.shape[0], self.chunk):
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.backbone(x[i:i + self.chunk])
+                if k is None:
+                    out = self.backbone(x[i:i + self.chunk])
+                else:
+                    h = x[i:i + self.chunk] if from_trunk else self.trunk(x[i:i + self.chunk])
+                    out = self.backbone.forward_tail(h, k)
             cls.append(out.cls.float())
             if keep_patches:
                 patches.append(out.patches.float())
         return torch.cat(cls), (torch.cat(patches) if keep_patches else None)
 
     def forward(self, slices: dict[str, torch.Tensor], slice_mask: dict[str, torch.Tensor] | None = None,
-                present: torch.Tensor | None = None, keep_patches: bool = False) -> ModelOutput:
-        """slices: stream -> (B, S, C, H, W); slice_mask: stream -> (B, S) bool; present: (B, V) bool."""
+                present: torch.Tensor | None = None, keep_patches: bool = False, from_trunk: bool = False) -> ModelOutput:
+        """slices: stream -> (B, S, C, H, W) (or trunk activations with ``from_trunk``);
+        slice_mask: stream -> (B, S) bool; present: (B, V) bool."""
         pooled, sw, patches = [], {}, {}
         batch = next(iter(slices.values())).shape[0]
         for s in self.streams:
@@ -117,7 +144,7 @@ class AnyMC3D(nn.Module):
                 continue
             x = slices[s]
             b, n = x.shape[:2]
-            emb, pt = self.embed_slices(s, x.flatten(0, 1), keep_patches)
+            emb, pt = self.embed_slices(s, x.flatten(0, 1), keep_patches, from_trunk)
             emb = emb.view(b, n, -1)
             mask = slice_mask.get(s) if slice_mask else None
             v, w = self.slice_pool[s.replace(":", "__")](emb, mask)

@@ -79,6 +79,16 @@ class Backbone(nn.Module):
     def _tokens(self, x: torch.Tensor) -> BackboneOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # --- shared trunk: the first blocks (no LoRA when lora_last_k is set) and the adapted tail ---
+    def forward_trunk(self, x: torch.Tensor, last_k: int) -> torch.Tensor:
+        """Slices in [0, 1] -> activations before the last ``last_k`` blocks. Identical for every
+        plugin whose LoRA sits only in those blocks, so it is computed once and shared (or cached)."""
+        raise NotImplementedError
+
+    def forward_tail(self, h: torch.Tensor, last_k: int) -> BackboneOutput:
+        """Trunk activations -> the same outputs as ``forward`` (LoRA of the active adapter applies)."""
+        raise NotImplementedError
+
     # --- LoRA placement -------------------------------------------------------------------
     def block_names(self) -> list[str]:
         """Ordered names of the sequential blocks (stages) used by ``lora_last_k``."""

@@ -56,6 +56,16 @@ class EfficientNetLite(Backbone):
         fmap = self.model.forward_features(x)  # (N, D, h, w) after conv_head + bn2 + ReLU6
         return BackboneOutput(cls=fmap.mean(dim=(2, 3)), patches=fmap.permute(0, 2, 3, 1))
 
+    def forward_trunk(self, x: torch.Tensor, last_k: int) -> torch.Tensor:
+        m = self.model
+        h = m.bn1(m.conv_stem(self.normalise(x)))
+        return m.blocks[: len(m.blocks) - last_k](h)
+
+    def forward_tail(self, h: torch.Tensor, last_k: int) -> BackboneOutput:
+        m = self.model
+        fmap = m.bn2(m.conv_head(m.blocks[len(m.blocks) - last_k:](h)))
+        return BackboneOutput(cls=fmap.mean(dim=(2, 3)), patches=fmap.permute(0, 2, 3, 1))
+
     def block_names(self) -> list[str]:
         return [f"blocks.{i}" for i in range(len(self.model.blocks))]
 

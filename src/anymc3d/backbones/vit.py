@@ -49,6 +49,36 @@ class ViTBackbone(Backbone):
         patches = tokens[:, self.num_prefix_tokens:].reshape(x.shape[0], h, w, -1)
         return BackboneOutput(cls=tokens[:, 0], patches=patches)
 
+    def _is_eva(self) -> bool:
+        return hasattr(self.model, "rope")
+
+    def forward_trunk(self, x: torch.Tensor, last_k: int) -> torch.Tensor:
+        m = self.model
+        h = m.patch_embed(self.normalise(x))
+        n = len(m.blocks) - last_k
+        if self._is_eva():
+            h, rope = m._pos_embed(h)
+            h = m.norm_pre(h)
+            for blk in m.blocks[:n]:
+                h = blk(h, rope=rope)
+            return h
+        h = m.norm_pre(m.patch_drop(m._pos_embed(h)))
+        return m.blocks[:n](h)
+
+    def forward_tail(self, h: torch.Tensor, last_k: int) -> BackboneOutput:
+        m = self.model
+        side = int(round((h.shape[1] - self.num_prefix_tokens) ** 0.5))  # slices are square
+        n = len(m.blocks) - last_k
+        if self._is_eva():
+            rope = m.rope.get_embed(shape=(side, side)) if m.rope is not None else None
+            for blk in m.blocks[n:]:
+                h = blk(h, rope=rope)
+        else:
+            h = m.blocks[n:](h)
+        tokens = m.norm(h)
+        patches = tokens[:, self.num_prefix_tokens:].reshape(h.shape[0], side, side, -1)
+        return BackboneOutput(cls=tokens[:, 0], patches=patches)
+
     def block_names(self) -> list[str]:
         return [f"blocks.{i}" for i in range(len(self.model.blocks))]
 

@@ -153,6 +153,8 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
                "backbone_fingerprint": bb.fingerprint, "streams": model.streams,
                "train_wall_s": summary["train_wall_s"], "total_wall_s": round(time.time() - t_start, 2),
                "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
+               "seg_decoder_params": summary["decoder_params"],
+               "n_train_with_mask": sum(c.mask is not None for c in prepared["train"]),
                "n_train": len(splits["train"]), "splits": {k: len(v) for k, v in splits.items()}, **results,
                "history": summary["history"], "config": summary["config"]}
     if "test" in results:

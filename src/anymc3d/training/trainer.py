@@ -23,7 +23,8 @@ from ..evaluation import compute_metrics
 from ..inputs import PreparedCase, collate, slice_streams
 from ..io import atomic_write
 from ..model import AnyMC3D
-from ..preprocess import PreprocessSpec
+from ..plugins.decoder import SegDecoder3D, dice_ce_loss
+from ..preprocess import PreprocessSpec, to_slices
 from .augment import build_augmentation
 from .losses import classification_loss
 
@@ -46,6 +47,9 @@ class TrainConfig:
     patience: int = 10
     seed: int = 0
     grad_clip: float = 1.0
+    cache_trunk: bool = True       # with lora.last_k: keep un-augmented trunk activations in memory
+    seg_weight: float = 0.5        # λ of the auxiliary mask loss (used when training cases have masks)
+    seg_hidden: int = 32
     progress: bool = True
 
 
@@ -75,37 +79,79 @@ def _lr_lambda(total: int, warmup: int):
 
 
 class Batcher:
-    """Turns prepared cases into (slices, masks, present, labels) batches, with optional augmentation."""
+    """Turns prepared cases into (slices, masks, present, labels, from_trunk) batches.
 
-    def __init__(self, model: AnyMC3D, specs: dict[str, PreprocessSpec]) -> None:
+    With ``cache_trunk`` (plugins with ``lora.last_k``), the un-augmented slices' shared-trunk
+    activations are computed once per case and stream and kept in memory (bf16); augmented
+    batches always go through the full backbone, so nothing stale is ever reused.
+    """
+
+    def __init__(self, model: AnyMC3D, specs: dict[str, PreprocessSpec], cache_trunk: bool = False) -> None:
         self.model, self.specs, self.streams = model, specs, model.streams
-        self._aug: dict[tuple, object] = {}
+        self.cache_trunk = cache_trunk and model.last_k is not None
+        self._trunk_cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _trunk(self, case: PreparedCase) -> dict[str, torch.Tensor]:
+        out = {}
+        for s, x in slice_streams(case, self.specs, self.streams).items():
+            key = (id(case), s)  # the PreparedCase object lives for the whole run
+            if key not in self._trunk_cache:
+                self._trunk_cache[key] = self.model.trunk(x).to(torch.bfloat16)
+            out[s] = self._trunk_cache[key].float()
+        return out
 
     def _augment(self, case: PreparedCase, seed: int) -> dict[str, torch.Tensor]:
+        """Augmented copies of the case's inputs (and of its mask, under the key "mask")."""
         keys = sorted(case.arrays)
         shapes = {tuple(case.arrays[k].shape[1:]) for k in keys}
-        with_mask = case.mask is not None and len(shapes) == 1
+        if case.mask is not None:
+            shapes.add(tuple(case.mask.shape[1:]))
+        with_mask = case.mask is not None
         if len(shapes) == 1:
             aug = build_augmentation(keys, next(iter(shapes)), with_mask, seed)
             d = {k: case.arrays[k] for k in keys}
             if with_mask:
                 d["mask"] = case.mask
             out = aug(d)
-            return {k: torch.as_tensor(out[k]).float() for k in keys}
+            return {k: torch.as_tensor(out[k]).float() for k in d}
+        if with_mask:
+            raise ValueError(f"case {case.id}: inputs on different grids cannot carry one mask")
         out = {}
         for i, k in enumerate(keys):  # inputs on different grids: augment each on its own
             aug = build_augmentation([k], tuple(case.arrays[k].shape[1:]), False, seed + i)
             out[k] = torch.as_tensor(aug({k: case.arrays[k]})[k]).float()
         return out
 
-    def batch(self, cases: list[PreparedCase], augment_seed: int | None = None):
-        per_case = []
+    def batch(self, cases: list[PreparedCase], augment_seed: int | None = None, with_masks: bool = False):
+        """Returns slices, slice masks, stream presence, labels, from_trunk and (with_masks) the
+        segmentation targets: stream -> (B, S, size, size) for the first input's streams, and a
+        (B,) flag saying which cases have a mask."""
+        from_trunk = self.cache_trunk and augment_seed is None and not with_masks
+        per_case, seg = [], []
         for i, c in enumerate(cases):
-            arrays = self._augment(c, augment_seed + i) if augment_seed is not None else None
+            if from_trunk:
+                per_case.append(self._trunk(c))
+                continue
+            arrays = self._augment(c, augment_seed + i) if augment_seed is not None else dict(c.arrays)
+            mask = arrays.pop("mask", c.mask)
             per_case.append(slice_streams(c, self.specs, self.streams, arrays))
+            if with_masks:
+                seg.append(self._mask_slices(mask))
         slices, masks, present = collate(per_case, self.streams)
         labels = torch.stack([c.label for c in cases]) if cases[0].label is not None else None
-        return slices, masks, present, labels
+        if not with_masks:
+            return slices, masks, present, labels, from_trunk
+        seg_streams = [s for s in self.streams if s.split(":")[0] == self.model.spec.inputs[0]]
+        targets, _, _ = collate([{s: m[s] for s in seg_streams} if m else {} for m in seg], seg_streams)
+        has_mask = torch.tensor([m is not None for m in seg])
+        return slices, masks, present, labels, from_trunk, {s: t[:, :, 0] for s, t in targets.items()}, has_mask
+
+    def _mask_slices(self, mask: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        if mask is None:
+            return None
+        inp = self.model.spec.inputs[0]
+        return {s: (to_slices(mask, self.specs[inp], s.split(":")[1], mode="nearest") > 0.5).float()
+                for s in self.streams if s.split(":")[0] == inp}
 
 
 @torch.no_grad()
@@ -117,8 +163,8 @@ def predict_prepared(model: AnyMC3D, batcher: Batcher, cases: list[PreparedCase]
     it = range(0, len(cases), batch_size)
     for i in tqdm(it, desc="predict", disable=not progress, leave=False):
         chunk = cases[i:i + batch_size]
-        slices, masks, present, _ = batcher.batch(chunk)
-        out = model(slices, masks, present)
+        slices, masks, present, _, from_trunk = batcher.batch(chunk)
+        out = model(slices, masks, present, from_trunk=from_trunk)
         probs.append(model.probabilities(out.logits).float().numpy())
         for j in range(len(chunk)):
             outs.append({"slice_weights": {s: w[j][masks[s][j]].tolist() for s, w in out.slice_weights.items() if s in masks},
@@ -140,6 +186,10 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
     model.set_trainable(True)
     lora = list(model.lora_parameters().values())
     head = list(model.head_parameters().values())
+    use_seg = cfg.seg_weight > 0 and any(c.mask is not None for c in train)
+    decoder = SegDecoder3D(model.backbone.embed_dim, cfg.seg_hidden) if use_seg else None
+    if decoder is not None:
+        head = head + list(decoder.parameters())  # trained with the head's settings, never saved
     groups = [{"params": head, "lr": cfg.lr_head, "weight_decay": cfg.wd_head}]
     if lora:
         groups.insert(0, {"params": lora, "lr": cfg.lr_lora, "weight_decay": cfg.wd_lora})
@@ -149,7 +199,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
     labels_np = np.stack([c.label.numpy() for c in train])
     cw = class_weights(labels_np, task_type, cfg.class_weighting)
-    batcher = Batcher(model, specs)
+    batcher = Batcher(model, specs, cache_trunk=cfg.cache_trunk)
     model.autocast = cfg.amp
 
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.csv"
@@ -160,6 +210,8 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start_epoch, best, best_state, bad = ck["epoch"] + 1, ck["best"], ck["best_state"], ck["bad_epochs"]
+        if decoder is not None and "decoder" in ck:
+            decoder.load_state_dict(ck["decoder"])
         history = json.loads(ck["history"])
     t0 = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
     for epoch in range(start_epoch, cfg.epochs):
@@ -167,16 +219,24 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
         model.train()
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         order = torch.randperm(len(train), generator=g).tolist()
-        losses = []
+        losses, seg_losses = [], []
+        if decoder is not None:
+            decoder.train()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             if not idx:
                 continue
             aug_seed = (cfg.seed * 1_000_003 + epoch * 10_007 + step * 101) % (2**31) if cfg.augment else None
-            slices, masks, present, y = batcher.batch([train[i] for i in idx], aug_seed)
-            out = model(slices, masks, present)
+            batch = batcher.batch([train[i] for i in idx], aug_seed, with_masks=decoder is not None)
+            slices, masks, present, y, from_trunk = batch[:5]
+            out = model(slices, masks, present, keep_patches=decoder is not None, from_trunk=from_trunk)
             loss = classification_loss(out.logits.float(), y, task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha, cw)
+            if decoder is not None:
+                targets, has_mask = batch[5], batch[6]
+                seg = [dice_ce_loss(decoder(out.patches[s], t.shape[-2:]), t, has_mask) for s, t in targets.items()]
+                seg_losses.append(float(sum(seg).detach()) / max(1, len(seg)))
+                loss = loss + cfg.seg_weight * sum(seg) / max(1, len(seg))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -186,6 +246,8 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan")}
+        if seg_losses:
+            row["train_seg_loss"] = float(np.mean(seg_losses))
         if val:
             probs, _ = predict_prepared(model, batcher, val, cfg.batch_size)
             yv = np.stack([c.label.numpy() for c in val])
@@ -215,6 +277,8 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
         ck = {"epoch": epoch, "trainable": model.trainable_state(), "optimizer": opt.state_dict(),
               "scheduler": sched.state_dict(), "best": best, "best_state": best_state, "bad_epochs": bad,
               "history": json.dumps(history), "config": json.dumps(asdict(cfg))}
+        if decoder is not None:
+            ck["decoder"] = decoder.state_dict()
         with atomic_write(ckpt_path) as tmp:
             torch.save(ck, tmp)
         if val and bad >= cfg.patience:
@@ -225,4 +289,5 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
     best_row = max((r for r in history), key=lambda r: r.get("val_auc") or -1) if val else history[-1]
     return {"epochs_run": len(history), "best_epoch": best_row["epoch"], "best_val_auc": best_row.get("val_auc"),
             "best_val_acc": best_row.get("val_acc"), "train_wall_s": history[-1]["elapsed_s"] if history else 0.0,
-            "history": history, "config": asdict(cfg), "version": __version__}
+            "history": history, "config": asdict(cfg), "version": __version__,
+            "decoder_params": int(sum(p.numel() for p in decoder.parameters())) if decoder is not None else 0}

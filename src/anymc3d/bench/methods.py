@@ -1,0 +1,231 @@
+"""The method registry: name -> callable(task, out_dir, seed, options) -> normalised metrics.
+
+Every method runs on the same :class:`~anymc3d.data.TaskData` (same splits, same canonical
+preprocessing, same metric code) and returns a dict with at least ``auc``, ``acc``,
+``acc_at_0.5`` (binary), ``ci`` (bootstrap 95 % CIs of the test AUC / ACC), ``trainable_params``,
+``train_s``, ``infer_s_per_volume``.
+
+Kinds (what a cell costs on a CPU):
+
+* ``cached`` -- frozen backbone features computed once per task and view set, shared by all
+  cached methods and seeds (``DIR/cache``); the head fits in seconds.
+* ``plugin`` -- the backbone runs (with LoRA) on every augmented training volume every epoch.
+* ``cnn3d`` -- a 3D CNN trained from scratch.
+
+Add your own with :func:`register_method`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import InputError
+
+#: General options a method may read (CLI --size/--epochs/..., ``--set k=v``, suite ``options:``).
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "backbone": "efficientnet_lite0",
+    "weights": None,
+    "size": None,            # slice side given to the 2D backbone (None: the backbone's, 224)
+    "epochs": 30,            # plugin / 3D CNN epochs
+    "batch_size": 8,
+    "patience": 10,
+    "lr_lora": 1e-4,
+    "lr_head": 1e-3,
+    "loss": "focal",
+    "amp": True,
+    "augment": True,
+    "max_slices": None,
+    "head_epochs": 100,      # frozen-feature heads (cached methods)
+    "cnn_lr": 1e-3,
+    "cnn_batch_size": 16,
+}
+
+# which general options change a method's result (the cell fingerprint uses only these)
+_USES = {
+    "cached": ("backbone", "weights", "size", "max_slices", "head_epochs", "loss"),
+    "plugin": ("backbone", "weights", "size", "max_slices", "epochs", "batch_size", "patience", "lr_lora", "lr_head",
+               "loss", "amp", "augment"),
+    "cnn3d": ("epochs", "cnn_batch_size", "patience", "cnn_lr", "loss", "augment"),
+}
+
+
+@dataclass
+class Method:
+    name: str
+    fn: Callable[..., dict]
+    kind: str
+    description: str
+    fixed: dict = field(default_factory=dict)
+
+    def relevant_options(self, options: dict) -> dict:
+        keys = _USES.get(self.kind, tuple(options))
+        return {**{k: options.get(k) for k in keys}, **self.fixed}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, fn: Callable[..., dict], kind: str, description: str, **fixed) -> Method:
+    """``fn(task, out_dir, seed, options, **fixed) -> metrics``; ``kind`` in cached | plugin | cnn3d | other."""
+    m = Method(name, fn, kind, description, fixed)
+    METHODS[name] = m
+    return m
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise InputError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _train_config(o: dict, seed: int, cnn: bool = False):
+    from ..training.trainer import TrainConfig
+
+    if cnn:
+        extra = {"seg_weight": 0.0} if "seg_weight" in TrainConfig.__dataclass_fields__ else {}  # no patch tokens
+        return TrainConfig(epochs=int(o["epochs"]), batch_size=int(o["cnn_batch_size"]), seed=seed, loss=o["loss"],
+                           lr_head=float(o["cnn_lr"]), wd_head=1e-4, patience=int(o["patience"]),
+                           augment=bool(o["augment"]), amp=False, progress=bool(o.get("progress", False)), **extra)
+    return TrainConfig(epochs=int(o["epochs"]), batch_size=int(o["batch_size"]), seed=seed, loss=o["loss"],
+                       lr_lora=float(o["lr_lora"]), lr_head=float(o["lr_head"]), patience=int(o["patience"]),
+                       augment=bool(o["augment"]), amp=bool(o["amp"]), progress=bool(o.get("progress", False)))
+
+
+def normalise(m: dict, **extra) -> dict:
+    """Train-plugin-style metrics -> the bench cell schema."""
+    test = m.get("test") or {}
+    ci = test.get("ci") or {}
+    out = {
+        "auc": m.get("auc"), "acc": m.get("acc"), "acc_at_0.5": m.get("acc_at_0.5", test.get("acc_at_0.5", m.get("acc"))),
+        "ci": {"auc": ci.get("auc"), "acc": ci.get("acc")},
+        "trainable_params": int(m["trainable_params"]),
+        "train_s": float(m.get("train_s", m.get("train_wall_s", float("nan")))),
+        "infer_s_per_volume": float(m.get("infer_s_per_volume", test.get("infer_s_per_volume", float("nan")))),
+        "val_auc": (m.get("val") or {}).get("auc"), "n_test": test.get("n"), "threshold": m.get("threshold"),
+        "n_train": m.get("n_train"), "epochs_run": m.get("epochs_run"),
+    }
+    out.update(extra)
+    return out
+
+
+def _log(o: dict):
+    return o.get("log") or (lambda *a, **k: None)
+
+
+# ---------------------------------------------------------------------------------- cached (frozen features)
+_BACKBONES: dict = {}
+
+
+def _backbone(o: dict):
+    from ..backbones import create_backbone
+
+    key = (o["backbone"], o["weights"], o["size"])
+    if key not in _BACKBONES:
+        _BACKBONES.clear()
+        _BACKBONES[key] = create_backbone(o["backbone"], weights=o["weights"], input_size=o["size"])
+    return _BACKBONES[key]
+
+
+def _cache(task, o: dict, views, seed: int):
+    from ..baselines.frozen import FeatureCache
+
+    # official splits (MedMNIST, manifests with a split column) do not depend on the seed: share the cache
+    has_splits = all(c.split in ("train", "val", "test") for c in task.cases if c.label is not None)
+    return FeatureCache(task, _backbone(o), list(views), o["size"], o["cache_dir"], seed=0 if has_splits else seed,
+                        progress=bool(o.get("progress", False)), log=_log(o))
+
+
+def m_linear_probe(task, out: Path, seed: int, o: dict, views=("axial",), train_fraction: float = 1.0) -> dict:
+    from ..baselines.frozen import linear_probe_from_cache
+
+    res = linear_probe_from_cache(_cache(task, o, views, seed), train_fraction=train_fraction, seed=seed)
+    return normalise(res, detail=res["method_detail"])
+
+
+def m_frozen_pool(task, out: Path, seed: int, o: dict, pooling="attention", views=("axial",),
+                  train_fraction: float = 1.0) -> dict:
+    from ..baselines.frozen import train_pool_head
+
+    res = train_pool_head(_cache(task, o, views, seed), pooling=pooling, seed=seed, epochs=int(o["head_epochs"]),
+                          loss=o["loss"], train_fraction=train_fraction)
+    return normalise(res, detail=res["method_detail"])
+
+
+# ---------------------------------------------------------------------------------- plugin and its ablations
+def m_plugin(task, out: Path, seed: int, o: dict, views=("axial",), r: int = 8, alpha: float = 16.0,
+             last_k: int | None = None, train_fraction: float = 1.0, pooling: str = "attention") -> dict:
+    from ..plugins import LoraSpec
+    from ..training.run import PreprocessOptions, train_plugin
+
+    pre = PreprocessOptions(views=list(views), size=o["size"], max_slices=o["max_slices"])
+    lora = LoraSpec(r=r, alpha=alpha, last_k=last_k)
+    cfg = _train_config(o, seed)
+    if pooling == "attention":
+        m = train_plugin(task, o["backbone"], out, weights=o["weights"], preprocess=pre, lora=lora, config=cfg,
+                         train_fraction=train_fraction, log=_log(o))
+    else:
+        from ..baselines.variant import train_aggregator_plugin
+
+        m = train_aggregator_plugin(task, o["backbone"], out, pooling=pooling, weights=o["weights"], preprocess=pre,
+                                    lora=lora, config=cfg, train_fraction=train_fraction, log=_log(o))
+    return normalise(m, detail=f"LoRA r={r} last_k={last_k} + {pooling} pooling, views {','.join(views)}")
+
+
+def m_slice_transformer(task, out: Path, seed: int, o: dict, views=("axial",)) -> dict:
+    from ..baselines.variant import train_aggregator_plugin
+    from ..plugins import LoraSpec
+    from ..training.run import PreprocessOptions
+
+    pre = PreprocessOptions(views=list(views), size=o["size"], max_slices=o["max_slices"])
+    m = train_aggregator_plugin(task, o["backbone"], out, pooling="transformer", weights=o["weights"], preprocess=pre,
+                                lora=LoraSpec(r=0), config=_train_config(o, seed), finetune_backbone=True,
+                                log=_log(o))
+    return normalise(m, detail="fine-tuned 2D backbone (BatchNorm statistics frozen) + 1-layer slice transformer")
+
+
+def m_cnn3d(task, out: Path, seed: int, o: dict, arch: str = "resnet18") -> dict:
+    from ..baselines.variant import train_cnn3d
+
+    m = train_cnn3d(task, arch, out, _train_config(o, seed, cnn=True), log=_log(o))
+    return normalise(m, detail=f"MONAI {arch} 3D from scratch")
+
+
+THREE = ("axial", "coronal", "sagittal")
+
+register_method("plugin", m_plugin, "plugin", "AnyMC3D plugin: LoRA r=8 (all stages) + task query, axial")
+register_method("plugin_3view", m_plugin, "plugin", "plugin, three views (per-view LoRA + query, fusion query)",
+                views=THREE)
+register_method("plugin_r4", m_plugin, "plugin", "plugin, LoRA r=4", r=4, alpha=8.0)
+register_method("plugin_r16", m_plugin, "plugin", "plugin, LoRA r=16", r=16, alpha=32.0)
+register_method("plugin_lastk1", m_plugin, "plugin", "plugin, LoRA r=8 on the last stage + conv_head only", last_k=1)
+register_method("plugin_lastk1_3view", m_plugin, "plugin", "plugin_lastk1, three views", last_k=1, views=THREE)
+register_method("plugin_frac20", m_plugin, "plugin", "plugin on 20 % of the training set", train_fraction=0.2)
+register_method("plugin_frac50", m_plugin, "plugin", "plugin on 50 % of the training set", train_fraction=0.5)
+register_method("plugin_mean", m_plugin, "plugin", "plugin with mean slice pooling instead of the task query",
+                pooling="mean")
+register_method("plugin_max", m_plugin, "plugin", "plugin with max slice pooling", pooling="max")
+register_method("plugin_transformer", m_plugin, "plugin", "plugin with a 1-layer slice transformer pooling",
+                pooling="transformer")
+register_method("query_only", m_plugin, "plugin", "frozen backbone + task query + head (LoRA r=0), augmented", r=0)
+register_method("query_only_3view", m_plugin, "plugin", "query_only, three views", r=0, views=THREE)
+register_method("linear_probe", m_linear_probe, "cached", "frozen backbone + mean pooling + logistic regression, axial")
+register_method("linear_probe_3view", m_linear_probe, "cached", "linear probe, three views concatenated", views=THREE)
+register_method("linear_probe_frac20", m_linear_probe, "cached", "linear probe on 20 % of the training set",
+                train_fraction=0.2)
+register_method("frozen_mean", m_frozen_pool, "cached", "frozen features + mean pooling + linear head (focal loss)",
+                pooling="mean")
+register_method("frozen_max", m_frozen_pool, "cached", "frozen features + max pooling + linear head", pooling="max")
+register_method("frozen_attention", m_frozen_pool, "cached",
+                "frozen features + task-query pooling + linear head (no LoRA, no augmentation)", pooling="attention")
+register_method("frozen_transformer", m_frozen_pool, "cached", "frozen features + 1-layer slice transformer + head",
+                pooling="transformer")
+register_method("frozen_attention_3view", m_frozen_pool, "cached", "frozen_attention, three views + fusion query",
+                pooling="attention", views=THREE)
+register_method("frozen_attention_frac20", m_frozen_pool, "cached", "frozen_attention on 20 % of the training set",
+                pooling="attention", train_fraction=0.2)
+register_method("slice_transformer", m_slice_transformer, "plugin",
+                "fine-tuned 2D backbone + slice transformer (MST-like)")
+register_method("resnet18_3d", m_cnn3d, "cnn3d", "MONAI 3D ResNet-18 from scratch", arch="resnet18")
+register_method("densenet121_3d", m_cnn3d, "cnn3d", "MONAI 3D DenseNet-121 from scratch", arch="densenet121")

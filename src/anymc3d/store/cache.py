@@ -1,0 +1,165 @@
+"""Disk cache of frozen activations, for training (and re-training) plugins on the same data.
+
+What is cached, per (case, stream):
+
+* shared-trunk plugins (``lora.last_k = k``): the output of the backbone's first blocks
+  (``forward_trunk(x, k)``; bf16), i.e. everything before the LoRA-adapted tail;
+* pooling-only plugins (``lora.r = 0``): the whole frozen backbone's class embeddings (S, D).
+
+Full-depth LoRA plugins have no frozen part worth caching (LoRA starts at the patch embedding / first
+pointwise convolution), so they are never cached.
+
+The key is a sha256 over: the slice stack the backbone receives (the volume's content after
+preprocessing; shape, dtype and bytes), the preprocessing spec of that input (every field) and the
+view, the backbone's name and weight fingerprint, the cut point (``trunk:k`` or ``embed``), whether
+bf16 autocast was on, and the cache format. Any change of volume, preprocessing or backbone weights
+gives another key: the stale entry is never read (``anymc3d cache clear`` removes old entries).
+
+Each entry is one safetensors file ``DIR/ab/<key>.safetensors`` written atomically, with the key and
+a sha256 of the tensor bytes in its metadata. An entry that cannot be parsed, has another key or
+fails its checksum is reported (``warnings``), deleted and recomputed.
+
+With augmentation on, training batches are augmented 3D volumes that differ every step, so they
+always run the full backbone and are never cached; only un-augmented passes (validation every
+epoch, the final validation/test predictions, and ``--no-augment`` training) read and fill the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..io import atomic_write
+
+CACHE_FORMAT = "anymc3d-activations/1"
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256()
+    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class ActivationCache:
+    """Content-addressed tensor store with corruption detection. ``stats`` counts hits, misses, corrupt, writes."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.stats: Counter = Counter()
+
+    @staticmethod
+    def make_key(material: dict) -> str:
+        return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **material}, sort_keys=True).encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        from safetensors import safe_open
+
+        p = self.path(key)
+        if not p.is_file():
+            self.stats["misses"] += 1
+            return None
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                t = fh.get_tensor("act")
+            if meta.get("key") != key:
+                raise ValueError(f"entry holds key {str(meta.get('key'))[:12]}…")
+            if meta.get("sha256") != tensor_digest(t):
+                raise ValueError("checksum mismatch")
+        except Exception as exc:  # truncated file, bad header, bit rot, wrong entry
+            warnings.warn(f"activation cache: corrupt entry {p} ({str(exc).splitlines()[0][:120]}); recomputing",
+                          RuntimeWarning, stacklevel=2)
+            self.stats["corrupt"] += 1
+            p.unlink(missing_ok=True)
+            return None
+        self.stats["hits"] += 1
+        return t
+
+    def put(self, key: str, t: torch.Tensor, info: dict | None = None) -> Path:
+        t = t.detach().to("cpu").contiguous()
+        meta = {"key": key, "sha256": tensor_digest(t), "format": CACHE_FORMAT,
+                **{k: str(v) for k, v in (info or {}).items()}}
+        from safetensors.torch import save_file
+
+        p = self.path(key)
+        with atomic_write(p) as tmp:
+            save_file({"act": t}, str(tmp), metadata=meta)
+        self.stats["writes"] += 1
+        return p
+
+    def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor], info: dict | None = None) -> torch.Tensor:
+        t = self.get(key)
+        if t is None:
+            t = compute()
+            self.put(key, t, info)
+        return t
+
+    # ---- maintenance ----------------------------------------------------------------------------
+    def entries(self) -> list[Path]:
+        return sorted(self.root.glob("??/*.safetensors")) if self.root.is_dir() else []
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.entries())
+
+    def clear(self) -> int:
+        n = len(self.entries())
+        for d in self.root.glob("??"):
+            if d.is_dir():
+                shutil.rmtree(d)
+        return n
+
+
+def cut_point(model) -> str | None:
+    """What can be cached for this plugin: ``trunk:k`` (shared trunk), ``embed`` (pooling-only) or None."""
+    if model.spec.lora.r == 0:
+        return "embed"
+    if model.last_k is not None:
+        return f"trunk:{model.last_k}"
+    return None
+
+
+@torch.no_grad()
+def frozen_activations(model, stream: str, x: torch.Tensor) -> torch.Tensor:
+    """The frozen part of ``model`` on slices x (N, C, H, W): trunk activations (bf16) or class embeddings."""
+    from ..plugins.lora import activate
+
+    activate(model.backbone.model, None)  # other plugins' adapters on a shared backbone must not leak in
+    if model.spec.lora.r == 0:
+        return model.embed_slices(stream, x)[0]
+    return model.trunk(x).to(torch.bfloat16)
+
+
+class TrunkDiskCache(ActivationCache):
+    """The activation cache bound to one plugin model and its preprocessing specs (used by ``Batcher``)."""
+
+    def __init__(self, root: str | Path, model, specs: dict) -> None:
+        super().__init__(root)
+        self.model, self.specs = model, specs
+        self.cut = cut_point(model)
+        if self.cut is None:
+            raise ValueError("the activation cache needs a shared-trunk (lora.last_k) or pooling-only (r=0) plugin")
+
+    def key_for(self, stream: str, x: torch.Tensor) -> str:
+        inp, view = stream.split(":")
+        pre = {k: v for k, v in self.specs[inp].to_dict().items() if k != "views"}
+        bb = self.model.backbone
+        return self.make_key({"backbone": bb.name, "fingerprint": bb.fingerprint, "cut": self.cut,
+                              "amp": bool(self.model.autocast), "preprocess": pre, "view": view,
+                              "slices": tensor_digest(x)})
+
+    def activations(self, stream: str, x: torch.Tensor) -> torch.Tensor:
+        key = self.key_for(stream, x)
+        return self.get_or_compute(key, lambda: frozen_activations(self.model, stream, x),
+                                   {"backbone": self.model.backbone.name, "cut": self.cut, "stream": stream})
