@@ -402,11 +402,11 @@ def test_resume_matches_uninterrupted(prepared_binary, tmp_path, monkeypatch, he
     original = Batcher.batch
     count = {"n": 0}
 
-    def interrupting(self, cases, augment_seed=None):
+    def interrupting(self, *args, **kwargs):
         count["n"] += 1
         if count["n"] > calls_per_epoch:
             raise _Interrupted
-        return original(self, cases, augment_seed)
+        return original(self, *args, **kwargs)
 
     with monkeypatch.context() as mp:
         mp.setattr(trainer_mod.Batcher, "batch", interrupting)

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-rank", type=int, default=8, help="0 = no LoRA (frozen features + query + head)")
     t.add_argument("--lora-alpha", type=float, default=16.0)
     t.add_argument("--lora-last-k", type=int, help="LoRA only on the last K blocks/stages (shared trunk)")
+    t.add_argument("--cache", type=Path, metavar="DIR",
+                   help="disk cache of frozen activations (shared trunk or --lora-rank 0), reused by later epochs, runs and tasks")
     t.add_argument("--loss", choices=["focal", "bce", "ce"], default="focal")
     t.add_argument("--class-weighting", choices=["none", "balanced"], default="none")
     t.add_argument("--lr-lora", type=float, default=1e-4)
@@ -96,9 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="predict volumes (files, DICOM folders, or a manifest CSV)")
     pr.add_argument("plugin")
-    pr.add_argument("images", nargs="+")
+    pr.add_argument("images", nargs="*")
+    pr.add_argument("--plugins", type=Path, metavar="DIR",
+                    help="a plugin store: run every compatible plugin on each volume (PLUGIN is then the first image)")
     pr.add_argument("--out", required=True, type=Path)
     pr.add_argument("--weights")
+    pr.add_argument("--heatmaps", action="store_true",
+                    help="also write heatmaps (<id>_heatmap.nii.gz in the input's space + PNG), as `anymc3d explain`")
 
     d = sub.add_parser("demo", help="the whole job on a built-in synthetic dataset (no download)")
     d.add_argument("--out", type=Path, default=Path("anymc3d-demo"))
@@ -153,6 +159,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, loss=a.loss, lr_lora=a.lr_lora,
                       lr_head=a.lr_head, class_weighting=a.class_weighting, patience=a.patience,
                       augment=not a.no_augment, amp=not a.no_amp, progress=not a.quiet, seg_weight=a.seg_weight)
+    cfg.cache_dir = str(a.cache) if getattr(a, "cache", None) else None
     m = train_plugin(a.data, a.backbone, a.out, weights=a.weights, preprocess=pre,
                      lora=LoraSpec(r=a.lora_rank, alpha=a.lora_alpha, last_k=a.lora_last_k), config=cfg,
                      task_name=a.task_name, train_fraction=a.train_fraction, resume=a.resume, data_kwargs=data_kwargs(a))
@@ -193,6 +200,11 @@ def _expand_inputs(images: list[str], predictor) -> list[tuple[str, object]]:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
+    if getattr(a, "plugins", None) is not None:
+        from .store.cli import cmd_predict_all
+        return cmd_predict_all(a, [a.plugin, *a.images])
+    if not a.images:
+        raise InputError("predict: give PLUGIN and at least one IMAGE (or --plugins DIR IMAGE...)")
     from .predict import case_id_from, load, write_json
 
     predictor = load(a.plugin, weights=a.weights)
@@ -214,6 +226,10 @@ def cmd_predict(a: argparse.Namespace) -> int:
                 for r in rows:
                     w.writerow([r["id"], *[f"{r['probabilities'][n]:.6f}" for n in names], ";".join(r["predicted"])])
     print(f"wrote {len(rows)} JSON file(s) to {a.out}")
+    if getattr(a, "heatmaps", False):
+        from .explain.cli import write_heatmaps
+
+        write_heatmaps(predictor, items, a.out)
     return 0
 
 

@@ -115,5 +115,20 @@ class Backbone(nn.Module):
         return False
 
 
+def base_modules(model: nn.Module):
+    """(name, module) pairs of the original network, seeing through peft's LoRA wrappers.
+
+    After one adapter is injected, ``blocks.0.conv_pw`` is a LoRA wrapper around
+    ``blocks.0.conv_pw.base_layer``; adding a second adapter (another view or plugin) must target
+    the same names, never the wrapper's own ``lora_A``/``lora_B`` layers."""
+    for name, module in model.named_modules():
+        if "lora_" in name or "lora_dropout" in name:
+            continue
+        if name.endswith(".base_layer"):
+            yield name[: -len(".base_layer")], module
+        elif not hasattr(module, "base_layer"):
+            yield name, module
+
+
 def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

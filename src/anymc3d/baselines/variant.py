@@ -8,6 +8,7 @@ no plugin file is written (only ``metrics.json``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -37,6 +38,12 @@ def train_model(data, build: Callable, out: str | Path, config: TrainConfig | No
     specs = specs_for(task)
     seed_everything(cfg.seed)
     model = build(task, specs)
+    if "cache_trunk" in TrainConfig.__dataclass_fields__ and cfg.cache_trunk and (
+            isinstance(model, Volume3DClassifier) or getattr(model, "finetune_backbone", False)
+            or model.spec.lora.r == 0):
+        # the trainer's frozen-activation cache assumes the stock plugin on a frozen trunk: a fine-tuned
+        # backbone, a 3D CNN, or another pooling on the whole frozen backbone must not read it
+        cfg = dataclasses.replace(cfg, cache_trunk=False)
     n_params = model.n_trainable()
     log(f"  trainable parameters: {n_params:,}; cases: train {len(splits['train'])}, val {len(splits['val'])}, "
         f"test {len(splits['test'])}")

@@ -23,13 +23,6 @@ def _take(arr: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.take(arr, index, axis=axis).T  # rows -> vertical after transpose, origin lower
 
 
-def canonical_slice_index(stream_index: int, n_stream: int, n_canonical: int) -> int:
-    """Slice index of a stream (after ``max_slices`` resampling) -> nearest canonical index."""
-    if n_stream == n_canonical:
-        return int(stream_index)
-    return int(np.clip(round((stream_index + 0.5) * n_canonical / n_stream - 0.5), 0, n_canonical - 1))
-
-
 def heatmap_figure(hm, label: str, path: str | Path, top_k: int = 6, mask: np.ndarray | None = None) -> Path:
     """Write the figure for one label of a :class:`~anymc3d.explain.heatmap.Heatmaps`; returns the path."""
     ref = hm.reference_input
@@ -41,9 +34,10 @@ def heatmap_figure(hm, label: str, path: str | Path, top_k: int = 6, mask: np.nd
     heat = hm.canonical[label]
     weights = hm.label_slice_weights[label][stream]
     n_can = image.shape[axis]
-    k = max(1, min(top_k, len(weights)))
-    order = np.argsort(-weights, kind="stable")[:k]
-    picks = sorted({canonical_slice_index(int(i), len(weights), n_can) for i in order})
+    # "most weighted" = the slices carrying most of the heatmap (slice weight x that slice's map)
+    mass = heat.sum(axis=tuple(a for a in range(3) if a != axis))
+    k = max(1, min(top_k, n_can))
+    picks = sorted(int(i) for i in np.argsort(-mass, kind="stable")[:k])
     cmask = None
     if mask is not None:
         from .heatmap import canonical_mask
@@ -51,9 +45,9 @@ def heatmap_figure(hm, label: str, path: str | Path, top_k: int = 6, mask: np.nd
         cmask = canonical_mask(mask, hm.record)
 
     ncol = len(picks)
-    fig = Figure(figsize=(max(2.4 * ncol, 6.0), 5.4), dpi=110)
+    fig = Figure(figsize=(max(2.1 * ncol, 6.0), 4.6), dpi=110)
     FigureCanvasAgg(fig)
-    gs = fig.add_gridspec(2, ncol, height_ratios=[2.2, 1.0], hspace=0.35)
+    gs = fig.add_gridspec(2, ncol, height_ratios=[2.0, 1.0], hspace=0.3, left=0.07, right=0.98, top=0.88, bottom=0.1)
     vmax = float(heat.max()) or 1.0
     lo, hi = np.percentile(image, [0.5, 99.5])
     for j, idx in enumerate(picks):
@@ -77,8 +71,12 @@ def heatmap_figure(hm, label: str, path: str | Path, top_k: int = 6, mask: np.nd
         ax.plot(np.arange(len(a)), a, lw=1.2, label=f"a_s {s}")
     if not np.allclose(weights, hm.slice_weights[stream]):
         ax.plot(np.arange(len(weights)), weights, lw=1.0, ls="--", label=f"weight for {label}")
-    for i in order:
-        ax.axvline(int(i), color="0.6", lw=0.6, ls=":")
+    if mass.sum() > 0:  # heatmap mass per slice, on the same (stream) index axis, scaled to sum like a_s
+        pos = (np.arange(n_can) + 0.5) * len(weights) / n_can - 0.5
+        ax.plot(pos, mass / mass.sum() * (len(weights) / n_can), lw=1.0, color="tab:red", alpha=0.7,
+                label="heatmap mass per slice")
+    for idx in picks:
+        ax.axvline((idx + 0.5) * len(weights) / n_can - 0.5, color="0.6", lw=0.6, ls=":")
     ax.set_xlabel("slice index (model's slice stack)", fontsize=8)
     ax.set_ylabel("slice weight", fontsize=8)
     ax.tick_params(labelsize=7)

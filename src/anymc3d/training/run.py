@@ -122,9 +122,15 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
     log(f"backbone {bb.name} ({bb.fingerprint}); streams {', '.join(model.streams)}; "
         f"trainable parameters: {n_params:,} (LoRA {n_lora:,}, queries + head {n_params - n_lora:,})")
     log(f"cases: train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])}")
+    if cfg.cache_dir is not None:
+        log("activation cache " + str(cfg.cache_dir) + ": " + (
+            "not used (full-depth LoRA has no frozen trunk; use --lora-last-k K or --lora-rank 0)"
+            if model.last_k is None and spec.lora.r > 0 else
+            "validation/test passes only (training batches are augmented, they run the whole backbone)"
+            if cfg.augment else "every pass"))
     prepared = {k: prepare_all(v, specs, k, cfg.progress) for k, v in splits.items()}
     summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out, resume=resume)
-    batcher = Batcher(model, specs)
+    batcher = Batcher(model, specs, cache_trunk=cfg.cache_dir is not None, cache_dir=cfg.cache_dir)
     scores, timing = {}, {}
     for split in ("val", "test"):
         if prepared[split]:

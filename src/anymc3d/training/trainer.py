@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float = 1.0
     cache_trunk: bool = True       # with lora.last_k: keep un-augmented trunk activations in memory
+    cache_dir: str | None = None   # also keep them on disk (anymc3d.store.cache): later epochs/runs/tasks reuse them
     seg_weight: float = 0.5        # λ of the auxiliary mask loss (used when training cases have masks)
     seg_hidden: int = 32
     progress: bool = True
@@ -86,19 +87,38 @@ class Batcher:
     batches always go through the full backbone, so nothing stale is ever reused.
     """
 
-    def __init__(self, model: AnyMC3D, specs: dict[str, PreprocessSpec], cache_trunk: bool = False) -> None:
+    def __init__(self, model: AnyMC3D, specs: dict[str, PreprocessSpec], cache_trunk: bool = False,
+                 cache_dir: str | Path | None = None) -> None:
         self.model, self.specs, self.streams = model, specs, model.streams
-        self.cache_trunk = cache_trunk and model.last_k is not None
+        # pooling-only plugins (r=0): the "trunk" is the whole frozen backbone; its class embeddings are cached
+        self.cache_trunk = cache_trunk and (model.last_k is not None or model.spec.lora.r == 0)
         self._trunk_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.disk = None
+        if self.cache_trunk and cache_dir is not None:
+            from ..store.cache import TrunkDiskCache
+            self.disk = TrunkDiskCache(cache_dir, model, specs)
 
     def _trunk(self, case: PreparedCase) -> dict[str, torch.Tensor]:
         out = {}
         for s, x in slice_streams(case, self.specs, self.streams).items():
             key = (id(case), s)  # the PreparedCase object lives for the whole run
             if key not in self._trunk_cache:
-                self._trunk_cache[key] = self.model.trunk(x).to(torch.bfloat16)
+                if self.disk is not None:
+                    self._trunk_cache[key] = self.disk.activations(s, x)
+                elif self.model.last_k is None:
+                    from ..store.cache import frozen_activations
+                    self._trunk_cache[key] = frozen_activations(self.model, s, x)
+                else:
+                    self._trunk_cache[key] = self.model.trunk(x).to(torch.bfloat16)
             out[s] = self._trunk_cache[key].float()
         return out
+
+    def forward(self, slices, masks, present, from_trunk: bool = False, **kw):
+        """``model(...)`` on a batch from ``batch``; cached class embeddings of a pooling-only plugin skip the backbone."""
+        if from_trunk and self.model.last_k is None:
+            from ..store.multi import forward_from_embeddings
+            return forward_from_embeddings(self.model, slices, masks, present)
+        return self.model(slices, masks, present, from_trunk=from_trunk, **kw)
 
     def _augment(self, case: PreparedCase, seed: int) -> dict[str, torch.Tensor]:
         """Augmented copies of the case's inputs (and of its mask, under the key "mask")."""
@@ -164,7 +184,7 @@ def predict_prepared(model: AnyMC3D, batcher: Batcher, cases: list[PreparedCase]
     for i in tqdm(it, desc="predict", disable=not progress, leave=False):
         chunk = cases[i:i + batch_size]
         slices, masks, present, _, from_trunk = batcher.batch(chunk)
-        out = model(slices, masks, present, from_trunk=from_trunk)
+        out = batcher.forward(slices, masks, present, from_trunk=from_trunk)
         probs.append(model.probabilities(out.logits).float().numpy())
         for j in range(len(chunk)):
             outs.append({"slice_weights": {s: w[j][masks[s][j]].tolist() for s, w in out.slice_weights.items() if s in masks},
@@ -199,7 +219,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
     labels_np = np.stack([c.label.numpy() for c in train])
     cw = class_weights(labels_np, task_type, cfg.class_weighting)
-    batcher = Batcher(model, specs, cache_trunk=cfg.cache_trunk)
+    batcher = Batcher(model, specs, cache_trunk=cfg.cache_trunk, cache_dir=cfg.cache_dir)
     model.autocast = cfg.amp
 
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.csv"
@@ -230,7 +250,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             aug_seed = (cfg.seed * 1_000_003 + epoch * 10_007 + step * 101) % (2**31) if cfg.augment else None
             batch = batcher.batch([train[i] for i in idx], aug_seed, with_masks=decoder is not None)
             slices, masks, present, y, from_trunk = batch[:5]
-            out = model(slices, masks, present, keep_patches=decoder is not None, from_trunk=from_trunk)
+            out = batcher.forward(slices, masks, present, keep_patches=decoder is not None, from_trunk=from_trunk)
             loss = classification_loss(out.logits.float(), y, task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha, cw)
             if decoder is not None:
                 targets, has_mask = batch[5], batch[6]

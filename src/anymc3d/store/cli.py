@@ -1,0 +1,182 @@
+"""CLI: ``anymc3d plugins list|info|add|remove --store DIR``, ``anymc3d cache info|clear --cache DIR``,
+and the ``anymc3d predict --plugins DIR IMAGE...`` hand-off (``cmd_predict_all``)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+
+
+def register(sub) -> dict:
+    p = sub.add_parser("plugins", help="a plugin store: many tasks on one backbone (list | info | add | remove)")
+    p.add_argument("--store", type=Path, help="the store folder")
+    acts = p.add_subparsers(dest="plugins_action", required=True)
+    ls = acts.add_parser("list", help="plugins in the store, with backbone compatibility")
+    info = acts.add_parser("info", help="task, labels, views, parameters, backbone + fingerprint, training metrics")
+    info.add_argument("name")
+    add = acts.add_parser("add", help="copy a trained plugin (folder, .json or .safetensors) into the store")
+    add.add_argument("plugin")
+    add.add_argument("--name", help="name in the store (default: the plugin's task name)")
+    add.add_argument("--replace", action="store_true", help="replace a plugin of the same name")
+    rm = acts.add_parser("remove", help="delete a plugin from the store")
+    rm.add_argument("name")
+    for q in (ls, info, add, rm):
+        q.add_argument("--store", type=Path, default=argparse.SUPPRESS, help="the store folder")
+    for q in (ls, info):
+        q.add_argument("--json", action="store_true", help="machine-readable output")
+
+    c = sub.add_parser("cache", help="the activation cache of `train --cache DIR` (info | clear)")
+    c.add_argument("cache_action", choices=["info", "clear"])
+    c.add_argument("--cache", type=Path, required=True)
+    return {"plugins": cmd_plugins, "cache": cmd_cache}
+
+
+def cmd_plugins(a: argparse.Namespace) -> int:
+    from .store import PluginStore
+
+    if a.store is None:
+        raise InputError("plugins: give the store folder with --store DIR")
+    store = PluginStore(a.store)
+    act = a.plugins_action
+    if act == "add":
+        e = store.add(a.plugin, name=a.name, replace=a.replace)
+        print(f"added {e.name}: task {e.spec.task} ({e.spec.task_type}), backbone {e.spec.backbone} "
+              f"({e.spec.backbone_fingerprint}) -> {e.path}")
+        return 0
+    if act == "remove":
+        print(f"removed {a.name} ({store.remove(a.name)})")
+        return 0
+    if act == "info":
+        d = store.info(a.name)
+        if a.json:
+            print(json.dumps(d, indent=2))
+        else:
+            _print_info(d)
+        return 0
+    # list
+    target = store.target_backbone()
+    rows = []
+    for e in store.entries():
+        if e.spec is None:
+            rows.append({"name": e.name, "error": e.error})
+            continue
+        s = e.spec
+        ok = target is not None and (s.backbone, s.backbone_fingerprint) == tuple(target)
+        auc = (s.metrics.get("test") or s.metrics.get("val") or {}).get("auc")
+        rows.append({"name": e.name, "task": s.task, "task_type": s.task_type, "labels": s.label_names,
+                     "views": s.streams, "lora": ("r=0" if s.lora.r == 0 else
+                                                  f"last_k={s.lora.last_k}" if s.lora.last_k else "full"),
+                     "backbone": s.backbone, "fingerprint": s.backbone_fingerprint, "compatible": ok, "auc": auc})
+    if a.json:
+        print(json.dumps({"store": str(a.store), "backbone": list(target) if target else None, "plugins": rows}, indent=2))
+        return 0
+    print(f"store {a.store}: backbone {target[0]} ({target[1]})" if target else f"store {a.store}: empty")
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['name']:<20} UNREADABLE  {r['error']}")
+            continue
+        flag = "" if r["compatible"] else "  INCOMPATIBLE (other backbone/weights: skipped by predict)"
+        auc = f"  AUC {r['auc']:.3f}" if isinstance(r["auc"], (int, float)) else ""
+        print(f"  {r['name']:<20} {r['task_type']:<10} {','.join(r['views']):<28} LoRA {r['lora']:<9} "
+              f"{r['backbone']} {r['fingerprint']}{auc}{flag}")
+    return 0
+
+
+def _print_info(d: dict) -> None:
+    if "error" in d:
+        print(f"{d['name']}: {d['error']}")
+        return
+    print(f"{d['name']}  ({d['path']})")
+    print(f"  task        {d['task']} ({d['task_type']}); labels {', '.join(d['labels'])}; threshold {d['threshold']:.4g}")
+    print(f"  views       {', '.join(d['streams'])}")
+    print(f"  parameters  {d['parameters']:,}" if isinstance(d["parameters"], int) else f"  parameters  {d['parameters']}")
+    lo = d["lora"]
+    print(f"  plugin      {d['mode']}; LoRA r={lo['r']} alpha={lo['alpha']}")
+    compat = {True: "matches the store's backbone", False: "DOES NOT match the store's backbone", None: ""}
+    print(f"  backbone    {d['backbone']} {d['backbone_fingerprint']} (input {d['input_size']}) "
+          f"{compat[d['compatible_with_store_backbone']]}")
+    for inp, pre in d["preprocess"].items():
+        print(f"  preprocess  {inp}: size {pre.get('size')}, intensity {pre.get('intensity')}, "
+              f"orientation {pre.get('orientation')}, spacing {pre.get('spacing')}")
+    for split, m in (d["metrics"] or {}).items():
+        if isinstance(m, dict):
+            print(f"  metrics     {split}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in m.items()))
+    if d["training"]:
+        print("  training    " + ", ".join(f"{k} {v}" for k, v in d["training"].items()))
+
+
+def cmd_cache(a: argparse.Namespace) -> int:
+    from .cache import ActivationCache
+
+    c = ActivationCache(a.cache)
+    if a.cache_action == "clear":
+        print(f"removed {c.clear()} entries from {a.cache}")
+    else:
+        print(f"{a.cache}: {len(c.entries())} entries, {c.size_bytes() / 2**20:.1f} MiB")
+    return 0
+
+
+# ---- predict --plugins DIR ------------------------------------------------------------------------
+def _expand(images: list[str], inputs: list[str]) -> list[tuple[str | None, object]]:
+    """Files and DICOM folders as they are; a .csv manifest gives one case per row (its image columns)."""
+    from ..data import load_manifest
+
+    items = []
+    for x in images:
+        if x.endswith(".csv"):
+            with open(x, newline="") as fh:
+                header = next(csv.reader(fh), [])
+            cols = [c for c in inputs if c in header] or None
+            task = load_manifest(x, image_columns=cols, require_labels=False)
+            items += [(c.id, c) for c in task.cases]
+        else:
+            if not Path(x).exists():
+                raise InputError(f"{x}: file not found")
+            items.append((None, x))
+    return items
+
+
+def cmd_predict_all(a: argparse.Namespace, images: list[str]) -> int:
+    """``anymc3d predict --plugins DIR IMAGE... --out OUT``: one JSON per volume with every task."""
+    from ..io import atomic_write
+    from ..predict import case_id_from, write_json
+    from .multi import MultiPredictor
+
+    mp = MultiPredictor.from_store(a.plugins, weights=getattr(a, "weights", None))
+    for s in mp.skipped:
+        print(f"anymc3d: skipped plugin {s['name']}: {s['reason']}", file=sys.stderr)
+    print(f"backbone {mp.backbone.name} ({mp.backbone.fingerprint}) loaded once; tasks: {', '.join(mp.tasks)}")
+    inputs = sorted({i for at in mp.attached for i in at.model.spec.inputs})
+    items = _expand(images, inputs)
+    rows = [mp.predict(item, case_id=cid or case_id_from(item)) for cid, item in items]  # all before writing
+    a.out.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        write_json(r, a.out / f"{r['id']}.json")
+        print(f"{r['id']}: " + "; ".join(f"{t}: {', '.join(res['predicted']) or '-'}" for t, res in r["tasks"].items())
+              + f"  ({r['seconds']:.2f} s)")
+        for f in r["tasks_failed"]:
+            print(f"  {f['name']}: not run ({f['reason']})", file=sys.stderr)
+    if len(rows) > 1:
+        cols = [(t, n) for at in mp.attached for t in [at.name] for n in _label_names(rows, t)]
+        with atomic_write(a.out / "predictions.csv") as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["id", *[f"{t}:p_{n}" for t, n in cols], *[f"{at.name}:predicted" for at in mp.attached]])
+                for r in rows:
+                    probs = [r["tasks"].get(t, {}).get("probabilities", {}).get(n) for t, n in cols]
+                    w.writerow([r["id"], *["" if p is None else f"{p:.6f}" for p in probs],
+                                *[";".join(r["tasks"].get(at.name, {}).get("predicted", [])) for at in mp.attached]])
+    print(f"wrote {len(rows)} JSON file(s) to {a.out}")
+    return 0
+
+
+def _label_names(rows: list[dict], task: str) -> list[str]:
+    for r in rows:
+        if task in r["tasks"]:
+            return list(r["tasks"][task]["probabilities"])
+    return []

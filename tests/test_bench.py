@@ -1,0 +1,140 @@
+"""anymc3d bench: tiny suite -> both tables, resume, quoted rows, suite validation."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anymc3d.bench import load_suite, run_bench
+from anymc3d.bench.runner import cell_path
+from anymc3d.cli import main
+from anymc3d.errors import InputError
+
+OPTS = {"weights": "random", "size": 32, "head_epochs": 5}
+
+
+def fake_medmnist(path: Path, n=(16, 6, 8), side=8, seed=0) -> Path:
+    """A MedMNIST-shaped .npz: class 1 has a bright cube, class 0 not."""
+    rng = np.random.default_rng(seed)
+    d = {}
+    for split, k in zip(("train", "val", "test"), n):
+        y = np.arange(k) % 2
+        x = (rng.random((k, side, side, side)) * 40).astype(np.uint8)
+        x[y == 1, 2:5, 2:5, 2:5] = 255
+        d[f"{split}_images"], d[f"{split}_labels"] = x, y.reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **d)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    npz = fake_medmnist(root / "adrenalmnist3d.npz")  # the stem matches the quoted AdrenalMNIST3D rows
+    suite = load_suite(f"medmnist3d:{npz}")
+    out = root / "out"
+    summary = run_bench(suite, ["linear_probe", "frozen_mean"], 1, out, options=OPTS, progress=False, verbose=False)
+    return suite, out, summary
+
+
+def test_runner_writes_both_tables(tiny):
+    suite, out, summary = tiny
+    assert summary == {**summary, "ran": 2, "failed": 0, "skipped": 0}
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    measured = [r for r in rows if r["source"] == "measured"]
+    assert {r["method"] for r in measured} == {"linear_probe", "frozen_mean"}
+    for col in ("method", "task", "auc_mean", "auc_std", "acc_mean", "trainable_params", "train_s",
+                "infer_s_per_volume", "source"):
+        assert col in rows[0]
+    for r in measured:
+        assert r["task"] == "adrenalmnist3d_28"
+        assert 0.0 <= float(r["auc_mean"]) <= 1.0 and int(r["trainable_params"]) > 0
+        assert float(r["auc_ci_lo"]) <= float(r["auc_mean"]) <= float(r["auc_ci_hi"])
+        assert r["auc_std"] == ""  # one seed: no std, never a made-up 0
+    md = (out / "results.md").read_text()
+    assert "| `linear_probe` |" in md and "adrenalmnist3d_28 AUC" in md
+    cell = json.loads(cell_path(out, "adrenalmnist3d_28", "linear_probe", 0).read_text())
+    assert cell["status"] == "ok" and cell["result"]["ci"]["auc"] is not None
+
+
+def test_quoted_rows_are_labelled_and_separate(tiny):
+    _, out, _ = tiny
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    quoted = [r for r in rows if r["source"] == "quoted"]
+    assert any(r["method"] == "ResNet-18+3D" and float(r["auc_mean"]) == pytest.approx(0.827) for r in quoted)
+    assert all("MedMNIST v2" in r["citation"] and r["trainable_params"] == "" for r in quoted)
+    md = (out / "results.md").read_text()
+    measured_part, quoted_part = md.split("## Published reference numbers (quoted, NOT measured here)")
+    assert "ResNet-18+3D" not in measured_part and "ResNet-18+3D" in quoted_part
+    assert "| `linear_probe` |" not in quoted_part
+
+
+def test_resume_skips_finished_cells(tiny):
+    suite, out, _ = tiny
+    p = cell_path(out, "adrenalmnist3d_28", "linear_probe", 0)
+    before = p.read_text()
+    summary = run_bench(suite, ["linear_probe", "frozen_mean"], 1, out, options=OPTS, progress=False, verbose=False)
+    assert summary["ran"] == 0 and summary["skipped"] == 2
+    assert p.read_text() == before
+    # a failed cell is retried; a changed option recomputes only the cells it affects
+    bad = json.loads(p.read_text())
+    bad.update(status="error", error="boom")
+    p.write_text(json.dumps(bad))
+    summary = run_bench(suite, ["linear_probe", "frozen_mean"], 1, out, options={**OPTS, "epochs": 3},
+                        progress=False, verbose=False)
+    assert summary["ran"] == 1 and summary["skipped"] == 1  # epochs does not affect cached methods
+    assert json.loads(p.read_text())["status"] == "ok"
+
+
+def test_cli_restricts_methods_and_tasks(tiny, capsys):
+    suite, out, _ = tiny
+    npz = suite.tasks[0].data
+    rc = main(["bench", f"medmnist3d:{npz}", "--methods", "linear_probe", "--tasks", "adrenalmnist3d_28",
+               "--out", str(out), "--weights", "random", "--size", "32", "--set", "head_epochs=5", "--quiet"])
+    assert rc == 0
+    assert "0 ran, 1 already done" in capsys.readouterr().out
+
+
+def write_yaml(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tasks: []\n", "'tasks' must be a non-empty list"),
+    ("tasks:\n  - name: a\n    data: missing.csv\n", "data file not found"),
+    ("tasks:\n  - name: a\n    dta: x.csv\n", "unknown key(s) ['dta']"),
+    ("tasks:\n  - name: a\n", "give exactly one of 'data'"),
+    ("tasks:\n  - name: a\n    synthetic: {task: nope}\n", "synthetic.task must be one of"),
+    ("tasks:\n  - name: a\n    synthetic: {task: lesion_binary, knobs: {radius: 3}}\n", "unknown knob(s) ['radius']"),
+    ("tasks:\n  - name: a\n    synthetic: {task: lesion_binary}\n  - name: a\n    synthetic: {task: elongated}\n",
+     "duplicate task name(s) ['a']"),
+    ("methods: [plugin, nope]\ntasks:\n  - name: a\n    synthetic: {task: lesion_binary}\n", "unknown method(s) ['nope']"),
+    ("options: {epochz: 3}\ntasks:\n  - name: a\n    synthetic: {task: lesion_binary}\n", "unknown option(s) ['epochz']"),
+    ("tasks:\n  - name: a\n    synthetic: {task: lesion_binary}\n    quoted: nomnist\n", "quoted: unknown key"),
+    ("tasks: [\n", "not valid YAML"),
+])
+def test_suite_validation_errors(tmp_path, text, message):
+    with pytest.raises(InputError) as exc:
+        load_suite(write_yaml(tmp_path / "s.yaml", text))
+    assert message in str(exc.value) and "s.yaml" in str(exc.value)
+
+
+def test_suite_yaml_ok_and_cli_error_line(tmp_path, capsys):
+    fake_medmnist(tmp_path / "adrenalmnist3d_64.npz")
+    (tmp_path / "m.csv").write_text("id,image,label\n")
+    s = load_suite(write_yaml(tmp_path / "ok.yaml", "name: mine\nseeds: 2\nmethods: [linear_probe]\noptions: {size: 32}\n"
+                              "tasks:\n  - name: adr\n    data: adrenalmnist3d_64.npz\n"
+                              "  - name: syn\n    synthetic: {task: elongated, n_cases: 40, knobs: {size: 16}}\n"))
+    assert [t.name for t in s.tasks] == ["adr", "syn"] and s.tasks[0].quoted == "adrenalmnist3d_64"
+    assert s.seeds == 2 and s.options == {"size": 32} and s.tasks[1].quoted is None
+    assert len(load_suite("synthetic").tasks) == 6
+    rc = main(["bench", write_yaml(tmp_path / "bad.yaml", "tasks:\n  - name: a\n    data: nope.npz\n"),
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("anymc3d: error:") and "nope.npz" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    rc = main(["bench", "synthetic", "--methods", "plugin,nope", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "unknown method(s) ['nope']" in capsys.readouterr().err
