@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole job on a built-in synthetic dataset (no download)")
     d.add_argument("--out", type=Path, default=Path("anymc3d-demo"))
     d.add_argument("--cases", type=int, default=160)
-    d.add_argument("--epochs", type=int, default=6)
+    d.add_argument("--epochs", type=int, default=8)
     d.add_argument("--seed", type=int, default=0)
 
     lp = sub.add_parser("probe", help="baseline: frozen backbone + mean pooling + logistic regression")

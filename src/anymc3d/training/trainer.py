@@ -252,7 +252,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             slices, masks, present, y, from_trunk = batch[:5]
             out = batcher.forward(slices, masks, present, keep_patches=decoder is not None, from_trunk=from_trunk)
             loss = classification_loss(out.logits.float(), y, task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha, cw)
-            if decoder is not None:
+            if decoder is not None and bool(batch[6].any()):  # batches without any mask add no seg loss
                 targets, has_mask = batch[5], batch[6]
                 seg = [dice_ce_loss(decoder(out.patches[s], t.shape[-2:]), t, has_mask) for s, t in targets.items()]
                 seg_losses.append(float(sum(seg).detach()) / max(1, len(seg)))

@@ -1,0 +1,109 @@
+"""Issue 3 measurements on the synthetic suite: fusion of sequences/views, and the auxiliary mask loss.
+
+    OMP_NUM_THREADS=1 python benchmarks/issue3_synthetic.py --out runs/issue3 [--seeds 0,1,2]
+
+Each run trains a plugin (efficientnet_lite0, real weights) on a freshly generated task and
+records its test AUC/ACC and seconds per epoch. Results are appended to OUT/results.jsonl as they
+finish (a re-run skips finished rows) and summarised as mean ± std over seeds in OUT/summary.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from anymc3d.synthetic import make_task, write_task
+from anymc3d.training.run import PreprocessOptions, train_plugin
+from anymc3d.training.trainer import TrainConfig
+
+VOL, SLICE, CASES, EPOCHS = 24, 32, 100, 8
+
+
+def experiments(seeds):
+    for seed in seeds:
+        for cols, name in [(["t1"], "t1 only"), (["t2"], "t2 only"), (["t1", "t2"], "t1+t2 fused")]:
+            yield {"group": "sequences (t2_only)", "task": "t2_only", "variant": name, "seed": seed, "columns": cols,
+                   "views": ["axial"], "mask_fraction": 0.0}
+        for views in (["axial"], ["axial", "coronal", "sagittal"]):
+            yield {"group": "views (elongated)", "task": "elongated", "variant": "+".join(views), "seed": seed,
+                   "columns": ["image"], "views": views, "mask_fraction": 0.0}
+        for frac in (0.0, 0.1, 0.25, 1.0):
+            yield {"group": "masks (lesion_binary, small/faint lesion, 60 training cases)", "task": "lesion_binary",
+                   "variant": f"masks {int(frac * 100)}%" if frac else "no aux loss", "seed": seed,
+                   "columns": ["image"], "views": ["axial"], "mask_fraction": frac}
+
+
+def make_data(e: dict, root: Path) -> Path:
+    knobs = {"size": VOL}
+    if e["task"] == "lesion_binary":
+        knobs.update(lesion_radius=2.0, noise=20.0)
+    ds = make_task(e["task"], CASES, seed=e["seed"], **knobs)
+    d = root / f"{e['task']}_s{e['seed']}_m{e['mask_fraction']}"
+    manifest = write_task(ds, d, seed=e["seed"])
+    rows = list(csv.DictReader(open(manifest)))
+    rng = random.Random(e["seed"])
+    train_ids = [r["id"] for r in rows if r["split"] == "train"]
+    keep = set(rng.sample(train_ids, int(round(e["mask_fraction"] * len(train_ids)))))
+    for r in rows:
+        if r["id"] not in keep:
+            r["mask"] = ""
+    with open(manifest, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return manifest
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, default=Path("runs/issue3"))
+    p.add_argument("--seeds", default="0,1,2")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    res_path = a.out / "results.jsonl"
+    done = {json.dumps({k: r[k] for k in ("group", "variant", "seed")}) for r in map(json.loads, res_path.open())} \
+        if res_path.exists() else set()
+    for e in experiments([int(s) for s in a.seeds.split(",")]):
+        key = json.dumps({k: e[k] for k in ("group", "variant", "seed")})
+        if key in done:
+            continue
+        manifest = make_data(e, a.out / "data")
+        t0 = time.time()
+        m = train_plugin(manifest, "efficientnet_lite0", a.out / "plugins" / f"{abs(hash(key)) % 10**8}",
+                         preprocess=PreprocessOptions(views=e["views"], size=SLICE,
+                                                      intensity="mri" if e["task"] == "t2_only" else "ct",
+                                                      windows=None if e["task"] == "t2_only" else "abdomen"),
+                         config=TrainConfig(epochs=EPOCHS, batch_size=8, seed=e["seed"], progress=False,
+                                            seg_weight=0.5 if e["mask_fraction"] else 0.0),
+                         data_kwargs={"image_columns": e["columns"]}, log=lambda *_: None)
+        row = {**{k: e[k] for k in ("group", "variant", "seed", "task", "views", "columns", "mask_fraction")},
+               "auc": m["auc"], "acc": m["acc"], "n_test": m["n"], "n_train": m["n_train"],
+               "n_train_with_mask": m["n_train_with_mask"], "seg_decoder_params": m["seg_decoder_params"],
+               "s_per_epoch": m["train_wall_s"] / max(1, m["epochs_run"]), "trainable_params": m["trainable_params"],
+               "wall_s": round(time.time() - t0, 1)}
+        with res_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    rows = [json.loads(line) for line in res_path.open()]
+    lines = ["| group | variant | test AUC (mean ± std) | test ACC | seeds | s/epoch | trainable |", "|---|---|---|---|---|---|---|"]
+    seen = []
+    for r in rows:
+        if (r["group"], r["variant"]) not in seen:
+            seen.append((r["group"], r["variant"]))
+    for g, v in seen:
+        rs = [r for r in rows if r["group"] == g and r["variant"] == v]
+        auc = np.array([r["auc"] for r in rs], dtype=float)
+        acc = np.array([r["acc"] for r in rs], dtype=float)
+        lines.append(f"| {g} | {v} | {auc.mean():.3f} ± {auc.std():.3f} | {acc.mean():.3f} ± {acc.std():.3f} | {len(rs)} | "
+                     f"{np.mean([r['s_per_epoch'] for r in rs]):.1f} | {rs[0]['trainable_params']:,} |")
+    (a.out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
