@@ -116,7 +116,8 @@ def test_cnn_heatmap_input_space_non_ras_and_pointing(lite0, tmp_path):
     model = make_model(lite0)
     vol = Volume(arr, AFFINE, {"path": str(path)})
     analytic_head(model, vol, mask)
-    ex = Explainer(model)
+    # total evidence per slice from the last stage, in-plane distribution from LayerCAM at stride 8
+    ex = Explainer(model, cam_layers="last|lc-s8")
     assert ex.method == "gradcam"
     hm = ex.explain(path)
     heat = hm.maps["present"]
@@ -129,8 +130,10 @@ def test_cnn_heatmap_input_space_non_ras_and_pointing(lite0, tmp_path):
     np.testing.assert_allclose(np.asarray(img.dataobj), heat, atol=1e-6)
     s = localization_scores(heat, mask)
     assert s["pointing_game"] == 1.0, pointing_location(heat)
-    assert s["auroc"] > 0.85
+    assert s["auroc"] > 0.9
     assert s["energy_in_mask"] > 5 * mask.mean()
+    # the default layers also rank the lesion voxels high
+    assert localization_scores(Explainer(model).explain(vol).maps["present"], mask)["auroc"] > 0.8
 
 
 def test_cnn_heatmap_undoes_resampling(lite0):
@@ -258,7 +261,7 @@ def test_explain_cli_multilabel_manifest_and_predict_heatmaps(lite0, tmp_path):
     save_plugin(model, plugin)
 
     out = tmp_path / "explain"
-    assert main(["explain", str(plugin), str(data / "manifest.csv"), "--out", str(out)]) == 0
+    assert main(["explain", str(plugin), str(data / "manifest.csv"), "--out", str(out), "--top-k", "2"]) == 0
     for cid in ("c0", "c1"):
         for lab in ("a", "b"):
             img = nib.load(str(out / f"{cid}_{lab}_heatmap.nii.gz"))
@@ -280,7 +283,7 @@ def test_explain_cli_multilabel_manifest_and_predict_heatmaps(lite0, tmp_path):
     assert main(["explain", str(bplugin), str(data / "images"), "--masks", str(data / "masks"), "--out", str(out2),
                  "--no-figure"]) == 0
     loc2 = json.loads((out2 / "localization.json").read_text())
-    assert loc2["n_cases"] == 2 and loc2["mean"]["pointing_game"] >= 0.5
+    assert loc2["n_cases"] == 2 and loc2["mean"]["auroc"] > max(0.7, loc2["random"]["auroc"])
     assert sorted(p.name for p in out2.glob("*.nii.gz")) == ["c0_heatmap.nii.gz", "c1_heatmap.nii.gz"]
     out3 = tmp_path / "pred"
     assert main(["predict", str(bplugin), str(data / "images" / "c0.nii.gz"), "--out", str(out3), "--heatmaps"]) == 0

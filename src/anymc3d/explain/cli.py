@@ -33,6 +33,8 @@ def register(subparsers) -> dict:
     x.add_argument("--method", choices=["auto", "attention", "gradcam"], default="auto",
                    help="auto: attention for ViT backbones, Grad-CAM for CNNs")
     x.add_argument("--cam-layers", default="auto", help="CNN Grad-CAM layers: last, s16, s8 joined by + (auto)")
+    x.add_argument("--smooth-mm", type=float, default=0.0,
+                   help="Gaussian smoothing of the final map, sigma in mm (default 0: none)")
     x.add_argument("--split", help="manifest rows of this split only (train, val, test)")
     x.add_argument("--positives-only", action="store_true", help="manifest rows with a positive label only")
     x.add_argument("--top-k", type=int, default=6, help="slices shown in the figure")
@@ -162,7 +164,8 @@ def run_explain(explainer, items, out: Path, labels: list[str] | None = None, fi
                "method": explainer.method, "cases": cases}
     _write_json(summary, out / "explain.json")
     if rows or skipped:
-        loc = {"method": explainer.method, "cam_layers": explainer.cam_layers if explainer.method == "gradcam" else None,
+        loc = {"method": explainer.method, "cam_layers": explainer.resolved_cam_layers,
+               "smooth_mm": explainer.smooth_mm,
                "backbone": explainer.spec.backbone, "task": explainer.spec.task, "n_scored": len(rows),
                "n_cases": len({r["id"] for r in rows}), "skipped_empty_mask": skipped, "tolerance_mm": tolerance_mm,
                "random_seed": seed, "mean": summarise(rows), "random": summarise(rows, "random_"),
@@ -198,7 +201,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     from .heatmap import Explainer
 
     predictor = load(a.plugin, weights=a.weights)
-    explainer = Explainer(predictor, method=a.method, cam_layers=a.cam_layers)
+    explainer = Explainer(predictor, method=a.method, cam_layers=a.cam_layers, smooth_mm=a.smooth_mm)
     explainer.source = str(a.plugin)
     labels = [t.strip() for t in a.labels.split(",") if t.strip()] if a.labels else None
     if labels:

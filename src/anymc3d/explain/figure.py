@@ -36,7 +36,7 @@ def heatmap_figure(hm, label: str, path: str | Path, top_k: int = 6, mask: np.nd
     n_can = image.shape[axis]
     # "most weighted" = the slices carrying most of the heatmap (slice weight x that slice's map)
     mass = heat.sum(axis=tuple(a for a in range(3) if a != axis))
-    k = max(1, min(top_k, n_can))
+    k = max(1, min(top_k, n_can, int((mass > 0).sum()) or 1))
     picks = sorted(int(i) for i in np.argsort(-mass, kind="stable")[:k])
     cmask = None
     if mask is not None:
@@ -80,6 +80,7 @@ def heatmap_figure(hm, label: str, path: str | Path, top_k: int = 6, mask: np.nd
     ax.set_xlabel("slice index (model's slice stack)", fontsize=8)
     ax.set_ylabel("slice weight", fontsize=8)
     ax.tick_params(labelsize=7)
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.legend(fontsize=7, loc="upper right")
     p = hm.probabilities.get(label)
     fig.suptitle(f"{hm.id} — {label}" + (f" (p={p:.3f})" if p is not None else "") + f" — {hm.method}", fontsize=9)

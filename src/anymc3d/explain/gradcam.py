@@ -23,6 +23,8 @@ slice), far too coarse to point at a small lesion, hence the default
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -160,6 +162,29 @@ def combine(per_layer: list[np.ndarray], groups: list[list[int]], size: int) -> 
     return fine / fine.sum(dim=(1, 2), keepdim=True).clamp_min(1e-12) * total
 
 
+@contextlib.contextmanager
+def _gradients_from(model, first_layer: nn.Module):
+    """Backpropagate only from the logits down to ``first_layer``: every parameter is frozen for the
+    duration (no weight gradients) and ``first_layer``'s output becomes the root of the graph, so the
+    backward pass skips the stem (and, for a ViT, all blocks but the last)."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+
+    def start(_module, _inputs, out):
+        if isinstance(out, torch.Tensor) and not out.requires_grad:
+            out.requires_grad_(True)
+        return out
+
+    handle = first_layer.register_forward_hook(start)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
 def slice_cams(model, stream: str, slices: torch.Tensor, targets: list[tuple[int, float]], layers: str = "auto",
                chunk: int = 32) -> dict[tuple[int, float], torch.Tensor]:
     """Raw class activation maps of each slice's own logit -> {(output index, sign): (S, size, size)}.
@@ -173,15 +198,14 @@ def slice_cams(model, stream: str, slices: torch.Tensor, targets: list[tuple[int
     size = slices.shape[-1]
     targets = list(dict.fromkeys((int(i), float(sg)) for i, sg in targets))
     out: dict[tuple[int, float], list[torch.Tensor]] = {t: [] for t in targets}
-    cam = RawGradCAM(wrapper, mods, reshape_transform=reshape)
-    cam.kinds = kinds
-    cam.compute_input_gradient = True  # the backbone is frozen: gradients must flow from the input
-    try:
-        for i in range(0, slices.shape[0], chunk):
-            x = slices[i:i + chunk].float()
-            for t in targets:
-                out[t].append(combine(cam(x, [LogitTarget(*t)] * x.shape[0]), groups, size))
-    finally:
-        cam.activations_and_grads.release()
-        wrapper.zero_grad(set_to_none=True)
+    with _gradients_from(model, mods[0]):  # registered before pytorch-grad-cam's hooks, so it runs first
+        cam = RawGradCAM(wrapper, mods, reshape_transform=reshape)
+        cam.kinds = kinds
+        try:
+            for i in range(0, slices.shape[0], chunk):
+                x = slices[i:i + chunk].float()
+                for t in targets:
+                    out[t].append(combine(cam(x, [LogitTarget(*t)] * x.shape[0]), groups, size))
+        finally:
+            cam.activations_and_grads.release()
     return {t: torch.cat(v) for t, v in out.items()}

@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from ..data.cases import Case
 from ..errors import InputError
-from ..inputs import PreparedCase, prepare_case, slice_streams
+from ..inputs import prepare_case, slice_streams
 from ..io import read_volume, write_nifti
 from ..preprocess import PreprocessSpec, canonical_to_input, slices_to_canonical
 from ..preprocess.spatial import SpatialRecord, apply_spatial
@@ -101,7 +101,7 @@ def _to_reference(arr: np.ndarray, src: SpatialRecord, ref: SpatialRecord) -> np
 class Explainer:
     """Heatmaps for a loaded plugin (an ``AnyMC3D`` model or a ``Predictor``)."""
 
-    def __init__(self, model, method: str = "auto", cam_layers: str = "auto") -> None:
+    def __init__(self, model, method: str = "auto", cam_layers: str = "auto", smooth_mm: float = 0.0) -> None:
         model = getattr(model, "model", model)
         if method not in METHODS:
             raise InputError(f"heatmap method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -114,7 +114,21 @@ class Explainer:
         self.spec = model.spec
         self.method = method
         self.cam_layers = cam_layers
+        if smooth_mm < 0:
+            raise InputError(f"smoothing must be >= 0 mm, got {smooth_mm}")
+        self.smooth_mm = float(smooth_mm)
         self.specs = {k: PreprocessSpec.from_dict(v) for k, v in self.spec.preprocess.items()}
+
+    @property
+    def resolved_cam_layers(self) -> str | None:
+        """The Grad-CAM layers actually used (None for attention)."""
+        if self.method != "gradcam":
+            return None
+        if self.model.backbone.kind == "vit":
+            return "blocks[-1].norm1"
+        from .gradcam import DEFAULT_CNN_LAYERS
+
+        return DEFAULT_CNN_LAYERS if self.cam_layers == "auto" else self.cam_layers
 
     # ---- labels ------------------------------------------------------------------------------
     @property
@@ -210,6 +224,11 @@ class Explainer:
                 total = arr if total is None else total + arr
             total = np.clip(total, 0, None)
             heat = np.clip(canonical_to_input(total, rec_ref, order=1), 0, None).astype(np.float32)
+            if self.smooth_mm > 0:  # Gaussian, sigma in mm on the input grid (anisotropic spacing respected)
+                spacing = np.sqrt((np.asarray(rec_ref.input_affine)[:3, :3] ** 2).sum(axis=0))
+                heat = ndimage.gaussian_filter(heat, sigma=self.smooth_mm / spacing, mode="constant")
+                total = ndimage.gaussian_filter(total, sigma=self.smooth_mm / np.sqrt(
+                    (np.asarray(rec_ref.canonical_affine)[:3, :3] ** 2).sum(axis=0)), mode="constant")
             scale = float(heat.max())
             if scale > 0:
                 heat /= scale
@@ -295,4 +314,4 @@ def canonical_mask(mask: np.ndarray, record: SpatialRecord) -> np.ndarray:
     return apply_spatial(mask.astype(np.uint8), record, order=0) > 0
 
 
-__all__ = ["Explainer", "Heatmaps", "METHODS", "load_mask", "canonical_mask", "PreparedCase"]
+__all__ = ["Explainer", "Heatmaps", "METHODS", "load_mask", "canonical_mask"]

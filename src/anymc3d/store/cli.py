@@ -147,6 +147,8 @@ def cmd_predict_all(a: argparse.Namespace, images: list[str]) -> int:
     from ..predict import case_id_from, write_json
     from .multi import MultiPredictor
 
+    if getattr(a, "heatmaps", False):
+        raise InputError("predict: --heatmaps works with one PLUGIN, not with --plugins DIR (run `anymc3d explain` per task)")
     mp = MultiPredictor.from_store(a.plugins, weights=getattr(a, "weights", None))
     for s in mp.skipped:
         print(f"anymc3d: skipped plugin {s['name']}: {s['reason']}", file=sys.stderr)
