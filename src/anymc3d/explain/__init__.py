@@ -6,8 +6,29 @@ explain`` and ``anymc3d predict --heatmaps``. See docs/heatmaps.md.
 """
 from __future__ import annotations
 
-from .heatmap import METHODS, Explainer, Heatmaps, load_mask
-from .localization import SCORES, energy_in_mask, localization_scores, pointing_game, random_map, voxel_auroc
+
+# Exports load on first use, so `anymc3d --help` and other verbs do not import torch for this package.
+_EXPORTS = {
+    'METHODS': '.heatmap',
+    'Explainer': '.heatmap',
+    'Heatmaps': '.heatmap',
+    'load_mask': '.heatmap',
+    'SCORES': '.localization',
+    'energy_in_mask': '.localization',
+    'localization_scores': '.localization',
+    'pointing_game': '.localization',
+    'random_map': '.localization',
+    'voxel_auroc': '.localization',
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["METHODS", "SCORES", "Explainer", "Heatmaps", "energy_in_mask", "load_mask", "localization_scores",
            "pointing_game", "random_map", "voxel_auroc"]
