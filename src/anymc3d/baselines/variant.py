@@ -16,12 +16,11 @@ from typing import Callable
 
 from ..backbones import create_backbone
 from ..data import TaskData, load_data
-from ..evaluation import compute_metrics
 from ..inputs import prepare_case
 from ..io import atomic_write
 from ..plugins import LoraSpec, PluginSpec
-from ..training.run import PreprocessOptions, assign_splits, prepare_all, subsample, youden_threshold
-from ..training.trainer import Batcher, TrainConfig, fit, metric_scores, predict_prepared, seed_everything
+from ..training.run import PreprocessOptions, assign_splits, headline, prepare_all, score_splits, subsample
+from ..training.trainer import Batcher, TrainConfig, fit, seed_everything
 from .aggregators import AggregatorAnyMC3D
 from .cnn3d import Volume3DClassifier
 
@@ -50,35 +49,13 @@ def train_model(data, build: Callable, out: str | Path, config: TrainConfig | No
     prepared = {k: prepare_all(v, specs, k, cfg.progress) for k, v in splits.items()}
     summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out)
     batcher = Batcher(model, specs)
-    scores, timing = {}, {}
-    for split in ("val", "test"):
-        if prepared[split]:
-            t0 = time.time()
-            probs, _ = predict_prepared(model, batcher, prepared[split], cfg.batch_size)
-            timing[split] = (time.time() - t0) / len(prepared[split])
-            scores[split] = metric_scores(probs, task.task_type)
-    thr = 0.5
-    if task.task_type == "binary" and "val" in scores and threshold == "youden":
-        thr = youden_threshold(task.labels(splits["val"]), scores["val"])
-    elif isinstance(threshold, float):
-        thr = threshold
-    results = {}
-    for split, sc in scores.items():
-        y = task.labels(splits[split])
-        results[split] = compute_metrics(y, sc, task.task_type, task.label_names, threshold=thr)
-        results[split]["infer_s_per_volume"] = timing[split]
-        if thr != 0.5:
-            results[split]["acc_at_0.5"] = compute_metrics(y, sc, task.task_type, task.label_names, n_bootstrap=0)["acc"]
+    thr, results = score_splits(model, batcher, prepared, splits, task, cfg.batch_size, threshold)
     metrics = {"task": task.name, "task_type": task.task_type, "threshold": thr, "trainable_params": n_params,
                "train_wall_s": summary["train_wall_s"], "total_wall_s": round(time.time() - t_start, 2),
                "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"], "n_train": len(splits["train"]),
                "splits": {k: len(v) for k, v in splits.items()}, **results, "history": summary["history"],
                "config": summary["config"]}
-    top = "test" if "test" in results else "val"
-    if top in results:
-        r = results[top]
-        metrics.update(auc=r["auc"], acc=r["acc"], n=r["n"], split=top,
-                       **({"acc_at_0.5": r["acc_at_0.5"]} if "acc_at_0.5" in r else {}))
+    metrics.update(headline(results))
     with atomic_write(out / "metrics.json") as tmp:
         Path(tmp).write_text(json.dumps(metrics, indent=2, default=str))
     return metrics

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+from anymc3d._lazy import lazy_exports
+
 # Exports load on first use, so `anymc3d --help` and other verbs do not import torch for this package.
 _EXPORTS = {
     'DEFAULT_OPTIONS': '.methods',
@@ -18,13 +20,7 @@ _EXPORTS = {
     'materialise': '.suite',
 }
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = ["DEFAULT_OPTIONS", "METHODS", "Method", "Suite", "TaskEntry", "collect", "get_method", "load_suite",

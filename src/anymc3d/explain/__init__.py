@@ -7,6 +7,8 @@ explain`` and ``anymc3d predict --heatmaps``. See docs/heatmaps.md.
 from __future__ import annotations
 
 
+from anymc3d._lazy import lazy_exports
+
 # Exports load on first use, so `anymc3d --help` and other verbs do not import torch for this package.
 _EXPORTS = {
     'METHODS': '.heatmap',
@@ -21,13 +23,7 @@ _EXPORTS = {
     'voxel_auroc': '.localization',
 }
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = ["METHODS", "SCORES", "Explainer", "Heatmaps", "energy_in_mask", "load_mask", "localization_scores",

@@ -56,6 +56,42 @@ def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
     return float(np.clip((thr[best] + lo) / 2, 1e-6, 1 - 1e-6))
 
 
+def score_splits(model, batcher, prepared: dict, splits: dict, task: TaskData, batch_size: int,
+                 threshold: str | float = "youden") -> tuple[float, dict]:
+    """Predict the val/test splits, pick the decision threshold on val (Youden, binary) and compute
+    each split's metrics at it; ``acc_at_0.5`` keeps MedMNIST's ACC definition alongside."""
+    scores, timing = {}, {}
+    for split in ("val", "test"):
+        if prepared.get(split):
+            t0 = time.time()
+            probs, _ = predict_prepared(model, batcher, prepared[split], batch_size)
+            timing[split] = (time.time() - t0) / len(prepared[split])
+            scores[split] = metric_scores(probs, task.task_type)
+    thr = 0.5
+    if task.task_type == "binary" and "val" in scores and threshold == "youden":
+        thr = youden_threshold(task.labels(splits["val"]), scores["val"])
+    elif isinstance(threshold, float):
+        thr = threshold
+    results = {}
+    for split, sc in scores.items():
+        y = task.labels(splits[split])
+        results[split] = compute_metrics(y, sc, task.task_type, task.label_names, threshold=thr)
+        results[split]["infer_s_per_volume"] = timing[split]
+        if thr != 0.5:
+            results[split]["acc_at_0.5"] = compute_metrics(y, sc, task.task_type, task.label_names, n_bootstrap=0)["acc"]
+    return thr, results
+
+
+def headline(results: dict) -> dict:
+    """Top-level auc/acc/n of metrics.json: the test split when there is one, else validation."""
+    top = "test" if "test" in results else "val"
+    if top not in results:
+        return {}
+    r = results[top]
+    return {"auc": r["auc"], "acc": r["acc"], "n": r["n"], "split": top,
+            **({"acc_at_0.5": r["acc_at_0.5"]} if "acc_at_0.5" in r else {})}
+
+
 def _stratify(cases: list[Case], task_type: str):
     if task_type == "multilabel":
         return None
@@ -131,24 +167,7 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
     prepared = {k: prepare_all(v, specs, k, cfg.progress) for k, v in splits.items()}
     summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out, resume=resume)
     batcher = Batcher(model, specs, cache_trunk=cfg.cache_dir is not None, cache_dir=cfg.cache_dir)
-    scores, timing = {}, {}
-    for split in ("val", "test"):
-        if prepared[split]:
-            t0 = time.time()
-            probs, _ = predict_prepared(model, batcher, prepared[split], cfg.batch_size)
-            timing[split] = (time.time() - t0) / len(prepared[split])
-            scores[split] = metric_scores(probs, task.task_type)
-    if task.task_type == "binary" and "val" in scores and threshold == "youden":
-        spec.threshold = youden_threshold(task.labels(splits["val"]), scores["val"])
-    elif isinstance(threshold, float):
-        spec.threshold = threshold
-    results = {}
-    for split, sc in scores.items():
-        y = task.labels(splits[split])
-        results[split] = compute_metrics(y, sc, task.task_type, task.label_names, threshold=spec.threshold)
-        results[split]["infer_s_per_volume"] = timing[split]
-        if spec.threshold != 0.5:  # MedMNIST's ACC thresholds at 0.5: keep it for comparison with published numbers
-            results[split]["acc_at_0.5"] = compute_metrics(y, sc, task.task_type, task.label_names, n_bootstrap=0)["acc"]
+    spec.threshold, results = score_splits(model, batcher, prepared, splits, task, cfg.batch_size, threshold)
     spec.metrics = {s: {"auc": m["auc"], "acc": m["acc"], "n": m["n"]} for s, m in results.items()}
     spec.training = {"data": task.source, "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
                      "train_wall_s": summary["train_wall_s"], "config": summary["config"], "train_fraction": train_fraction,
@@ -163,13 +182,7 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
                "n_train_with_mask": sum(c.mask is not None for c in prepared["train"]),
                "n_train": len(splits["train"]), "splits": {k: len(v) for k, v in splits.items()}, **results,
                "history": summary["history"], "config": summary["config"]}
-    if "test" in results:
-        top = "test"
-    elif "val" in results:
-        top = "val"
-    if results:
-        r = results[top]
-        metrics.update(auc=r["auc"], acc=r["acc"], n=r["n"], split=top, **({"acc_at_0.5": r["acc_at_0.5"]} if "acc_at_0.5" in r else {}))
+    metrics.update(headline(results))
     with atomic_write(out / "metrics.json") as tmp:
         Path(tmp).write_text(json.dumps(metrics, indent=2))
     return metrics
