@@ -183,14 +183,22 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _expand_inputs(images: list[str], predictor) -> list[tuple[str, object]]:
-    """Files and DICOM folders as they are; a .csv is a manifest with the plugin's image columns."""
+def expand_inputs(images: list[str], inputs: list[str], strict: bool = True) -> list[tuple[str | None, object]]:
+    """Files and DICOM folders as they are; a .csv is a manifest giving one case per row.
+
+    ``strict``: the manifest must have every one of ``inputs`` as a column (one plugin); otherwise
+    the columns it has are used (a store of plugins with different inputs)."""
     from .data import load_manifest
 
     items = []
     for x in images:
         if x.endswith(".csv"):
-            task = load_manifest(x, image_columns=predictor.spec.inputs, require_labels=False)
+            cols = list(inputs)
+            if not strict:
+                with open(x, newline="") as fh:
+                    header = next(csv.reader(fh), [])
+                cols = [c for c in inputs if c in header] or None
+            task = load_manifest(x, image_columns=cols, require_labels=False)
             items += [(c.id, c) for c in task.cases]
         else:
             if not Path(x).exists():
@@ -208,7 +216,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from .predict import case_id_from, load, write_json
 
     predictor = load(a.plugin, weights=a.weights)
-    items = _expand_inputs(a.images, predictor)
+    items = expand_inputs(a.images, predictor.spec.inputs)
     # Predict everything first: a bad input fails before any output is written (no half-filled --out).
     rows = [predictor.predict(item, case_id=cid or case_id_from(item)) for cid, item in items]
     a.out.mkdir(parents=True, exist_ok=True)

@@ -123,22 +123,10 @@ def cmd_cache(a: argparse.Namespace) -> int:
 
 # ---- predict --plugins DIR ------------------------------------------------------------------------
 def _expand(images: list[str], inputs: list[str]) -> list[tuple[str | None, object]]:
-    """Files and DICOM folders as they are; a .csv manifest gives one case per row (its image columns)."""
-    from ..data import load_manifest
+    """Inputs of ``predict --plugins``: manifests use whichever of the store's image columns they have."""
+    from ..cli import expand_inputs
 
-    items = []
-    for x in images:
-        if x.endswith(".csv"):
-            with open(x, newline="") as fh:
-                header = next(csv.reader(fh), [])
-            cols = [c for c in inputs if c in header] or None
-            task = load_manifest(x, image_columns=cols, require_labels=False)
-            items += [(c.id, c) for c in task.cases]
-        else:
-            if not Path(x).exists():
-                raise InputError(f"{x}: file not found")
-            items.append((None, x))
-    return items
+    return expand_inputs(images, inputs, strict=False)
 
 
 def cmd_predict_all(a: argparse.Namespace, images: list[str]) -> int:
