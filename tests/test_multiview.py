@@ -14,14 +14,13 @@ from anymc3d.data import Case
 from anymc3d.errors import InputError
 from anymc3d.inputs import prepare_case
 from anymc3d.model import AnyMC3D
-from anymc3d.plugins import PluginSpec, save_plugin
+from anymc3d.plugins import PluginSpec
 from anymc3d.plugins.decoder import SegDecoder3D, dice_ce_loss
 from anymc3d.predict import Predictor
-from anymc3d.preprocess import PreprocessSpec
+from anymc3d.preprocess import PreprocessSpec, to_slices
 from anymc3d.synthetic import make_task, write_task
 from anymc3d.training.run import PreprocessOptions, train_plugin
 from anymc3d.training.trainer import TrainConfig
-from anymc3d.volume import Volume
 
 SIZE = 32
 
@@ -85,10 +84,8 @@ def test_missing_sequence_is_masked_out_of_fusion(backbone, tmp_path):
     assert "t2:axial" not in part["view_weights"]
     assert part["view_weights"]["t1:axial"] == pytest.approx(1.0)
     # the missing input contributes nothing: the result equals a t1-only fusion
-    slices = {"t1:axial": torch.stack([prepare_case(Case("c", {"t1": t1}), pred.specs) and
-                                       __import__("anymc3d").preprocess.to_slices(
-                                           prepare_case(Case("c", {"t1": t1}), pred.specs).arrays["t1"],
-                                           pred.specs["t1"], "axial")])}
+    t1_only = prepare_case(Case("c", {"t1": t1}), pred.specs)
+    slices = {"t1:axial": to_slices(t1_only.arrays["t1"], pred.specs["t1"], "axial")[None]}
     with torch.no_grad():
         alone = model(slices, present=torch.tensor([[True, False]]))
     p_alone = float(model.probabilities(alone.logits)[0, 0])
@@ -107,7 +104,7 @@ def test_seg_loss_only_on_cases_with_masks():
     assert torch.all(logits.grad[1] == 0)          # the case without a mask gets no gradient
     assert logits.grad[0].abs().sum() > 0
     sub = dice_ce_loss(logits.detach()[[0, 2]], target[[0, 2]], torch.tensor([True, True]))
-    assert float(loss) == pytest.approx(float(sub))
+    assert loss.item() == pytest.approx(sub.item())
     none = dice_ce_loss(logits, target, torch.tensor([False, False, False]))
     assert float(none) == 0.0
 

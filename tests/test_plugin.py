@@ -3,7 +3,6 @@ save/load round trip, fingerprint refusal and exact resume."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -18,7 +18,6 @@ from anymc3d.predict import Predictor
 from anymc3d.preprocess import PreprocessSpec
 from anymc3d.store import MultiPredictor, PluginStore
 from anymc3d.store.cache import ActivationCache, TrunkDiskCache
-from anymc3d.store.multi import pin_lora_targets
 from anymc3d.volume import Volume
 
 SIZE = 32
@@ -53,7 +52,6 @@ def plugin_dir(tmp_path_factory) -> dict[str, Path]:
     views), k=2 on another slice size, and a pooling-only one; plus one for another backbone."""
     out = tmp_path_factory.mktemp("plugins")
     bb = lite0()
-    pin_lora_targets(bb)
     paths = {
         "full": make_plugin(bb, out, "full", 1),
         "k1": make_plugin(bb, out, "k1", 2, last_k=1),

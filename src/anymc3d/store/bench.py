@@ -24,9 +24,9 @@ from ..model import AnyMC3D
 from ..plugins import LoraSpec, PluginSpec, save_plugin
 from ..preprocess import PreprocessSpec
 from ..volume import Volume
-from .multi import MultiPredictor, pin_lora_targets
+from .multi import MultiPredictor
 
-ADRENAL = Path("/work/shared/data/medmnist3d/adrenalmnist3d.npz")
+ADRENAL = Path("../shared/data/medmnist3d/adrenalmnist3d.npz")
 
 
 def volumes(n: int) -> list[Volume]:
@@ -39,7 +39,6 @@ def volumes(n: int) -> list[Volume]:
 
 def make_plugins(backbone: str, weights: str | None, size: int, last_k: int | None, n: int, out: Path) -> list[Path]:
     bb = create_backbone(backbone, weights=weights, input_size=size)
-    pin_lora_targets(bb)
     paths = []
     for i in range(n):
         spec = PluginSpec(task=f"t{i}", task_type="binary", label_names=["neg", "pos"], inputs=["image"],

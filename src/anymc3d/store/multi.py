@@ -87,27 +87,6 @@ class Attached:
         return f"trunk:{self.model.last_k}" if self.model.last_k is not None else "full"
 
 
-def pin_lora_targets(backbone: Backbone) -> None:
-    """Make ``backbone.lora_targets`` answer from the un-adapted network, so that plugins after the first
-    attach to the same modules. (Once peft has wrapped a layer, the backbone's module scan sees the
-    wrapper's inner ``base_layer``/``lora_A`` modules instead: a second plugin would get wrong targets.)"""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if getattr(backbone, "_pinned_lora_targets", None) is not None:
-        return
-    if any(isinstance(m, BaseTunerLayer) for m in backbone.model.modules()):
-        raise ValueError("pin_lora_targets() must run before any adapter is attached to the backbone")
-    n = len(backbone.block_names())
-    table = {k: list(backbone.lora_targets(k)) for k in [None, *range(1, n + 1)]}
-    original = backbone.lora_targets
-
-    def lora_targets(last_k: int | None = None) -> list[str]:
-        return list(table[last_k]) if last_k in table else original(last_k)
-
-    backbone._pinned_lora_targets = table
-    backbone.lora_targets = lora_targets  # instance attribute: shadows the method for this backbone only
-
-
 def _canon_key(spec: PreprocessSpec) -> str:
     return json.dumps({k: v for k, v in spec.to_dict().items() if k not in _SLICE_ONLY}, sort_keys=True)
 
@@ -159,8 +138,6 @@ class MultiPredictor:
                 compatible.append((name, path, spec))
         if backbone is None and compatible:
             backbone = create_backbone(target[0], weights=weights, input_size=compatible[0][2].input_size)
-        if backbone is not None:
-            pin_lora_targets(backbone)
         attached = []
         for i, (name, path, spec) in enumerate(compatible):
             if backbone.fingerprint != spec.backbone_fingerprint:
