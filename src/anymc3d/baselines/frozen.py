@@ -27,9 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.multiclass import OneVsRestClassifier
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -38,6 +35,7 @@ from ..evaluation import compute_metrics
 from ..inputs import prepare_case
 from ..io import atomic_write
 from ..plugins.pooling import TaskQueryPool
+from .linear_probe import fit_logistic_probe
 from ..preprocess import to_slices
 from ..training.losses import classification_loss
 from ..training.run import PreprocessOptions, assign_splits, subsample, youden_threshold
@@ -160,34 +158,17 @@ def linear_probe_from_cache(cache: FeatureCache, cs=(0.01, 0.03, 0.1, 0.3, 1.0, 
     y = {k: cache.labels(k) for k in cache.data}
     keep = _subsample_idx(cache, train_fraction, seed)
     f["train"], y["train"] = f["train"][keep], y["train"][keep]
-    scaler = StandardScaler().fit(f["train"])
-    f = {k: scaler.transform(v) for k, v in f.items()}
-
-    def fit(c):
-        lr = LogisticRegression(C=c, max_iter=5000)
-        clf = OneVsRestClassifier(lr) if task.task_type == "multilabel" else lr
-        return clf.fit(f["train"], y["train"])
-
-    def scores(clf, split):
-        return _scores(clf.predict_proba(f[split]), task.task_type)
-
-    best_c, best_auc = cs[0], -1.0
-    if "val" in f:
-        for c in cs:
-            auc = compute_metrics(y["val"], scores(fit(c), "val"), task.task_type, task.label_names, n_bootstrap=0)["auc"] or 0
-            if auc > best_auc:
-                best_c, best_auc = c, auc
-    clf = fit(best_c)
+    score, best_c, _ = fit_logistic_probe(f, y, task.task_type, task.label_names, cs)
     fit_s = time.time() - t0
     t1 = time.time()
-    test_scores = scores(clf, "test") if "test" in f else None
+    test_scores = score("test") if "test" in f else None
     head_s = (time.time() - t1) / max(1, len(f.get("test", [])))
     n_out = 1 if task.task_type == "binary" else len(task.label_names)
     extra = {"method_detail": f"mean pooling + logistic regression (C={best_c} chosen on val AUROC)", "C": best_c,
              "trainable_params": int((f["train"].shape[1] + 1) * n_out), "n_train": int(len(keep)),
              "train_s": cache.feature_secs("train") + cache.feature_secs("val") + fit_s, "fit_s": fit_s,
              "infer_s_per_volume": cache.per_volume_secs("test") + head_s}
-    return _finish(cache, scores(clf, "val") if "val" in f else None, test_scores, 0.5, extra)
+    return _finish(cache, score("val") if "val" in f else None, test_scores, 0.5, extra)
 
 
 def _subsample_idx(cache: FeatureCache, fraction: float, seed: int) -> np.ndarray:

@@ -40,6 +40,32 @@ def mean_pooled_features(backbone, cases, specs, views, progress=True, chunk=256
     return np.stack(feats)
 
 
+def fit_logistic_probe(feats: dict[str, np.ndarray], y: dict[str, np.ndarray], task_type: str,
+                       label_names: list[str], cs=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0)):
+    """Standardise on train, choose C by validation AUROC (first C when there is no val split),
+    refit; returns (split -> scores, C, validation AUROC)."""
+    scaler = StandardScaler().fit(feats["train"])
+    f = {k: scaler.transform(v) for k, v in feats.items()}
+
+    def fit(c):
+        lr = LogisticRegression(C=c, max_iter=5000)
+        clf = OneVsRestClassifier(lr) if task_type == "multilabel" else lr
+        return clf.fit(f["train"], y["train"])
+
+    def scores(clf, split):
+        p = clf.predict_proba(f[split])
+        return p[:, 1] if task_type == "binary" and p.ndim == 2 and p.shape[1] == 2 else p
+
+    best_c, best_auc = cs[0], -1.0
+    if "val" in f:
+        for c in cs:
+            auc = compute_metrics(y["val"], scores(fit(c), "val"), task_type, label_names, n_bootstrap=0)["auc"] or 0
+            if auc > best_auc:
+                best_c, best_auc = c, auc
+    clf = fit(best_c)
+    return (lambda split: scores(clf, split)), best_c, best_auc
+
+
 def run_linear_probe(data: str | Path, backbone: str = "efficientnet_lite0", out: str | Path = "probe",
                      views: tuple[str, ...] = ("axial",), size: int | None = None, weights: str | None = None,
                      seed: int = 0, cs=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0), progress: bool = True) -> dict:
@@ -52,29 +78,13 @@ def run_linear_probe(data: str | Path, backbone: str = "efficientnet_lite0", out
     feats = {k: mean_pooled_features(bb, v, specs, views, progress) for k, v in splits.items() if v}
     t_feat = time.time() - t0
     y = {k: task.labels(v) for k, v in splits.items() if v}
-    scaler = StandardScaler().fit(feats["train"])
-    f = {k: scaler.transform(v) for k, v in feats.items()}
-
-    def fit(c):
-        lr = LogisticRegression(C=c, max_iter=5000)
-        clf = OneVsRestClassifier(lr) if task.task_type == "multilabel" else lr
-        return clf.fit(f["train"], y["train"])
-
-    def scores(clf, split):
-        p = clf.predict_proba(f[split])
-        return p[:, 1] if task.task_type == "binary" else p
-
-    best_c, best_auc = cs[0], -1.0
-    for c in cs:
-        auc = compute_metrics(y["val"], scores(fit(c), "val"), task.task_type, task.label_names, n_bootstrap=0)["auc"] or 0
-        if auc > best_auc:
-            best_c, best_auc = c, auc
-    clf = fit(best_c)
+    score, best_c, best_auc = fit_logistic_probe(feats, y, task.task_type, task.label_names, cs)
+    f = feats
     res = {"method": "linear_probe", "backbone": backbone, "views": list(views), "size": bb.input_size, "C": best_c,
            "val_auc": best_auc, "feature_s": round(t_feat, 1), "total_s": round(time.time() - t0, 1),
            "trainable_params": int(np.prod(f["train"].shape[1:]) + 1) * (1 if task.task_type == "binary" else len(task.label_names))}
     if "test" in f:
-        m = compute_metrics(y["test"], scores(clf, "test"), task.task_type, task.label_names)
+        m = compute_metrics(y["test"], score("test"), task.task_type, task.label_names)
         res.update(auc=m["auc"], acc=m["acc"], n=m["n"], test=m)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
