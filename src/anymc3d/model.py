@@ -135,33 +135,45 @@ class AnyMC3D(nn.Module):
                 present: torch.Tensor | None = None, keep_patches: bool = False, from_trunk: bool = False) -> ModelOutput:
         """slices: stream -> (B, S, C, H, W) (or trunk activations with ``from_trunk``);
         slice_mask: stream -> (B, S) bool; present: (B, V) bool."""
-        pooled, sw, patches = [], {}, {}
-        batch = next(iter(slices.values())).shape[0]
+        embeddings, patches = {}, {}
         for s in self.streams:
             if s not in slices:
-                pooled.append(torch.zeros(batch, self.backbone.embed_dim))
-                sw[s] = torch.zeros(batch, 0)
                 continue
             x = slices[s]
             b, n = x.shape[:2]
             emb, pt = self.embed_slices(s, x.flatten(0, 1), keep_patches, from_trunk)
-            emb = emb.view(b, n, -1)
-            mask = slice_mask.get(s) if slice_mask else None
-            v, w = self.slice_pool[s.replace(":", "__")](emb, mask)
-            pooled.append(v)
-            sw[s] = w
+            embeddings[s] = emb.view(b, n, -1)
             if keep_patches:
                 patches[s] = pt.view(b, n, *pt.shape[1:])
+        out = self.pool_and_classify(embeddings, slice_mask, present)
+        out.patches = patches
+        return out
+
+    def pool_and_classify(self, embeddings: dict[str, torch.Tensor], slice_mask: dict[str, torch.Tensor] | None = None,
+                          present: torch.Tensor | None = None) -> ModelOutput:
+        """Everything after the backbone: slice embeddings (B, S, D) per stream -> task-query pooling,
+        view fusion (missing streams masked out) and head. Also used on cached embeddings."""
+        pooled, sw = [], {}
+        batch = next(iter(embeddings.values())).shape[0]
+        for s in self.streams:
+            if s not in embeddings:
+                pooled.append(torch.zeros(batch, self.backbone.embed_dim))
+                sw[s] = torch.zeros(batch, 0)
+                continue
+            mask = slice_mask.get(s) if slice_mask else None
+            v, w = self.slice_pool[s.replace(":", "__")](embeddings[s].float(), mask)
+            pooled.append(v)
+            sw[s] = w
         views = torch.stack(pooled, dim=1)  # (B, V, D)
         if present is None:
-            present = torch.tensor([[s in slices for s in self.streams]] * batch)
+            present = torch.tensor([[s in embeddings for s in self.streams]] * batch)
         if not bool(present.any(dim=1).all()):
             raise ValueError("every case needs at least one of the plugin's inputs")
         if len(self.streams) == 1:
             fused, vw = views[:, 0], torch.ones(batch, 1)
         else:
             fused, vw = self.view_pool(views, present)
-        return ModelOutput(self.head(fused), sw, vw, patches)
+        return ModelOutput(self.head(fused), sw, vw)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         if self.spec.task_type == "multiclass":

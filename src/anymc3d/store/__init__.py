@@ -7,7 +7,6 @@ _EXPORTS = {
     'ActivationCache': '.cache',
     'TrunkDiskCache': '.cache',
     'MultiPredictor': '.multi',
-    'forward_from_embeddings': '.multi',
     'PluginStore': '.store',
     'describe': '.store',
 }
@@ -15,4 +14,4 @@ _EXPORTS = {
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
-__all__ = ["ActivationCache", "MultiPredictor", "PluginStore", "TrunkDiskCache", "describe", "forward_from_embeddings"]
+__all__ = ["ActivationCache", "MultiPredictor", "PluginStore", "TrunkDiskCache", "describe"]

@@ -36,7 +36,7 @@ from ..data.cases import Case
 from ..errors import InputError
 from ..inputs import PreparedCase
 from ..io import read_volume
-from ..model import AnyMC3D, ModelOutput
+from ..model import AnyMC3D
 from ..plugins.file import load_plugin, read_spec
 from ..plugins.lora import activate
 from ..preprocess import PreprocessSpec, canonicalize, to_slices
@@ -44,32 +44,6 @@ from ..volume import Volume
 from .store import PluginStore
 
 _SLICE_ONLY = ("views", "size", "max_slices")  # spec fields used only when cutting slices
-
-
-def forward_from_embeddings(model: AnyMC3D, emb: dict[str, torch.Tensor], slice_mask: dict[str, torch.Tensor] | None = None,
-                            present: torch.Tensor | None = None) -> ModelOutput:
-    """``AnyMC3D.forward`` after the backbone: slice embeddings (B, S, D) per stream -> logits and weights."""
-    pooled, sw = [], {}
-    batch = next(iter(emb.values())).shape[0]
-    for s in model.streams:
-        if s not in emb:
-            pooled.append(torch.zeros(batch, model.backbone.embed_dim))
-            sw[s] = torch.zeros(batch, 0)
-            continue
-        mask = slice_mask.get(s) if slice_mask else None
-        v, w = model.slice_pool[s.replace(":", "__")](emb[s].float(), mask)
-        pooled.append(v)
-        sw[s] = w
-    views = torch.stack(pooled, dim=1)
-    if present is None:
-        present = torch.tensor([[s in emb for s in model.streams]] * batch)
-    if not bool(present.any(dim=1).all()):
-        raise ValueError("every case needs at least one of the plugin's inputs")
-    if len(model.streams) == 1:
-        fused, vw = views[:, 0], torch.ones(batch, 1)
-    else:
-        fused, vw = model.view_pool(views, present)
-    return ModelOutput(model.head(fused), sw, vw, {})
 
 
 @dataclass
@@ -247,7 +221,7 @@ class MultiPredictor:
             streams = a.model.streams
             present = torch.tensor([[s in emb for s in streams]])
             masks = {s: torch.ones(1, e.shape[0], dtype=torch.bool) for s, e in emb.items()}
-            out = forward_from_embeddings(a.model, {s: e[None] for s, e in emb.items()}, masks, present)
+            out = a.model.pool_and_classify({s: e[None] for s, e in emb.items()}, masks, present)
             probs = a.model.probabilities(out.logits).float().numpy()[0]
             outd = {"slice_weights": {s: w[0].tolist() for s, w in out.slice_weights.items() if s in emb},
                     "view_weights": {s: float(out.view_weights[0, k]) for k, s in enumerate(streams)},

@@ -116,8 +116,7 @@ class Batcher:
     def forward(self, slices, masks, present, from_trunk: bool = False, **kw):
         """``model(...)`` on a batch from ``batch``; cached class embeddings of a pooling-only plugin skip the backbone."""
         if from_trunk and self.model.last_k is None:
-            from ..store.multi import forward_from_embeddings
-            return forward_from_embeddings(self.model, slices, masks, present)
+            return self.model.pool_and_classify(slices, masks, present)
         return self.model(slices, masks, present, from_trunk=from_trunk, **kw)
 
     def _augment(self, case: PreparedCase, seed: int) -> dict[str, torch.Tensor]:
