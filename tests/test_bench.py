@@ -97,6 +97,23 @@ def test_cli_restricts_methods_and_tasks(tiny, capsys):
     assert "0 ran, 1 already done" in capsys.readouterr().out
 
 
+def test_shared_trunk_plugin_fills_the_trunk_cache(tiny, tmp_path):
+    """plugin_lastk1 without augmentation keeps its frozen trunk activations in DIR/cache/trunk, and a
+    second seed reads them back instead of recomputing (same entries, no new ones)."""
+    suite, _, _ = tiny
+    out = tmp_path / "o"
+    opts = {**OPTS, "epochs": 1, "augment": False, "patience": 1}
+    s = run_bench(suite, ["plugin_lastk1"], 1, out, options=opts, progress=False, verbose=False)
+    assert s["ran"] == 1 and s["failed"] == 0
+    entries = sorted((out / "cache" / "trunk").rglob("*.safetensors"))
+    assert len(entries) == 16 + 6 + 8  # one per case (train, val, test), axial stream
+    mtimes = [e.stat().st_mtime_ns for e in entries]
+    s = run_bench(suite, ["plugin_lastk1"], 2, out, options=opts, progress=False, verbose=False)
+    assert s["ran"] == 1 and s["skipped"] == 1
+    again = sorted((out / "cache" / "trunk").rglob("*.safetensors"))
+    assert again == entries and [e.stat().st_mtime_ns for e in again] == mtimes
+
+
 def write_yaml(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)

@@ -39,6 +39,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "head_epochs": 100,      # frozen-feature heads (cached methods)
     "cnn_lr": 1e-3,
     "cnn_batch_size": 16,
+    "trunk_cache": None,     # plugin methods: disk cache of frozen trunk activations (None: DIR/cache/trunk)
 }
 
 # which general options change a method's result (the cell fingerprint uses only these)
@@ -88,9 +89,13 @@ def _train_config(o: dict, seed: int, cnn: bool = False):
         return TrainConfig(epochs=int(o["epochs"]), batch_size=int(o["cnn_batch_size"]), seed=seed, loss=o["loss"],
                            lr_head=float(o["cnn_lr"]), wd_head=1e-4, patience=int(o["patience"]),
                            augment=bool(o["augment"]), amp=False, progress=bool(o.get("progress", False)), **extra)
+    # the trunk cache only holds what the frozen part computes anyway (same bf16 tensors as the in-memory
+    # cache), so it does not change a result and is not part of the cell fingerprint
+    cache = o.get("trunk_cache") or (str(Path(o["cache_dir"]) / "trunk") if o.get("cache_dir") else None)
     return TrainConfig(epochs=int(o["epochs"]), batch_size=int(o["batch_size"]), seed=seed, loss=o["loss"],
                        lr_lora=float(o["lr_lora"]), lr_head=float(o["lr_head"]), patience=int(o["patience"]),
-                       augment=bool(o["augment"]), amp=bool(o["amp"]), progress=bool(o.get("progress", False)))
+                       augment=bool(o["augment"]), amp=bool(o["amp"]), progress=bool(o.get("progress", False)),
+                       cache_dir=cache)
 
 
 def normalise(m: dict, **extra) -> dict:
