@@ -205,6 +205,8 @@ register_method("plugin_3view", m_plugin, "plugin", "plugin, three views (per-vi
 register_method("plugin_r4", m_plugin, "plugin", "plugin, LoRA r=4", r=4, alpha=8.0)
 register_method("plugin_r16", m_plugin, "plugin", "plugin, LoRA r=16", r=16, alpha=32.0)
 register_method("plugin_lastk1", m_plugin, "plugin", "plugin, LoRA r=8 on the last stage + conv_head only", last_k=1)
+register_method("plugin_lastk2", m_plugin, "plugin", "plugin, LoRA r=8 on the last 2 stages (shared trunk k=2)", last_k=2)
+register_method("plugin_lastk4", m_plugin, "plugin", "plugin, LoRA r=8 on the last 4 stages (shared trunk k=4)", last_k=4)
 register_method("plugin_lastk1_3view", m_plugin, "plugin", "plugin_lastk1, three views", last_k=1, views=THREE)
 register_method("plugin_frac20", m_plugin, "plugin", "plugin on 20 % of the training set", train_fraction=0.2)
 register_method("plugin_frac50", m_plugin, "plugin", "plugin on 50 % of the training set", train_fraction=0.5)
