@@ -151,6 +151,9 @@ def reference(store) -> dict:
 def test_predict_all_equals_per_plugin(store, reference, shared, monkeypatch):
     from anymc3d.backbones.efficientnet import EfficientNetLite
 
+    import anymc3d.training.run as run_mod
+
+    monkeypatch.setattr(run_mod, "COLD_TIMING_VOLUMES", 0)  # the cold inference timing runs the trunk on purpose
     calls = []
     orig = EfficientNetLite.forward_trunk
     monkeypatch.setattr(EfficientNetLite, "forward_trunk",
@@ -268,6 +271,9 @@ def test_training_reuses_the_disk_cache(binary_manifest, tmp_path, monkeypatch):
     from anymc3d.training.run import PreprocessOptions, train_plugin
     from anymc3d.training.trainer import TrainConfig
 
+    import anymc3d.training.run as run_mod
+
+    monkeypatch.setattr(run_mod, "COLD_TIMING_VOLUMES", 0)  # the cold inference timing runs the trunk on purpose
     calls = []
     orig = EfficientNetLite.forward_trunk
     monkeypatch.setattr(EfficientNetLite, "forward_trunk", lambda self, x, k: calls.append(k) or orig(self, x, k))
@@ -289,3 +295,23 @@ def test_training_reuses_the_disk_cache(binary_manifest, tmp_path, monkeypatch):
     assert len(ActivationCache(cache).entries()) == n_entries + 16 and m0["auc"] is not None
     run(1, "frozen2", r=0, last_k=None)
     assert len(ActivationCache(cache).entries()) == n_entries + 16
+
+
+def test_cached_training_times_a_cold_prediction(binary_manifest, tmp_path, monkeypatch):
+    """With a trunk cache, the reported test inference time comes from a prediction that runs the trunk."""
+    from anymc3d.backbones.efficientnet import EfficientNetLite
+    from anymc3d.training.run import PreprocessOptions, train_plugin
+    from anymc3d.training.trainer import TrainConfig
+
+    cfg = TrainConfig(epochs=1, batch_size=4, augment=False, progress=False, cache_dir=str(tmp_path / "cache"))
+    args = dict(weights="random", preprocess=PreprocessOptions(size=SIZE), lora=LoraSpec(r=4, last_k=1), config=cfg,
+                log=lambda *a, **k: None)
+    train_plugin(binary_manifest, "efficientnet_lite0", tmp_path / "a", **args)  # fills the cache
+    calls = []
+    orig = EfficientNetLite.forward_trunk
+    monkeypatch.setattr(EfficientNetLite, "forward_trunk", lambda self, x, k: calls.append(x.shape[0]) or orig(self, x, k))
+    m = train_plugin(binary_manifest, "efficientnet_lite0", tmp_path / "b", **args)
+    n_test = m["test"]["n"]
+    assert sum(calls) > 0 and m["test"]["infer_s_per_volume"] > 0
+    # only the timing pass ran the trunk: the test volumes' slices, nothing from train/val
+    assert len(calls) == -(-min(n_test, 16) // 4)
