@@ -208,6 +208,18 @@ register_method("plugin_lastk1", m_plugin, "plugin", "plugin, LoRA r=8 on the la
 register_method("plugin_lastk2", m_plugin, "plugin", "plugin, LoRA r=8 on the last 2 stages (shared trunk k=2)", last_k=2)
 register_method("plugin_lastk4", m_plugin, "plugin", "plugin, LoRA r=8 on the last 4 stages (shared trunk k=4)", last_k=4)
 register_method("plugin_lastk1_3view", m_plugin, "plugin", "plugin_lastk1, three views", last_k=1, views=THREE)
+# the same ablations on the shared-trunk plugin: with --set augment=false and a warm trunk cache they
+# train in minutes on a CPU, where the full-depth ones take hours
+register_method("plugin_lastk1_frac20", m_plugin, "plugin", "plugin_lastk1 on 20 % of the training set", last_k=1,
+                train_fraction=0.2)
+register_method("plugin_lastk1_3view_frac20", m_plugin, "plugin", "plugin_lastk1_3view on 20 % of the training set",
+                last_k=1, views=THREE, train_fraction=0.2)
+register_method("plugin_lastk1_r4", m_plugin, "plugin", "plugin_lastk1 with LoRA r=4", last_k=1, r=4, alpha=8.0)
+register_method("plugin_lastk1_r16", m_plugin, "plugin", "plugin_lastk1 with LoRA r=16", last_k=1, r=16, alpha=32.0)
+register_method("plugin_lastk1_mean", m_plugin, "plugin", "plugin_lastk1 with mean slice pooling", last_k=1,
+                pooling="mean")
+register_method("plugin_lastk1_max", m_plugin, "plugin", "plugin_lastk1 with max slice pooling", last_k=1,
+                pooling="max")
 register_method("plugin_frac20", m_plugin, "plugin", "plugin on 20 % of the training set", train_fraction=0.2)
 register_method("plugin_frac50", m_plugin, "plugin", "plugin on 50 % of the training set", train_fraction=0.5)
 register_method("plugin_mean", m_plugin, "plugin", "plugin with mean slice pooling instead of the task query",
