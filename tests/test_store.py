@@ -151,9 +151,6 @@ def reference(store) -> dict:
 def test_predict_all_equals_per_plugin(store, reference, shared, monkeypatch):
     from anymc3d.backbones.efficientnet import EfficientNetLite
 
-    import anymc3d.training.run as run_mod
-
-    monkeypatch.setattr(run_mod, "COLD_TIMING_VOLUMES", 0)  # the cold inference timing runs the trunk on purpose
     calls = []
     orig = EfficientNetLite.forward_trunk
     monkeypatch.setattr(EfficientNetLite, "forward_trunk",
