@@ -50,6 +50,11 @@ def experiments(seeds, groups=GROUPS):
                        "columns": ["image"], "views": ["axial"], "mask_fraction": frac}
 
 
+def _sd(a: np.ndarray) -> float:
+    """Sample standard deviation over seeds (ddof=1, as anymc3d bench); NaN for one seed."""
+    return float(a.std(ddof=1)) if len(a) > 1 else float("nan")
+
+
 def make_data(e: dict, root: Path) -> Path:
     knobs, n, splits = {"size": VOL}, CASES, (0.6, 0.2, 0.2)
     if e["group"] == MASK_GROUP:
@@ -120,7 +125,7 @@ def main() -> None:
         rs = [r for r in rows if r["group"] == g and r["variant"] == v]
         auc = np.array([r["auc"] for r in rs], dtype=float)
         acc = np.array([r["acc"] for r in rs], dtype=float)
-        lines.append(f"| {g} | {v} | {auc.mean():.3f} ± {auc.std():.3f} | {acc.mean():.3f} ± {acc.std():.3f} | {len(rs)} | "
+        lines.append(f"| {g} | {v} | {auc.mean():.3f} ± {_sd(auc):.3f} | {acc.mean():.3f} ± {_sd(acc):.3f} | {len(rs)} | "
                      f"{np.mean([r['s_per_epoch'] for r in rs]):.1f} | {rs[0]['trainable_params']:,} |")
     (a.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
