@@ -26,7 +26,10 @@ VOL, SLICE, CASES, EPOCHS = 24, 32, 100, 8
 # where a 2-3 voxel lesion was at chance); 60 training cases (low data), 20 val, 80 test (tighter AUC)
 MASK_CASES, MASK_SPLITS, MASK_SLICE = 160, (0.375, 0.125, 0.5), 64
 MASK_GROUP = "masks (lesion_binary r=3, 60 training cases, 80 test)"
-GROUPS = ("sequences", "views", "masks", "masks_faint")
+# the same task with more labels: 200 training cases, masks on none or all of them
+LARGE_CASES, LARGE_SPLITS = 300, (0.667, 0.067, 0.267)
+LARGE_GROUP = "masks (lesion_binary r=3, 200 training cases, 80 test)"
+GROUPS = ("sequences", "views", "masks", "masks_large", "masks_faint")
 
 
 def experiments(seeds, groups=GROUPS):
@@ -44,6 +47,10 @@ def experiments(seeds, groups=GROUPS):
                 yield {"group": MASK_GROUP, "task": "lesion_binary", "variant": f"masks {int(frac * 100)}%"
                        if frac else "no aux loss", "seed": seed, "columns": ["image"], "views": ["axial"],
                        "mask_fraction": frac, "slice": MASK_SLICE}
+            if "masks_large" in groups and frac in (0.0, 1.0):
+                yield {"group": LARGE_GROUP, "task": "lesion_binary", "variant": f"masks {int(frac * 100)}%"
+                       if frac else "no aux loss", "seed": seed, "columns": ["image"], "views": ["axial"],
+                       "mask_fraction": frac, "slice": MASK_SLICE}
             if "masks_faint" in groups:  # the first, inconclusive setting (2-voxel faint lesion, at chance)
                 yield {"group": "masks (lesion_binary, small/faint lesion, 60 training cases)", "task": "lesion_binary",
                        "variant": f"masks {int(frac * 100)}%" if frac else "no aux loss", "seed": seed,
@@ -57,13 +64,13 @@ def _sd(a: np.ndarray) -> float:
 
 def make_data(e: dict, root: Path) -> Path:
     knobs, n, splits = {"size": VOL}, CASES, (0.6, 0.2, 0.2)
-    if e["group"] == MASK_GROUP:
+    if e["group"] in (MASK_GROUP, LARGE_GROUP):
         knobs.update(lesion_radius=3.0, noise=10.0)
-        n, splits = MASK_CASES, MASK_SPLITS
+        n, splits = (MASK_CASES, MASK_SPLITS) if e["group"] == MASK_GROUP else (LARGE_CASES, LARGE_SPLITS)
     elif e["task"] == "lesion_binary":
         knobs.update(lesion_radius=2.0, noise=20.0)
     ds = make_task(e["task"], n, seed=e["seed"], **knobs)
-    tag = "r3" if e["group"] == MASK_GROUP else ""
+    tag = {MASK_GROUP: "r3", LARGE_GROUP: "r3n300"}.get(e["group"], "")
     d = root / f"{e['task']}{tag}_s{e['seed']}_m{e['mask_fraction']}"
     manifest = write_task(ds, d, splits=splits, seed=e["seed"])
     rows = list(csv.DictReader(open(manifest)))
