@@ -22,14 +22,24 @@ from anymc3d.training.run import PreprocessOptions, train_plugin
 from anymc3d.training.trainer import TrainConfig
 
 VOL, SLICE, CASES, EPOCHS = 24, 32, 100, 8
-# mask study: a 3-voxel lesion at the default noise, 64^2 slices (lite0's stride-32 map is 1 x 1 at 32^2,
-# where a 2-3 voxel lesion was at chance); 60 training cases (low data), 20 val, 80 test (tighter AUC)
-MASK_CASES, MASK_SPLITS, MASK_SLICE = 160, (0.375, 0.125, 0.5), 64
-MASK_GROUP = "masks (lesion_binary r=3, 60 training cases, 80 test)"
-# the same task with more labels: 200 training cases, masks on none or all of them
-LARGE_CASES, LARGE_SPLITS = 300, (0.667, 0.067, 0.267)
-LARGE_GROUP = "masks (lesion_binary r=3, 200 training cases, 80 test)"
-GROUPS = ("sequences", "views", "masks", "masks_large", "masks_faint")
+# Mask studies, one per --groups name: the rows' group label, the phantoms (cases, train/val/test split,
+# lesion knobs), the slice size, which fractions of training cases keep their mask, the data-folder tag.
+MASK_STUDIES = {
+    # a 3-voxel lesion at the default noise and 64^2 slices (lite0's stride-32 map is 1 x 1 at 32^2, where
+    # a 2-3 voxel lesion was at chance); 60 training cases (low data), 20 val, 80 test (tighter AUC)
+    "masks": {"group": "masks (lesion_binary r=3, 60 training cases, 80 test)", "cases": 160,
+              "splits": (0.375, 0.125, 0.5), "knobs": {"lesion_radius": 3.0, "noise": 10.0}, "slice": 64,
+              "fractions": (0.0, 0.1, 0.25, 1.0), "tag": "r3"},
+    # the same task with more labels: 200 training cases, masks on none or all of them
+    "masks_large": {"group": "masks (lesion_binary r=3, 200 training cases, 80 test)", "cases": 300,
+                    "splits": (0.667, 0.067, 0.267), "knobs": {"lesion_radius": 3.0, "noise": 10.0}, "slice": 64,
+                    "fractions": (0.0, 1.0), "tag": "r3n300"},
+    # the first, inconclusive setting: a faint 2-voxel lesion at 32^2 slices (at chance with or without masks)
+    "masks_faint": {"group": "masks (lesion_binary, small/faint lesion, 60 training cases)", "cases": CASES,
+                    "splits": (0.6, 0.2, 0.2), "knobs": {"lesion_radius": 2.0, "noise": 20.0}, "slice": SLICE,
+                    "fractions": (0.0, 0.1, 0.25, 1.0), "tag": ""},
+}
+GROUPS = ("sequences", "views", *MASK_STUDIES)
 
 
 def experiments(seeds, groups=GROUPS):
@@ -42,19 +52,12 @@ def experiments(seeds, groups=GROUPS):
             if "views" in groups:
                 yield {"group": "views (elongated)", "task": "elongated", "variant": "+".join(views), "seed": seed,
                        "columns": ["image"], "views": views, "mask_fraction": 0.0}
-        for frac in (0.0, 0.1, 0.25, 1.0):
-            if "masks" in groups:
-                yield {"group": MASK_GROUP, "task": "lesion_binary", "variant": f"masks {int(frac * 100)}%"
-                       if frac else "no aux loss", "seed": seed, "columns": ["image"], "views": ["axial"],
-                       "mask_fraction": frac, "slice": MASK_SLICE}
-            if "masks_large" in groups and frac in (0.0, 1.0):
-                yield {"group": LARGE_GROUP, "task": "lesion_binary", "variant": f"masks {int(frac * 100)}%"
-                       if frac else "no aux loss", "seed": seed, "columns": ["image"], "views": ["axial"],
-                       "mask_fraction": frac, "slice": MASK_SLICE}
-            if "masks_faint" in groups:  # the first, inconclusive setting (2-voxel faint lesion, at chance)
-                yield {"group": "masks (lesion_binary, small/faint lesion, 60 training cases)", "task": "lesion_binary",
-                       "variant": f"masks {int(frac * 100)}%" if frac else "no aux loss", "seed": seed,
-                       "columns": ["image"], "views": ["axial"], "mask_fraction": frac}
+        for study, st in MASK_STUDIES.items():
+            if study in groups:
+                for frac in st["fractions"]:
+                    yield {"group": st["group"], "study": study, "task": "lesion_binary",
+                           "variant": f"masks {int(frac * 100)}%" if frac else "no aux loss", "seed": seed,
+                           "columns": ["image"], "views": ["axial"], "mask_fraction": frac, "slice": st["slice"]}
 
 
 def _sd(a: np.ndarray) -> float:
@@ -63,14 +66,12 @@ def _sd(a: np.ndarray) -> float:
 
 
 def make_data(e: dict, root: Path) -> Path:
-    knobs, n, splits = {"size": VOL}, CASES, (0.6, 0.2, 0.2)
-    if e["group"] in (MASK_GROUP, LARGE_GROUP):
-        knobs.update(lesion_radius=3.0, noise=10.0)
-        n, splits = (MASK_CASES, MASK_SPLITS) if e["group"] == MASK_GROUP else (LARGE_CASES, LARGE_SPLITS)
-    elif e["task"] == "lesion_binary":
-        knobs.update(lesion_radius=2.0, noise=20.0)
+    knobs, n, splits, tag = {"size": VOL}, CASES, (0.6, 0.2, 0.2), ""
+    if "study" in e:
+        st = MASK_STUDIES[e["study"]]
+        knobs.update(st["knobs"])
+        n, splits, tag = st["cases"], st["splits"], st["tag"]
     ds = make_task(e["task"], n, seed=e["seed"], **knobs)
-    tag = {MASK_GROUP: "r3", LARGE_GROUP: "r3n300"}.get(e["group"], "")
     d = root / f"{e['task']}{tag}_s{e['seed']}_m{e['mask_fraction']}"
     manifest = write_task(ds, d, splits=splits, seed=e["seed"])
     rows = list(csv.DictReader(open(manifest)))

@@ -70,7 +70,7 @@ def score_splits(model, batcher, prepared: dict, splits: dict, task: TaskData, b
             t0 = time.time()
             probs, _ = predict_prepared(model, batcher, prepared[split], batch_size)
             timing[split] = (time.time() - t0) / len(prepared[split])
-            if split == "test" and COLD_TIMING_VOLUMES and getattr(batcher, "cache_trunk", False):
+            if split == "test" and COLD_TIMING_VOLUMES and batcher.cache_trunk:
                 # with cached trunk activations that pass was mostly a cache read; report what a new
                 # volume costs instead: a cold prediction (whole backbone) of a few test volumes
                 sample = prepared[split][:COLD_TIMING_VOLUMES]
