@@ -114,6 +114,24 @@ def test_shared_trunk_plugin_fills_the_trunk_cache(tiny, tmp_path):
     assert again == entries and [e.stat().st_mtime_ns for e in again] == mtimes
 
 
+def test_method_fixed_size_overrides_the_run_option(tmp_path):
+    """A method registered with ``size=...`` runs at that size whatever --size says, and its fingerprint
+    carries it, so rows at two slice sizes can share one bench folder."""
+    from anymc3d.bench.methods import METHODS, register_method
+    from anymc3d.bench.runner import fingerprint
+
+    seen = []
+    m = register_method("_size_probe", lambda task, out, seed, o, views=("axial",): seen.append((o["size"], views)),
+                        "plugin", "test only", size=48, views=("coronal",))
+    METHODS.pop("_size_probe")  # keep the registry as users see it
+    m.run(None, tmp_path, 0, {"size": 32, "epochs": 1})
+    assert seen == [(48, ("coronal",))]
+    assert m.relevant_options({"size": 32})["size"] == 48
+    entry = load_suite(f"medmnist3d:{fake_medmnist(tmp_path / 'a.npz')}").tasks[0]
+    assert fingerprint("plugin_lastk1_s112", {"size": 32}, entry) == fingerprint("plugin_lastk1_s112", {"size": 64}, entry)
+    assert fingerprint("plugin_lastk1", {"size": 32}, entry) != fingerprint("plugin_lastk1", {"size": 64}, entry)
+
+
 def write_yaml(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)

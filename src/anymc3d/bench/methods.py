@@ -63,12 +63,21 @@ class Method:
         keys = _USES.get(self.kind, tuple(options))
         return {**{k: options.get(k) for k in keys}, **self.fixed}
 
+    def run(self, task, out: Path, seed: int, options: dict) -> dict:
+        """Call ``fn``: fixed values that name a general option (e.g. ``size``) override it, the rest are kwargs."""
+        overrides = {k: v for k, v in self.fixed.items() if k in DEFAULT_OPTIONS}
+        kwargs = {k: v for k, v in self.fixed.items() if k not in DEFAULT_OPTIONS}
+        return self.fn(task, out, seed, {**options, **overrides}, **kwargs)
+
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, fn: Callable[..., dict], kind: str, description: str, **fixed) -> Method:
-    """``fn(task, out_dir, seed, options, **fixed) -> metrics``; ``kind`` in cached | plugin | cnn3d | other."""
+    """``fn(task, out_dir, seed, options, **fixed) -> metrics``; ``kind`` in cached | plugin | cnn3d | other.
+
+    A fixed value whose name is a general option (``size=112``) replaces that option for this method only, so
+    one bench run can hold rows at several slice sizes."""
     m = Method(name, fn, kind, description, fixed)
     METHODS[name] = m
     return m
@@ -210,6 +219,10 @@ register_method("plugin_lastk4", m_plugin, "plugin", "plugin, LoRA r=8 on the la
 register_method("plugin_lastk1_3view", m_plugin, "plugin", "plugin_lastk1, three views", last_k=1, views=THREE)
 # the same ablations on the shared-trunk plugin: with --set augment=false and a warm trunk cache they
 # train in minutes on a CPU, where the full-depth ones take hours
+# the same shared-trunk plugin on 112-pixel slices (DESIGN.md's probe reference used 112²): 4x4 final maps
+register_method("plugin_lastk1_s112", m_plugin, "plugin", "plugin_lastk1 on 112-pixel slices", last_k=1, size=112)
+register_method("plugin_lastk1_3view_s112", m_plugin, "plugin", "plugin_lastk1_3view on 112-pixel slices", last_k=1,
+                views=THREE, size=112)
 register_method("plugin_lastk1_frac20", m_plugin, "plugin", "plugin_lastk1 on 20 % of the training set", last_k=1,
                 train_fraction=0.2)
 register_method("plugin_lastk1_3view_frac20", m_plugin, "plugin", "plugin_lastk1_3view on 20 % of the training set",
@@ -231,6 +244,8 @@ register_method("query_only", m_plugin, "plugin", "frozen backbone + task query 
 register_method("query_only_3view", m_plugin, "plugin", "query_only, three views", r=0, views=THREE)
 register_method("linear_probe", m_linear_probe, "cached", "frozen backbone + mean pooling + logistic regression, axial")
 register_method("linear_probe_3view", m_linear_probe, "cached", "linear probe, three views concatenated", views=THREE)
+register_method("linear_probe_3view_s112", m_linear_probe, "cached", "linear_probe_3view on 112-pixel slices",
+                views=THREE, size=112)
 register_method("linear_probe_frac20", m_linear_probe, "cached", "linear probe on 20 % of the training set",
                 train_fraction=0.2)
 register_method("frozen_mean", m_frozen_pool, "cached", "frozen features + mean pooling + linear head (focal loss)",

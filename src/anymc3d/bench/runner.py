@@ -176,7 +176,7 @@ def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str
                 work = out / "runs" / entry.name / method / f"s{seed}"
                 work.mkdir(parents=True, exist_ok=True)
                 m = get_method(method)
-                res = m.fn(task, work, seed, run_opts, **m.fixed)
+                res = m.run(task, work, seed, run_opts)
                 cell.update(status="ok", result=res, task_type=task.task_type)
                 done += 1
                 ui.log(f"   {entry.name} / {method} / seed {seed}: AUC {_f(res.get('auc'))}  ACC {_f(res.get('acc'))}  "
