@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anymc3d.plugins import LoraSpec
 from anymc3d.synthetic import make_task, write_task
 from anymc3d.training.run import PreprocessOptions, train_plugin
 from anymc3d.training.trainer import TrainConfig
@@ -39,7 +40,21 @@ MASK_STUDIES = {
                     "splits": (0.6, 0.2, 0.2), "knobs": {"lesion_radius": 2.0, "noise": 20.0}, "slice": SLICE,
                     "fractions": (0.0, 0.1, 0.25, 1.0), "tag": ""},
 }
-GROUPS = ("sequences", "views", *MASK_STUDIES)
+# Fusion studies at a less noisy setting than the first sequences/views groups (20 test cases, 32^2 slices,
+# where lite0's final map is 1 x 1): 64^2 slices, 160 cases split 60 / 20 / 80 (80 test cases), and the
+# shared-trunk plugin (LoRA on the last stage, no augmentation, trunk activations cached in OUT/cache) so
+# that 3 seeds x 5 variants train in minutes on a CPU.
+FUSION_STUDIES = {
+    "sequences_large": {"group": "sequences (t2_only, 64², 60 train / 80 test, LoRA last stage)", "task": "t2_only",
+                        "variants": [(["t1"], ["axial"], "t1 only"), (["t2"], ["axial"], "t2 only"),
+                                     (["t1", "t2"], ["axial"], "t1+t2 fused")]},
+    "views_large": {"group": "views (elongated, 64², 60 train / 80 test, LoRA last stage)", "task": "elongated",
+                    "variants": [(["image"], ["axial"], "axial"),
+                                 (["image"], ["axial", "coronal", "sagittal"], "axial+coronal+sagittal")]},
+}
+FUSION_DATA = {"cases": 160, "splits": (0.375, 0.125, 0.5), "knobs": {}, "slice": 64, "tag": "n160", "last_k": 1,
+               "epochs": 15}
+GROUPS = ("sequences", "views", *MASK_STUDIES, *FUSION_STUDIES)
 
 
 def experiments(seeds, groups=GROUPS):
@@ -52,6 +67,12 @@ def experiments(seeds, groups=GROUPS):
             if "views" in groups:
                 yield {"group": "views (elongated)", "task": "elongated", "variant": "+".join(views), "seed": seed,
                        "columns": ["image"], "views": views, "mask_fraction": 0.0}
+        for study, st in FUSION_STUDIES.items():
+            if study in groups:
+                for cols, views, name in st["variants"]:
+                    yield {"group": st["group"], "study": study, "task": st["task"], "variant": name, "seed": seed,
+                           "columns": cols, "views": views, "mask_fraction": 0.0, "slice": FUSION_DATA["slice"],
+                           "last_k": FUSION_DATA["last_k"], "epochs": FUSION_DATA["epochs"]}
         for study, st in MASK_STUDIES.items():
             if study in groups:
                 for frac in st["fractions"]:
@@ -68,7 +89,7 @@ def _sd(a: np.ndarray) -> float:
 def make_data(e: dict, root: Path) -> Path:
     knobs, n, splits, tag = {"size": VOL}, CASES, (0.6, 0.2, 0.2), ""
     if "study" in e:
-        st = MASK_STUDIES[e["study"]]
+        st = MASK_STUDIES.get(e["study"], FUSION_DATA)
         knobs.update(st["knobs"])
         n, splits, tag = st["cases"], st["splits"], st["tag"]
     ds = make_task(e["task"], n, seed=e["seed"], **knobs)
@@ -108,18 +129,23 @@ def main() -> None:
             continue
         manifest = make_data(e, a.out / "data")
         t0 = time.time()
+        shared_trunk = e.get("last_k") is not None  # frozen trunk, no augmentation: activations cached
         m = train_plugin(manifest, "efficientnet_lite0", a.out / "plugins" / f"{abs(hash(key)) % 10**8}",
                          preprocess=PreprocessOptions(views=e["views"], size=e.get("slice", SLICE),
                                                       intensity="mri" if e["task"] == "t2_only" else "ct",
                                                       windows=None if e["task"] == "t2_only" else "abdomen"),
-                         config=TrainConfig(epochs=EPOCHS, batch_size=8, seed=e["seed"], progress=False,
-                                            seg_weight=0.5 if e["mask_fraction"] else 0.0),
+                         lora=LoraSpec(last_k=e.get("last_k")),
+                         config=TrainConfig(epochs=e.get("epochs", EPOCHS), batch_size=8, seed=e["seed"],
+                                            progress=False, seg_weight=0.5 if e["mask_fraction"] else 0.0,
+                                            augment=not shared_trunk,
+                                            cache_dir=str(a.out / "cache") if shared_trunk else None),
                          data_kwargs={"image_columns": e["columns"]}, log=lambda *_: None)
         row = {**{k: e[k] for k in ("group", "variant", "seed", "task", "views", "columns", "mask_fraction")},
                "auc": m["auc"], "acc": m["acc"], "n_test": m["n"], "n_train": m["n_train"],
                "n_train_with_mask": m["n_train_with_mask"], "seg_decoder_params": m["seg_decoder_params"],
                "s_per_epoch": m["train_wall_s"] / max(1, m["epochs_run"]), "trainable_params": m["trainable_params"],
-               "slice": e.get("slice", SLICE), "wall_s": round(time.time() - t0, 1)}
+               "slice": e.get("slice", SLICE), "last_k": e.get("last_k"), "epochs": e.get("epochs", EPOCHS),
+               "wall_s": round(time.time() - t0, 1)}
         with res_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
