@@ -217,12 +217,12 @@ register_method("plugin_lastk1", m_plugin, "plugin", "plugin, LoRA r=8 on the la
 register_method("plugin_lastk2", m_plugin, "plugin", "plugin, LoRA r=8 on the last 2 stages (shared trunk k=2)", last_k=2)
 register_method("plugin_lastk4", m_plugin, "plugin", "plugin, LoRA r=8 on the last 4 stages (shared trunk k=4)", last_k=4)
 register_method("plugin_lastk1_3view", m_plugin, "plugin", "plugin_lastk1, three views", last_k=1, views=THREE)
-# the same ablations on the shared-trunk plugin: with --set augment=false and a warm trunk cache they
-# train in minutes on a CPU, where the full-depth ones take hours
 # the same shared-trunk plugin on 112-pixel slices (DESIGN.md's probe reference used 112²): 4x4 final maps
 register_method("plugin_lastk1_s112", m_plugin, "plugin", "plugin_lastk1 on 112-pixel slices", last_k=1, size=112)
 register_method("plugin_lastk1_3view_s112", m_plugin, "plugin", "plugin_lastk1_3view on 112-pixel slices", last_k=1,
                 views=THREE, size=112)
+# the same ablations on the shared-trunk plugin: with --set augment=false and a warm trunk cache they
+# train in minutes on a CPU, where the full-depth ones take hours
 register_method("plugin_lastk1_frac20", m_plugin, "plugin", "plugin_lastk1 on 20 % of the training set", last_k=1,
                 train_fraction=0.2)
 register_method("plugin_lastk1_3view_frac20", m_plugin, "plugin", "plugin_lastk1_3view on 20 % of the training set",
