@@ -55,6 +55,8 @@ FUSION_STUDIES = {
 FUSION_DATA = {"cases": 160, "splits": (0.375, 0.125, 0.5), "knobs": {}, "slice": 64, "tag": "n160", "last_k": 1,
                "epochs": 15}
 GROUPS = ("sequences", "views", *MASK_STUDIES, *FUSION_STUDIES)
+# the phantoms (cases, splits, knobs, folder tag) behind each study's rows
+STUDY_DATA = {**MASK_STUDIES, **{study: FUSION_DATA for study in FUSION_STUDIES}}
 
 
 def experiments(seeds, groups=GROUPS):
@@ -89,7 +91,7 @@ def _sd(a: np.ndarray) -> float:
 def make_data(e: dict, root: Path) -> Path:
     knobs, n, splits, tag = {"size": VOL}, CASES, (0.6, 0.2, 0.2), ""
     if "study" in e:
-        st = MASK_STUDIES.get(e["study"], FUSION_DATA)
+        st = STUDY_DATA[e["study"]]
         knobs.update(st["knobs"])
         n, splits, tag = st["cases"], st["splits"], st["tag"]
     ds = make_task(e["task"], n, seed=e["seed"], **knobs)
