@@ -114,6 +114,38 @@ def test_shared_trunk_plugin_fills_the_trunk_cache(tiny, tmp_path):
     assert again == entries and [e.stat().st_mtime_ns for e in again] == mtimes
 
 
+def test_interrupted_training_cell_resumes_and_stale_checkpoints_are_dropped(tiny, tmp_path):
+    """A killed plugin cell continues from runs/.../checkpoint.pt when its options are unchanged; a
+    checkpoint that other options wrote is deleted instead of being resumed."""
+    suite, _, _ = tiny
+    out = tmp_path / "o"
+    opts = {**OPTS, "epochs": 2, "augment": False, "patience": 5}
+    assert run_bench(suite, ["plugin_lastk1"], 1, out, options=opts, progress=False, verbose=False)["failed"] == 0
+    cell = cell_path(out, "adrenalmnist3d_28", "plugin_lastk1", 0)
+    first = json.loads(cell.read_text())["result"]
+    cell.unlink()  # as if the job had been killed after its last checkpoint, before the cell was written
+    s = run_bench(suite, ["plugin_lastk1"], 1, out, options=opts, progress=False, verbose=False)
+    again = json.loads(cell.read_text())["result"]
+    assert s["ran"] == 1 and again["epochs_run"] == 2
+    assert again["train_s"] == first["train_s"]  # the recorded training time: nothing was retrained
+    s = run_bench(suite, ["plugin_lastk1"], 1, out, options={**opts, "lr_lora": 5e-4}, progress=False, verbose=False)
+    assert s["failed"] == 0  # the old checkpoint (other lr_lora) was dropped, not resumed or refused
+    assert json.loads(cell.read_text())["result"]["train_s"] != first["train_s"]
+
+
+def test_cli_seed_list_runs_only_those_seeds(tiny, tmp_path, capsys):
+    suite, _, _ = tiny
+    out = tmp_path / "o"
+    rc = main(["bench", f"medmnist3d:{suite.tasks[0].data}", "--methods", "linear_probe", "--seeds", "2,1",
+               "--out", str(out), "--weights", "random", "--size", "32", "--quiet"])
+    assert rc == 0 and "2 ran" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "cells").glob("*.json")) == [
+        "adrenalmnist3d_28__linear_probe__s1.json", "adrenalmnist3d_28__linear_probe__s2.json"]
+    with pytest.raises(SystemExit):
+        main(["bench", "synthetic", "--seeds", "1,x", "--out", str(out)])
+    assert "expected N or a comma list of seeds" in capsys.readouterr().err
+
+
 def test_method_fixed_size_overrides_the_run_option(tmp_path):
     """A method registered with ``size=...`` runs at that size whatever --size says, and its fingerprint
     carries it, so rows at two slice sizes can share one bench folder."""

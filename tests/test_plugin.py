@@ -2,6 +2,8 @@
 save/load round trip, fingerprint refusal and exact resume."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -422,6 +424,25 @@ def test_resume_matches_uninterrupted(prepared_binary, tmp_path, monkeypatch, he
     assert np.allclose([r["train_loss"] for r in h_full], [r["train_loss"] for r in h_res], atol=1e-5)
     _trainable_equal(ck_full["trainable"], ck_res["trainable"])  # state after the last epoch
     _trainable_equal(full.trainable_state(), resumed.trainable_state())  # best state, loaded at the end
+
+
+def test_resume_refuses_other_training_settings(prepared_binary, tmp_path):
+    """A checkpoint continues only under the settings that wrote it (progress / cache location may change)."""
+    from anymc3d.errors import InputError
+
+    prepared, specs = prepared_binary
+    cfg = TrainConfig(epochs=1, batch_size=4, progress=False, augment=False)
+    bb = lite0(None)
+    fit(AnyMC3D(bb, make_spec(bb, r=4)), specs, prepared["train"], prepared["val"], cfg, tmp_path)
+    other = dataclasses.replace(cfg, lr_lora=5e-4, epochs=2)
+    with pytest.raises(InputError, match=r"checkpoint.pt: written with other training settings \(epochs: 1 -> 2; "
+                                         r"lr_lora: 0.0001 -> 0.0005\)"):
+        fit(AnyMC3D(bb, make_spec(bb, r=4), adapter_prefix="p1_"), specs, prepared["train"], prepared["val"], other,
+            tmp_path, resume=True)
+    same = dataclasses.replace(cfg, progress=True, cache_dir=str(tmp_path / "cache"))
+    summary = fit(AnyMC3D(bb, make_spec(bb, r=4), adapter_prefix="p2_"), specs, prepared["train"], prepared["val"],
+                  same, tmp_path, resume=True)
+    assert summary["epochs_run"] == 1  # the finished run is picked up, nothing retrained
 
 
 def test_train_plugin_is_reproducible(binary_manifest, tmp_path):

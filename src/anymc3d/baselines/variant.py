@@ -27,7 +27,7 @@ from .cnn3d import Volume3DClassifier
 
 def train_model(data, build: Callable, out: str | Path, config: TrainConfig | None = None,
                 train_fraction: float = 1.0, threshold: str | float = "youden", specs_for: Callable | None = None,
-                log=print) -> dict:
+                resume: bool = False, log=print) -> dict:
     t_start = time.time()
     out = Path(out)
     cfg = config or TrainConfig()
@@ -47,7 +47,7 @@ def train_model(data, build: Callable, out: str | Path, config: TrainConfig | No
     log(f"  trainable parameters: {n_params:,}; cases: train {len(splits['train'])}, val {len(splits['val'])}, "
         f"test {len(splits['test'])}")
     prepared = {k: prepare_all(v, specs, k, cfg.progress) for k, v in splits.items()}
-    summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out)
+    summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out, resume=resume)
     batcher = Batcher(model, specs)
     thr, results = score_splits(model, batcher, prepared, splits, task, cfg.batch_size, threshold)
     metrics = {"task": task.name, "task_type": task.task_type, "threshold": thr, "trainable_params": n_params,
@@ -71,7 +71,8 @@ def _spec(task: TaskData, specs: dict, backbone_name: str, fingerprint: str, inp
 def train_aggregator_plugin(data, backbone: str, out, pooling: str = "attention", weights: str | None = None,
                             preprocess: PreprocessOptions | None = None, lora: LoraSpec | None = None,
                             config: TrainConfig | None = None, train_fraction: float = 1.0,
-                            finetune_backbone: bool = False, pool_kw: dict | None = None, log=print) -> dict:
+                            finetune_backbone: bool = False, pool_kw: dict | None = None, resume: bool = False,
+                            log=print) -> dict:
     """The plugin with another slice aggregation (and optionally the full backbone fine-tuned)."""
     pre = preprocess or PreprocessOptions()
     bb = create_backbone(backbone, weights=weights, input_size=pre.size)
@@ -84,11 +85,11 @@ def train_aggregator_plugin(data, backbone: str, out, pooling: str = "attention"
         spec = _spec(task, specs, bb.name, bb.fingerprint, bb.input_size, lora)
         return AggregatorAnyMC3D(bb, spec, pooling=pooling, pool_kw=pool_kw, finetune_backbone=finetune_backbone)
 
-    return train_model(data, build, out, config, train_fraction, specs_for=specs_for, log=log)
+    return train_model(data, build, out, config, train_fraction, specs_for=specs_for, resume=resume, log=log)
 
 
 def train_cnn3d(data, arch: str, out, config: TrainConfig | None = None, train_fraction: float = 1.0,
-                intensity: str | None = None, log=print) -> dict:
+                intensity: str | None = None, resume: bool = False, log=print) -> dict:
     """MONAI 3D CNN from scratch on the canonical volume (axial slices at native in-plane size, restacked)."""
     task_cache: dict = {}
 
@@ -108,4 +109,4 @@ def train_cnn3d(data, arch: str, out, config: TrainConfig | None = None, train_f
         spec = _spec(task, specs, f"monai_{arch}_3d", "", side, LoraSpec(r=0))
         return Volume3DClassifier(spec, arch, task_cache["channels"])
 
-    return train_model(data, build, out, config, train_fraction, specs_for=specs_for, log=log)
+    return train_model(data, build, out, config, train_fraction, specs_for=specs_for, resume=resume, log=log)

@@ -20,6 +20,19 @@ def _value(text: str):
         return text
 
 
+def _seeds(text: str) -> int | list[int]:
+    """``3`` -> 3 (seeds 0, 1, 2); ``1,2`` -> [1, 2]."""
+    try:
+        if "," in text:
+            seeds = [int(t) for t in text.split(",") if t.strip()]
+            if not seeds or min(seeds) < 0:
+                raise ValueError
+            return sorted(set(seeds))
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or a comma list of seeds >= 0, got {text!r}") from None
+
+
 def register(sub) -> dict:
     b = sub.add_parser("bench", help="run a benchmark suite x methods x seeds -> results.md + results.csv",
                        description="Runs every (task, method, seed) cell that has not finished yet, one JSON per "
@@ -27,7 +40,8 @@ def register(sub) -> dict:
     b.add_argument("suite", help="'synthetic', 'medmnist3d:PATH.npz[,PATH2.npz]' or a suite .yaml file")
     b.add_argument("--methods", help="comma list (default: the suite's, else linear_probe,query_only); "
                                      "see --list-methods")
-    b.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default: the suite's, else 1)")
+    b.add_argument("--seeds", type=_seeds, help="N: seeds 0..N-1; or a comma list of seeds, e.g. '1,2' to run "
+                                                "those cells in a second process (default: the suite's, else 1)")
     b.add_argument("--out", type=Path, help="output folder (required unless --list-methods)")
     b.add_argument("--tasks", help="comma list: run only these tasks of the suite")
     b.add_argument("--size", type=int, help="slice side given to the 2D backbone (e.g. 64 on a CPU)")

@@ -9,7 +9,10 @@ Layout of ``DIR``::
     results.csv, results.md                rebuilt from cells/ after every cell
 
 Resume: a cell whose JSON says ``status: ok`` with the same option fingerprint is not
-recomputed; failed cells and cells whose options changed are run again.
+recomputed; failed cells and cells whose options changed are run again. A training cell that was
+interrupted (Ctrl-C, a killed job) continues from its last finished epoch
+(``runs/.../checkpoint.pt``) when its fingerprint is unchanged, so a long row can be built over
+several sittings; a checkpoint that other options wrote is deleted first.
 """
 from __future__ import annotations
 
@@ -41,6 +44,17 @@ CSV_COLUMNS = ["method", "task", "source", "n_seeds", "seeds", "auc_mean", "auc_
 
 def cell_path(out: Path, task: str, method: str, seed: int) -> Path:
     return Path(out) / "cells" / f"{task}__{method}__s{seed}.json"
+
+
+def prepare_workdir(work: Path, fp: str) -> Path:
+    """Create a cell's run folder; keep a training checkpoint only if this fingerprint wrote it."""
+    work.mkdir(parents=True, exist_ok=True)
+    marker = work / "cell_fingerprint.txt"
+    if not marker.is_file() or marker.read_text().strip() != fp:
+        (work / "checkpoint.pt").unlink(missing_ok=True)
+        with atomic_write(marker) as tmp:
+            Path(tmp).write_text(fp + "\n")
+    return work
 
 
 def fingerprint(method: str, options: dict, task_entry) -> str:
@@ -173,8 +187,7 @@ def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str
                     loaded.clear()  # keep one task in memory
                     loaded[entry.name] = materialise(entry, out / "data", log=ui.log)
                 task = loaded[entry.name]
-                work = out / "runs" / entry.name / method / f"s{seed}"
-                work.mkdir(parents=True, exist_ok=True)
+                work = prepare_workdir(out / "runs" / entry.name / method / f"s{seed}", fp)
                 m = get_method(method)
                 res = m.run(task, work, seed, run_opts)
                 cell.update(status="ok", result=res, task_type=task.task_type)

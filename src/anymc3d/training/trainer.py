@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..errors import InputError
 from ..evaluation import compute_metrics
 from ..inputs import PreparedCase, collate, slice_streams
 from ..io import atomic_write
@@ -52,6 +53,16 @@ class TrainConfig:
     seg_weight: float = 0.5        # λ of the auxiliary mask loss (used when training cases have masks)
     seg_hidden: int = 32
     progress: bool = True
+
+
+#: settings that do not change what training computes, so a run may resume with them changed
+RESUME_FREE_FIELDS = ("progress", "cache_dir", "cache_trunk")
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for every result-changing setting that differs between two configs."""
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k)]
 
 
 def seed_everything(seed: int) -> None:
@@ -225,6 +236,10 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
     start_epoch, best, best_state, bad, history = 0, -math.inf, None, 0, []
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        changed = config_changes(json.loads(ck.get("config", "{}")), asdict(cfg))
+        if changed:
+            raise InputError(f"{ckpt_path}: written with other training settings ({'; '.join(changed)}); "
+                             "resume with the same settings or train into a new folder")
         model.load_trainable_state(ck["trainable"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
