@@ -3,7 +3,6 @@ save/load round trip, fingerprint refusal and exact resume."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 
 import numpy as np

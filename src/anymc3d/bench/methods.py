@@ -90,12 +90,8 @@ def get_method(name: str) -> Method:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _resume(out: Path) -> bool:
-    """Continue an interrupted training from its last epoch; the runner has already removed a
-    checkpoint that other options wrote (see ``runner.prepare_workdir``)."""
-    return (Path(out) / "checkpoint.pt").is_file()
-
-
+# Training methods pass resume=True: fit() continues from OUT/checkpoint.pt when one exists, and the
+# runner (runner.prepare_workdir) has already deleted any checkpoint that other options wrote.
 def _train_config(o: dict, seed: int, cnn: bool = False):
     from ..training.trainer import TrainConfig
 
@@ -184,12 +180,12 @@ def m_plugin(task, out: Path, seed: int, o: dict, views=("axial",), r: int = 8, 
     cfg = _train_config(o, seed)
     if pooling == "attention":
         m = train_plugin(task, o["backbone"], out, weights=o["weights"], preprocess=pre, lora=lora, config=cfg,
-                         train_fraction=train_fraction, resume=_resume(out), log=_log(o))
+                         train_fraction=train_fraction, resume=True, log=_log(o))
     else:
         from ..baselines.variant import train_aggregator_plugin
 
         m = train_aggregator_plugin(task, o["backbone"], out, pooling=pooling, weights=o["weights"], preprocess=pre,
-                                    lora=lora, config=cfg, train_fraction=train_fraction, resume=_resume(out),
+                                    lora=lora, config=cfg, train_fraction=train_fraction, resume=True,
                                     log=_log(o))
     return normalise(m, detail=f"LoRA r={r} last_k={last_k} + {pooling} pooling, views {','.join(views)}")
 
@@ -202,14 +198,14 @@ def m_slice_transformer(task, out: Path, seed: int, o: dict, views=("axial",)) -
     pre = PreprocessOptions(views=list(views), size=o["size"], max_slices=o["max_slices"])
     m = train_aggregator_plugin(task, o["backbone"], out, pooling="transformer", weights=o["weights"], preprocess=pre,
                                 lora=LoraSpec(r=0), config=_train_config(o, seed), finetune_backbone=True,
-                                resume=_resume(out), log=_log(o))
+                                resume=True, log=_log(o))
     return normalise(m, detail="fine-tuned 2D backbone (BatchNorm statistics frozen) + 1-layer slice transformer")
 
 
 def m_cnn3d(task, out: Path, seed: int, o: dict, arch: str = "resnet18") -> dict:
     from ..baselines.variant import train_cnn3d
 
-    m = train_cnn3d(task, arch, out, _train_config(o, seed, cnn=True), resume=_resume(out), log=_log(o))
+    m = train_cnn3d(task, arch, out, _train_config(o, seed, cnn=True), resume=True, log=_log(o))
     return normalise(m, detail=f"MONAI {arch} 3D from scratch")
 
 
