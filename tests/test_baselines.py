@@ -62,8 +62,9 @@ def test_cnn3d_and_aggregator_plugin_train(tmp_path):
 
     task = load_data(fake_medmnist(tmp_path / "adrenalmnist3d.npz", n=(8, 4, 4)))
     cfg = TrainConfig(epochs=1, batch_size=4, progress=False, amp=False)
-    m = train_cnn3d(task, "resnet18", tmp_path / "cnn", cfg, log=lambda *a: None)
+    m = train_cnn3d(task, "resnet18", tmp_path / "cnn", cfg, train_fraction=0.5, log=lambda *a: None)
     assert m["trainable_params"] > 1e6 and 0 <= m["auc"] <= 1 and m["test"]["ci"]["auc"] is not None
+    assert m["n_train"] == 4 and m["splits"]["test"] == 4  # the fraction thins the training split only
     assert (tmp_path / "cnn" / "metrics.json").is_file()
     m = train_aggregator_plugin(task, "efficientnet_lite0", tmp_path / "agg", pooling="max", weights="random",
                                 preprocess=PreprocessOptions(size=32), lora=LoraSpec(r=2, alpha=4, last_k=1),
