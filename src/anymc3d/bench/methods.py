@@ -231,6 +231,12 @@ register_method("plugin_lastk1_frac20", m_plugin, "plugin", "plugin_lastk1 on 20
                 train_fraction=0.2)
 register_method("plugin_lastk1_3view_frac20", m_plugin, "plugin", "plugin_lastk1_3view on 20 % of the training set",
                 last_k=1, views=THREE, train_fraction=0.2)
+register_method("plugin_lastk1_frac50", m_plugin, "plugin", "plugin_lastk1 on 50 % of the training set", last_k=1,
+                train_fraction=0.5)
+register_method("plugin_lastk1_3view_frac50", m_plugin, "plugin", "plugin_lastk1_3view on 50 % of the training set",
+                last_k=1, views=THREE, train_fraction=0.5)
+register_method("plugin_lastk1_transformer", m_plugin, "plugin",
+                "plugin_lastk1 with a 1-layer slice transformer pooling", last_k=1, pooling="transformer")
 register_method("plugin_lastk1_r4", m_plugin, "plugin", "plugin_lastk1 with LoRA r=4", last_k=1, r=4, alpha=8.0)
 register_method("plugin_lastk1_r16", m_plugin, "plugin", "plugin_lastk1 with LoRA r=16", last_k=1, r=16, alpha=32.0)
 register_method("plugin_lastk1_mean", m_plugin, "plugin", "plugin_lastk1 with mean slice pooling", last_k=1,
