@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,3 +31,8 @@ class Volume:
     @property
     def source(self) -> str:
         return str(self.meta.get("path", "<array>"))
+
+
+class MaskPath(type(Path())):  # type: ignore[misc]  # PosixPath/WindowsPath: subclassing Path itself needs 3.12
+    """A path that a manifest marks as a *mask*: read without the constant / near-empty image warnings
+    (an all-zero mask is what a case without a lesion has)."""

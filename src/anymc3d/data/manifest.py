@@ -2,6 +2,18 @@
 
 Column roles come from arguments, else from a ``task.json`` beside the manifest, else defaults
 (``image``, ``label``, ``mask``, ``split``). Paths are relative to the manifest's folder.
+
+The task type is never guessed from a stray value:
+
+* given (``--task-type`` / ``task_type=``, else ``task_type`` in ``task.json``): the labels must fit
+  it — a binary task takes only ``0``/``1`` (``0.0``/``1.0`` too), every other value is an error
+  naming its rows; a multi-label task takes 0/1 in each of its (several) label columns;
+* not given: labels that are all 0/1 make a binary task, labels that are all class *names*
+  (no number among them) make a multi-class task, and anything else — 0/1 with a few ``2`` or
+  ``maybe``, or integer classes ``0, 1, 2`` — is an error that names the odd rows and says how to
+  declare a multi-class task.
+
+Every error names the CSV and, where it is about one row, ``:row N`` (the line in the file).
 """
 from __future__ import annotations
 
@@ -12,20 +24,137 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..volume import MaskPath
 from .cases import Case, TaskData
 
 _MISSING = {"", "na", "nan", "none", "null"}
+_BINARY = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
+_SPLITS = ("train", "val", "test")
+_TASK_TYPES = ("binary", "multiclass", "multilabel")
 
 
-def _infer_task(values: list[str], task_type: str | None) -> tuple[str, list[str]]:
-    uniq = sorted(set(values), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
-    if task_type is None:
-        task_type = "binary" if set(values) <= {"0", "1"} else "multiclass"
-    if task_type == "binary":
-        if not set(values) <= {"0", "1"}:
-            raise ValueError(f"binary labels must be 0/1, found {uniq[:5]}")
-        return task_type, ["negative", "positive"]
-    return task_type, uniq
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _sort_key(v: str):
+    return (not _is_number(v), float(v) if _is_number(v) else 0.0, v)
+
+
+def _rows_text(rows: list[tuple[int, str]], limit: int = 5) -> str:
+    shown = ", ".join(f"{n} ({v!r})" for n, v in rows[:limit])
+    return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
+
+
+def _resolve_task(path: Path, column: str, values: list[str], lines: list[int], task_type: str | None,
+                  declared_by: str) -> tuple[str, list[str]]:
+    """(task_type, label names) for one label column; see the module docstring for the rule."""
+    odd = [(n, v) for n, v in zip(lines, values) if v not in _BINARY]
+    uniq = sorted(set(values), key=_sort_key)
+    if task_type == "binary" or (task_type is None and not odd):
+        if odd:
+            (n0, v0), rest = odd[0], odd[1:]
+            also = f" (also row(s) {_rows_text(rest)})" if rest else ""
+            raise InputError(f"{path}:row {n0}: label {v0!r} in column '{column}' is not 0 or 1, and the task is "
+                             f"binary ({declared_by}){also}")
+        return "binary", ["negative", "positive"]
+    if task_type == "multiclass":
+        if len(uniq) < 2:
+            raise InputError(f"{path}: column '{column}': a multi-class task needs at least two classes, found {uniq}")
+        return "multiclass", uniq
+    if task_type == "multilabel":
+        raise InputError(f"{path}: a multi-label task needs several 0/1 label columns (--label-columns a,b,c), "
+                         f"got the one column '{column}'")
+    # not declared, and not all 0/1
+    if not any(_is_number(v) for v in values):
+        return "multiclass", uniq  # class names: multi-class by design
+    binary_like = [(n, v) for n, v in zip(lines, values) if v in _BINARY]
+    (n0, v0), rest = odd[0], odd[1:]
+    also = f" (also row(s) {_rows_text(rest)})" if rest else ""
+    if binary_like and len(odd) <= max(2, 0.1 * len(values)):
+        why = "the other labels are 0/1, so the task looks binary and a binary task takes only 0 and 1"
+    else:
+        why = f"numeric labels {', '.join(uniq[:6])}{' ...' if len(uniq) > 6 else ''} are never taken as classes"
+    raise InputError(f"{path}:row {n0}: label {v0!r} in column '{column}': {why}{also}; fix the row(s), or declare a "
+                     f"multi-class task with --task-type multiclass (or \"task_type\": \"multiclass\" in task.json)")
+
+
+def _read_task_json(task_json: Path) -> dict:
+    try:
+        meta = json.loads(task_json.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
+        raise InputError(f"{task_json}: not valid JSON ({' '.join(str(exc).split())[:200]})") from exc
+    if not isinstance(meta, dict):
+        raise InputError(f"{task_json}: expected a JSON object, got {type(meta).__name__}")
+    for key in ("image_columns", "label_columns", "label_names"):
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v)):
+            raise InputError(f"{task_json}: '{key}' must be a non-empty list of names, got {v!r:.80}")
+    for key in ("mask_column", "task", "intensity"):
+        v = meta.get(key)
+        if v is not None and not isinstance(v, str):
+            raise InputError(f"{task_json}: '{key}' must be a string, got {v!r:.80}")
+    if meta.get("task_type") is not None and meta["task_type"] not in _TASK_TYPES:
+        raise InputError(f"{task_json}: 'task_type' must be one of {', '.join(_TASK_TYPES)}, got {meta['task_type']!r:.80}")
+    return meta
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[dict], list[int]]:
+    """Header (stripped names), rows as dicts and the file line of each row."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            rows, lines = [], []
+            if header is not None:
+                header = [h.strip() for h in header]
+                for rec in reader:
+                    if not any(x.strip() for x in rec):
+                        continue  # blank line
+                    if len(rec) > len(header):
+                        raise InputError(f"{path}:row {reader.line_num}: {len(rec)} fields but the header has "
+                                         f"{len(header)} (a delimiter or quoting problem?)")
+                    rows.append(dict(zip(header, rec + [""] * (len(header) - len(rec)))))
+                    lines.append(reader.line_num)
+    except InputError:
+        raise
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot read manifest CSV ({' '.join(str(exc).split())[:200]})") from exc
+    if header is None:
+        raise InputError(f"{path}: manifest is empty (no header row)")
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise InputError(f"{path}: duplicate column name(s) {', '.join(repr(d) for d in dup)} in the header")
+    return header, rows, lines
+
+
+def _labels(path: Path, rows: list[dict], lines: list[int], label_columns: list[str], task_type: str | None,
+            declared_by: str, meta: dict) -> tuple[str, list[str]]:
+    for c in label_columns:
+        bad = next((n for n, r in zip(lines, rows) if r[c].strip().lower() in _MISSING), None)
+        if bad is not None:
+            raise InputError(f"{path}:row {bad}: no value in label column '{c}'")
+    if len(label_columns) > 1:
+        if task_type not in (None, "multilabel"):
+            raise InputError(f"{path}: several label columns ({', '.join(label_columns)}) make a multi-label task, "
+                             f"but the task type is {task_type}")
+        for c in label_columns:
+            odd = [(n, r[c].strip()) for n, r in zip(lines, rows) if r[c].strip() not in _BINARY]
+            if odd:
+                (n0, v0), rest = odd[0], odd[1:]
+                also = f" (also row(s) {_rows_text(rest)})" if rest else ""
+                raise InputError(f"{path}:row {n0}: label {v0!r} in column '{c}' is not 0 or 1 (a multi-label task "
+                                 f"has one 0/1 column per label){also}")
+        return "multilabel", list(label_columns)
+    values = [r[label_columns[0]].strip() for r in rows]
+    task_type, names = _resolve_task(path, label_columns[0], values, lines, task_type, declared_by)
+    if task_type == "binary" and meta.get("label_names") and len(meta["label_names"]) == 2:
+        names = list(meta["label_names"])
+    return task_type, names
 
 
 def load_manifest(path: str | Path, image_columns: list[str] | None = None, label_columns: list[str] | None = None,
@@ -37,19 +166,18 @@ def load_manifest(path: str | Path, image_columns: list[str] | None = None, labe
     meta: dict = {}
     task_json = path.parent / "task.json"
     if task_json.is_file():
-        meta = json.loads(task_json.read_text())
+        meta = _read_task_json(task_json)
     image_columns = image_columns or meta.get("image_columns") or ["image"]
     label_columns = label_columns or meta.get("label_columns") or ["label"]
     mask_column = mask_column or meta.get("mask_column") or "mask"
+    declared_by = "--task-type" if task_type else ("task.json" if meta.get("task_type") else "")
     task_type = task_type or meta.get("task_type")
-    try:
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{path}: cannot read manifest CSV ({exc})") from exc
+    if task_type is not None and task_type not in _TASK_TYPES:
+        raise InputError(f"{path}: task type must be one of {', '.join(_TASK_TYPES)}, got {task_type!r}")
+    header, rows, lines = _read_rows(path)
     if not rows:
         raise InputError(f"{path}: manifest has no rows")
-    cols = set(rows[0])
+    cols = set(header)
     for c in ["id", *image_columns] + (label_columns if require_labels else []):
         if c not in cols:
             raise InputError(f"{path}: missing column '{c}' (columns: {', '.join(sorted(cols))})")
@@ -58,47 +186,58 @@ def load_manifest(path: str | Path, image_columns: list[str] | None = None, labe
     base = path.parent
 
     labels_ok = all(c in cols for c in label_columns)
-    if labels_ok and len(label_columns) > 1:
-        task_type = "multilabel"
-        names = list(label_columns)
-    elif labels_ok:
-        values = [r[label_columns[0]].strip() for r in rows]
-        if any(v.lower() in _MISSING for v in values):
-            bad = next(i for i, v in enumerate(values) if v.lower() in _MISSING)
-            raise InputError(f"{path}: row {bad + 2} has no value in label column '{label_columns[0]}'")
-        try:
-            task_type, names = _infer_task(values, task_type)
-        except ValueError as exc:
-            raise InputError(f"{path}: column '{label_columns[0]}': {exc}") from exc
-        if task_type == "binary" and meta.get("label_names") and len(meta["label_names"]) == 2:
-            names = list(meta["label_names"])
-    else:
-        task_type, names = task_type or "binary", ["negative", "positive"]
+    try:
+        task_type, names = _labels(path, rows, lines, label_columns, task_type, declared_by, meta) if labels_ok \
+            else (task_type or "binary", ["negative", "positive"])
+    except InputError:
+        if require_labels or task_type is not None:
+            raise
+        labels_ok = False  # prediction: labels that fit no task type are not used
+        task_type, names = "binary", ["negative", "positive"]
     if label_names:
         names = list(label_names)
+    if task_type == "binary" and len(names) != 2:
+        raise InputError(f"{path}: a binary task has two label names, got {names}")
 
-    cases = []
-    for i, r in enumerate(rows):
+    cases, seen = [], {}
+    for i, (line, r) in enumerate(zip(lines, rows)):
+        cid = r["id"].strip() or f"case{i}"
+        if cid in seen:
+            raise InputError(f"{path}:row {line}: id '{cid}' is also the id of row {seen[cid]} (ids name the outputs)")
+        seen[cid] = line
         images = {}
         for c in image_columns:
-            v = (r.get(c) or "").strip()
-            images[c] = None if v.lower() in _MISSING else (base / v)
+            v = r[c].strip()
+            images[c] = None if v.lower() in _MISSING else _existing(path, line, c, base, v, "image")
         label = None
         if labels_ok:
-            try:
-                if task_type == "multilabel":
-                    label = np.array([int(float(r[c])) for c in label_columns], dtype=np.int64)
-                elif task_type == "binary":
-                    label = np.array([int(r[label_columns[0]].strip())], dtype=np.int64)
-                else:
-                    label = np.array([names.index(r[label_columns[0]].strip())], dtype=np.int64)
-            except ValueError as exc:
-                raise InputError(f"{path}: row {i + 2}: bad label value ({exc})") from exc
+            if task_type == "multilabel":
+                label = np.array([_BINARY[r[c].strip()] for c in label_columns], dtype=np.int64)
+            elif task_type == "binary":
+                label = np.array([_BINARY[r[label_columns[0]].strip()]], dtype=np.int64)
+            else:
+                label = np.array([names.index(r[label_columns[0]].strip())], dtype=np.int64)
         mask = None
-        if has_mask and (r.get(mask_column) or "").strip().lower() not in _MISSING:
-            mask = base / r[mask_column].strip()
-        split = (r.get("split") or "").strip().lower() or None if has_split else None
-        cases.append(Case(id=r["id"].strip() or f"case{i}", images=images, label=label, mask=mask, split=split))
+        if has_mask and r[mask_column].strip().lower() not in _MISSING:
+            mask = MaskPath(_existing(path, line, mask_column, base, r[mask_column].strip(), "mask"))
+        split = None
+        if has_split:
+            split = r["split"].strip().lower() or None
+            if split is not None and split not in _SPLITS:
+                raise InputError(f"{path}:row {line}: split {r['split'].strip()!r} is not one of train, val, test "
+                                 f"(or empty)")
+        cases.append(Case(id=cid, images=images, label=label, mask=mask, split=split))
     return TaskData(name=meta.get("task", path.parent.name), task_type=task_type, label_names=names,
                     inputs=list(image_columns), cases=cases, source=str(path),
                     intensity=meta.get("intensity", "minmax"), meta=meta)
+
+
+def _existing(manifest: Path, line: int, column: str, base: Path, value: str, what: str) -> Path:
+    p = base / value
+    try:
+        ok = p.exists()
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"{manifest}:row {line}: {what} '{value}' (column '{column}') not found ({p})")
+    return p

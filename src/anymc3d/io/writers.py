@@ -37,11 +37,33 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"atomic_write: nothing was written to the temporary file for {target}")
+        _set_mode(tmp, target)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(mask)
+    return mask
+
+
+def _set_mode(tmp: Path, target: Path) -> None:
+    """Give the new file the usual permissions: the target's own when it exists, else 0666 minus the umask.
+
+    Libraries that write the temporary file may create it 0600 (safetensors does, as does
+    ``tempfile.mkstemp``); a plugin or an image written that way would be unreadable to the group.
+    """
+    if tmp.is_dir() or tmp.is_symlink():
+        return
+    try:
+        mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
+    except OSError:  # a filesystem without POSIX modes: keep what the library made
+        pass
 
 
 def write_nifti(array, affine: np.ndarray, path: PathLike) -> Path:
@@ -77,3 +99,13 @@ def write_nifti(array, affine: np.ndarray, path: PathLike) -> Path:
     with atomic_write(target) as tmp:
         nib.save(img, str(tmp))
     return target
+
+
+def write_json(obj, path: PathLike, default=str) -> Path:
+    """``obj`` as indented JSON at ``path``, written atomically (the one JSON writer of the project)."""
+    import json
+
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2, default=default))
+    return path

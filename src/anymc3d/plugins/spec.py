@@ -1,12 +1,19 @@
 """The JSON half of a plugin file: everything needed to rebuild and re-apply a trained plugin."""
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .lora import LoraSpec
 
 TASK_TYPES = ("binary", "multiclass", "multilabel")
+#: what ``weights_fingerprint`` writes: a truncated sha256 of the frozen weights
+FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{16}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+REQUIRED_FIELDS = ("task", "task_type", "label_names", "inputs", "preprocess", "backbone", "backbone_fingerprint",
+                   "input_size")
 
 
 @dataclass
@@ -26,6 +33,8 @@ class PluginSpec:
     metrics: dict[str, Any] = field(default_factory=dict)
     version: str = ""
     format: str = "anymc3d-plugin/1"
+    #: sha256 of plugin.safetensors, written by save_plugin and checked on loading ("" = not recorded)
+    tensors_sha256: str = ""
 
     def __post_init__(self) -> None:
         if self.task_type not in TASK_TYPES:
@@ -49,7 +58,91 @@ class PluginSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PluginSpec":
+        """A spec read from a file: every field is type-checked first (``ValueError`` names the field)."""
+        validate_spec_dict(d)
         d = dict(d)
         d["lora"] = LoraSpec.from_dict(d.get("lora", {}))
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _str_list(d: dict, key: str) -> list[str]:
+    v = d.get(key)
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+        raise ValueError(f"'{key}' must be a non-empty list of names, got {v!r:.80}")
+    if len(set(v)) != len(v):
+        raise ValueError(f"'{key}' has duplicate names: {v!r:.80}")
+    return v
+
+
+def validate_spec_dict(d: Any) -> None:
+    """Check the JSON of a plugin spec field by field, so that a damaged or hand-edited ``plugin.json``
+    is refused with the field's name at reading time instead of failing deep inside the model."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+    fmt = d.get("format", "anymc3d-plugin/1")
+    if not isinstance(fmt, str) or not fmt.startswith("anymc3d-plugin/"):
+        raise ValueError(f"unknown plugin format {fmt!r} (expected anymc3d-plugin/1)")
+    missing = [k for k in REQUIRED_FIELDS if k not in d]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)}")
+    for key in ("task", "backbone"):
+        if not isinstance(d[key], str) or not d[key].strip():
+            raise ValueError(f"'{key}' must be a non-empty string, got {d[key]!r:.80}")
+    if d["task_type"] not in TASK_TYPES:
+        raise ValueError(f"'task_type' must be one of {TASK_TYPES}, got {d['task_type']!r:.80}")
+    labels = _str_list(d, "label_names")
+    if d["task_type"] != "binary" and len(labels) < 2:
+        raise ValueError(f"a {d['task_type']} task needs at least two label names, got {labels!r}")
+    inputs = _str_list(d, "inputs")
+    fp = d["backbone_fingerprint"]
+    if not isinstance(fp, str) or not FINGERPRINT_RE.fullmatch(fp):
+        raise ValueError(f"'backbone_fingerprint' must look like sha256:<16 hex digits>, got {fp!r:.80}")
+    if not _is_int(d["input_size"]) or not 8 <= d["input_size"] <= 4096:
+        raise ValueError(f"'input_size' must be an integer in 8..4096, got {d['input_size']!r:.80}")
+    pre = d["preprocess"]
+    if not isinstance(pre, dict) or set(pre) != set(inputs):
+        raise ValueError(f"'preprocess' must have one entry per input {inputs}, got {list(pre) if isinstance(pre, dict) else pre!r:.80}")
+    from ..preprocess.spec import PreprocessSpec
+
+    for inp, p in pre.items():
+        if not isinstance(p, dict):
+            raise ValueError(f"'preprocess.{inp}' must be an object, got {p!r:.80}")
+        try:
+            PreprocessSpec.from_dict(p)
+        except Exception as exc:  # ValueError/TypeError/KeyError from the preprocessing spec
+            raise ValueError(f"'preprocess.{inp}': {' '.join(str(exc).split())[:200]}") from None
+    lora = d.get("lora", {})
+    if not isinstance(lora, dict) or set(lora) - {"r", "alpha", "dropout", "last_k"}:
+        raise ValueError(f"'lora' must be an object with r, alpha, dropout, last_k, got {lora!r:.80}")
+    if not _is_int(lora.get("r", 8)) or not 0 <= lora.get("r", 8) <= 1024:
+        raise ValueError(f"'lora.r' must be an integer in 0..1024, got {lora.get('r')!r:.40}")
+    for k in ("alpha", "dropout"):
+        if k in lora and not _is_num(lora[k]):
+            raise ValueError(f"'lora.{k}' must be a number, got {lora[k]!r:.40}")
+    if not 0.0 <= float(lora.get("dropout", 0.0)) < 1.0:
+        raise ValueError(f"'lora.dropout' must be in [0, 1), got {lora.get('dropout')!r:.40}")
+    lk = lora.get("last_k")
+    if lk is not None and (not _is_int(lk) or lk < 1):
+        raise ValueError(f"'lora.last_k' must be a positive integer or null, got {lk!r:.40}")
+    for k, lo, hi in (("head_dropout", 0.0, 1.0), ("threshold", 0.0, 1.0)):
+        if k in d and (not _is_num(d[k]) or not lo <= d[k] <= hi):
+            raise ValueError(f"'{k}' must be a number in [{lo}, {hi}], got {d[k]!r:.40}")
+    if d.get("head_dropout", 0.0) >= 1.0:
+        raise ValueError("'head_dropout' must be below 1")
+    for k in ("training", "metrics"):
+        if k in d and not isinstance(d[k], dict):
+            raise ValueError(f"'{k}' must be an object, got {type(d[k]).__name__}")
+    sha = d.get("tensors_sha256", "")
+    if not isinstance(sha, str) or (sha and not SHA256_RE.fullmatch(sha)):
+        raise ValueError(f"'tensors_sha256' must be 64 hex digits, got {sha!r:.80}")
+    if "version" in d and not isinstance(d["version"], str):
+        raise ValueError(f"'version' must be a string, got {d['version']!r:.40}")

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..io import atomic_write
-from ..plugins.file import plugin_paths, read_spec
+from ..io import write_json
+from ..plugins.file import check_tensor_hash, plugin_paths, read_spec
 from ..plugins.spec import PluginSpec
 
 STORE_FORMAT = "anymc3d-store/1"
@@ -92,13 +92,24 @@ class PluginStore:
             d = json.loads(self.meta_path.read_text())
         except json.JSONDecodeError as exc:
             raise InputError(f"{self.meta_path}: not valid JSON ({exc})") from exc
-        if d.get("format") != STORE_FORMAT:
-            raise InputError(f"{self.meta_path}: unknown store format {d.get('format')!r} (expected {STORE_FORMAT})")
+        if not isinstance(d, dict) or d.get("format") != STORE_FORMAT:
+            fmt = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise InputError(f"{self.meta_path}: unknown store format {fmt!r} (expected {STORE_FORMAT})")
+        if d.get("backbone") is not None:
+            from ..backbones import list_backbones
+            from ..plugins.spec import FINGERPRINT_RE
+
+            if d["backbone"] not in list_backbones():
+                raise InputError(f"{self.meta_path}: names backbone {d['backbone']!r}, which is not a registered "
+                                 f"backbone (available: {', '.join(list_backbones())})")
+            fp = d.get("backbone_fingerprint")
+            if not isinstance(fp, str) or not FINGERPRINT_RE.fullmatch(fp):
+                raise InputError(f"{self.meta_path}: 'backbone_fingerprint' must look like sha256:<16 hex digits>, "
+                                 f"got {fp!r:.60}")
         return d
 
     def _write_meta(self, d: dict[str, Any]) -> None:
-        with atomic_write(self.meta_path) as tmp:
-            Path(tmp).write_text(json.dumps({"format": STORE_FORMAT, **d}, indent=2))
+        write_json({"format": STORE_FORMAT, **d}, self.meta_path)
 
     def pinned_backbone(self) -> tuple[str, str] | None:
         m = self.meta()
@@ -120,8 +131,14 @@ class PluginStore:
 
     @staticmethod
     def _entry(name: str, path: Path) -> StoreEntry:
+        """A broken entry (spec unreadable or invalid, unknown backbone, tensors missing or unreadable)
+        has ``spec=None`` and the reason in ``error``: listed as UNREADABLE, skipped by predict."""
         try:
-            return StoreEntry(name, path, read_spec(path))
+            spec = read_spec(path)
+            tensor_summary(path)
+            jpath, tpath = plugin_paths(path)
+            check_tensor_hash(spec, jpath, tpath)
+            return StoreEntry(name, path, spec)
         except InputError as exc:
             return StoreEntry(name, path, None, str(exc))
 
@@ -150,17 +167,31 @@ class PluginStore:
         return describe(e.name, e.path, e.spec, self.target_backbone())
 
     # ---- add / remove -------------------------------------------------------------------------
-    def add(self, source: str | Path, name: str | None = None, replace: bool = False) -> StoreEntry:
-        """Copy a trained plugin into the store (atomically). Refuses another backbone than the store's."""
-        spec = read_spec(source)
-        tensor_summary(Path(source))  # readable tensors, or a clear error before anything is copied
-        name = safe_name(name or spec.task)
+    def add(self, source: str | Path, name: str | None = None, replace: bool = False,
+            weights: str | None = None) -> StoreEntry:
+        """Copy a trained plugin into the store (atomically), after checking it end to end.
+
+        The spec must be valid and name a registered backbone; the tensors are loaded (safetensors)
+        and must fit the spec exactly (built on a randomly initialised backbone of that architecture);
+        the backbone fingerprint must equal the store's. The first plugin of an empty store pins it, so
+        its fingerprint is verified against real weights: ``weights`` (a file), else the backbone's
+        default weights or its ``random`` initialisation. Nothing is copied when a check fails.
+        """
         jpath, tpath = plugin_paths(source)
+        if not self.root.exists() and self.root.parent.exists() and not self.root.parent.is_dir():
+            raise InputError(f"{self.root}: the store's parent is not a folder")
+        spec = read_spec(source)
+        if not tpath.is_file():
+            raise InputError(f"{tpath}: plugin tensors not found")
+        name = safe_name(name or spec.task)
         pinned = self.target_backbone() if self.root.is_dir() else None
         if pinned and (spec.backbone, spec.backbone_fingerprint) != pinned:
             raise InputError(
                 f"{jpath}: refused: plugin was trained on {spec.backbone} ({spec.backbone_fingerprint}) but the store "
                 f"{self.root} holds plugins for {pinned[0]} ({pinned[1]}); one store = one backbone (use another --store)")
+        random_fp = check_tensors_fit(spec, jpath, tpath)
+        if pinned is None:
+            verify_fingerprint(spec, jpath, weights, random_fp)
         dest = self.root / name
         if dest.exists() and not replace:
             raise InputError(f"{dest}: a plugin named '{name}' is already in the store (use --name or --replace)")
@@ -198,6 +229,58 @@ class PluginStore:
         if not self.entries() and self.meta_path.is_file():
             self.meta_path.unlink()  # an empty store is no longer tied to a backbone
         return e.path
+
+
+def check_tensors_fit(spec: PluginSpec, jpath: Path, tpath: Path) -> str:
+    """Load the plugin's tensors and check that they are exactly what the spec builds (names and shapes),
+    on a randomly initialised backbone of the spec's architecture. Returns that backbone's fingerprint."""
+    from ..backbones import create_backbone
+    from ..plugins.file import check_tensor_hash, load_tensors
+    from ..plugins.model import AnyMC3D
+
+    state = load_tensors(tpath)
+    bb = create_backbone(spec.backbone, weights="random", input_size=spec.input_size)
+    try:
+        model = AnyMC3D(bb, spec, adapter_prefix="check_")
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise InputError(f"{jpath}: refused: the spec cannot be built on {spec.backbone} "
+                         f"({' '.join(str(exc).split())[:200]})") from exc
+    try:
+        model.load_trainable_state(state)
+    except KeyError as exc:
+        raise InputError(f"{tpath}: refused: {exc.args[0]}") from exc
+    check_tensor_hash(spec, jpath, tpath)
+    return bb.fingerprint
+
+
+def verify_fingerprint(spec: PluginSpec, jpath: Path, weights: str | None, random_fp: str | None = None) -> None:
+    """The fingerprint that would pin a store must be the one of real weights (see :meth:`PluginStore.add`)."""
+    from ..backbones import create_backbone
+
+    fp = spec.backbone_fingerprint
+    if weights is not None and weights != "random":
+        actual = create_backbone(spec.backbone, weights=weights, input_size=spec.input_size).fingerprint
+        if actual != fp:
+            raise InputError(f"{jpath}: refused: backbone fingerprint {fp} is not that of {weights} ({actual}); "
+                             f"the plugin was trained on other weights")
+        return
+    if random_fp is None or weights == "random":
+        random_fp = create_backbone(spec.backbone, weights="random", input_size=spec.input_size).fingerprint
+    if fp == random_fp:
+        return
+    if weights == "random":
+        raise InputError(f"{jpath}: refused: backbone fingerprint {fp} is not that of randomly initialised "
+                         f"{spec.backbone} ({random_fp})")
+    try:
+        default = create_backbone(spec.backbone, weights=None, input_size=spec.input_size)
+    except InputError as exc:
+        raise InputError(f"{jpath}: refused: cannot verify backbone fingerprint {fp}: the default weights of "
+                         f"{spec.backbone} are not available here ({' '.join(str(exc).split())[:160]}); give the "
+                         f"weights file with --weights PATH") from exc
+    if default.fingerprint != fp:
+        raise InputError(f"{jpath}: refused: backbone fingerprint {fp} is neither that of {spec.backbone}'s default "
+                         f"weights ({default.fingerprint}, {default.weights_source}) nor of its random initialisation "
+                         f"({random_fp}); if the plugin was trained on a local weights file, give it with --weights PATH")
 
 
 def describe(name: str, path: Path, spec: PluginSpec, target: tuple[str, str] | None = None) -> dict[str, Any]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 import inspect
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..io import atomic_write
 from .phantoms import (
     ANATOMY_LABELS,
     DEFAULT_CT_CONTRAST,
@@ -436,27 +435,14 @@ def _atomic_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:-7]}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as tmp:  # the project's one atomic writer: usual permissions, no half-written file
+        nib.save(img, str(tmp))
 
 
 def _atomic_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", newline="") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_task(dataset: SyntheticDataset, out_dir, splits: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> Path:
