@@ -38,7 +38,8 @@ def weights_fingerprint(module: nn.Module) -> str:
 class Backbone(nn.Module):
     """A frozen timm model wrapped to return class embedding and patch tokens per slice.
 
-    Subclasses set ``kind`` ("cnn" or "vit"), implement ``_tokens`` and ``lora_targets``.
+    Subclasses set ``kind`` ("cnn", "vit", or "hybrid": convolution stages + windowed attention without
+    a class token, e.g. TinyViT), implement ``_tokens`` and ``lora_targets``.
     Input to ``forward`` is (N, C, H, W) in [0, 1] with C in {1, 3}; channel replication and the
     backbone's own normalisation happen here, so preprocessing never needs to know the backbone.
     """

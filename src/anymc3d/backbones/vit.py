@@ -14,7 +14,8 @@ from torch import nn
 
 from ..errors import InputError
 from .base import Backbone, BackboneOutput, base_modules
-from .weights import find_weights, load_state_dict_file
+from .registry import register_backbone
+from .weights import find_weights, load_state_dict_file, weights_search_dirs
 
 # name -> (timm architecture, patch size, what the user must supply)
 _VITS = {
@@ -118,3 +119,27 @@ def build_vit(name: str, weights: str | None = None, input_size: int = 224) -> V
     mean, std = (IMAGENET_MEAN, IMAGENET_STD)
     return ViTBackbone(name, model, embed_dim=model.num_features, input_size=input_size,
                        mean=mean, std=std, weights_source=source)
+
+
+def weights_status(name: str) -> tuple[bool, str]:
+    """(a local file is in the search folders, where the weights come from)."""
+    hint = _VITS[name][2]
+    for d in weights_search_dirs():
+        for ext in (".safetensors", ".pth", ".pt", ".bin"):
+            p = d / f"{name}{ext}"
+            if p.is_file():
+                return True, f"local file {p}"
+    return False, f"local file, not found: --weights PATH or {weights_search_dirs()[0] / (name + '.pth')} ({hint})"
+
+
+# ---- registration (timm-style: one builder per name) ---------------------------------------------
+def _register(name: str) -> None:
+    @register_backbone(name, weights_status=lambda: weights_status(name))
+    def builder(weights: str | None = None, input_size: int = 224) -> ViTBackbone:
+        return build_vit(name, weights, input_size)
+
+    builder.__name__ = builder.__qualname__ = name
+
+
+for _name in _VITS:
+    _register(_name)

@@ -11,6 +11,9 @@ re-implementing RoPE and the norms here) keeps it right when timm changes intern
 From each (B, heads, N, N) matrix we keep the class token's row (query 0), drop the columns of all
 prefix tokens (class + register tokens: DINOv2-reg and DINOv3 have 4 registers) and average over
 heads: (B, h*w) per slice, the paper's heatmap source.
+
+Windowed-attention backbones (``kind == "hybrid"``, LiteMedSAM's TinyViT) have no class token and
+no global attention matrix: they are refused here with a pointer to Grad-CAM (docs/heatmaps.md).
 """
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ def _last_attention(backbone):
 def capture_cls_attention(backbone) -> Iterator[list[torch.Tensor]]:
     """While active, every forward of ``backbone`` appends (B, h*w) class-to-patch attention
     (mean over heads, prefix/register tokens excluded) to the yielded list."""
+    if getattr(backbone, "kind", None) == "hybrid":
+        raise InputError(f"backbone {backbone.name} has windowed attention and no class token, so no class-to-patch "
+                         "attention; use the gradient method (--method gradcam)")
     if getattr(backbone, "kind", None) != "vit":
         raise InputError(f"backbone {backbone.name} has no attention (kind {getattr(backbone, 'kind', '?')}); "
                          "use the gradient method (--method gradcam)")
@@ -56,17 +62,3 @@ def capture_cls_attention(backbone) -> Iterator[list[torch.Tensor]]:
     finally:
         attn.fused_attn = old
         handle.remove()
-
-
-def patch_grid(backbone, size: int) -> tuple[int, int]:
-    ps = backbone.patch_size
-    return size // ps, size // ps
-
-
-def cls_attention_maps(backbone, x: torch.Tensor) -> torch.Tensor:
-    """Convenience: (N, C, H, W) slices -> (N, h, w) class-to-patch attention of the last block
-    (backbone run as is: whichever LoRA adapter is active is used)."""
-    with capture_cls_attention(backbone) as store, torch.no_grad():
-        backbone(x)
-    h, w = patch_grid(backbone, x.shape[-1])
-    return torch.cat(store).reshape(x.shape[0], h, w)

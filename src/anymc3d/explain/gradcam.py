@@ -20,6 +20,10 @@ COARSE's total, so the class-specific last stage decides how much evidence a sli
 the finer stages where it lies. EfficientNet's last stage has stride 32 (2x2 cells for a 64-pixel
 slice), far too coarse to point at a small lesion, hence the default
 ``last|lc-s4+lc-s8`` (selected on the validation split, docs/heatmaps.md).
+
+Hybrid backbones (``kind == "hybrid"``: LiteMedSAM's TinyViT) have windowed attention and no class
+token, so their map is Grad-CAM on the last stage's output tokens (``stages[-1]``, a 1/4-resolution
+grid: 16 × 16 cells for a 64-pixel slice), the only layer offered.
 """
 from __future__ import annotations
 
@@ -119,9 +123,16 @@ def parse_layers(backbone, layers: str = "auto"):
     """-> (modules, kinds, groups, reshape): groups = [coarse indices] or [coarse, fine] into modules.
 
     ViT: the last block's ``norm1`` (prefix and register tokens dropped), plain Grad-CAM.
+    Hybrid (TinyViT, windowed attention, no class token): the last stage's output tokens
+    (N, D, h, w), plain Grad-CAM; with the average-pooled linear head this is the classic CAM.
     """
     if backbone.kind == "vit":
         return [backbone.model.blocks[-1].norm1], ["gradcam"], [[0]], _vit_reshape(int(backbone.num_prefix_tokens))
+    if backbone.kind == "hybrid":
+        if layers not in ("auto", "last"):
+            raise InputError(f"--cam-layers {layers!r}: backbone {backbone.name} supports only 'last' "
+                             "(Grad-CAM on its last stage's tokens)")
+        return [backbone.model.stages[-1]], ["gradcam"], [[0]], None
     spec = DEFAULT_CNN_LAYERS if layers == "auto" else layers
     parts = spec.split("|")
     if len(parts) > 2 or not all(p.strip() for p in parts):
