@@ -16,7 +16,7 @@ import time
 import torch
 
 from anymc3d.backbones import create_backbone
-from anymc3d.model import AnyMC3D
+from anymc3d.plugins.model import AnyMC3D
 from anymc3d.plugins import LoraSpec, PluginSpec
 from anymc3d.preprocess import PreprocessSpec
 

@@ -20,8 +20,8 @@ from anymc3d.data.cases import Case
 from anymc3d.explain import Explainer, localization_scores, random_map
 from anymc3d.explain.attention import capture_cls_attention
 from anymc3d.explain.localization import pointing_location, voxel_auroc
-from anymc3d.inputs import prepare_case, slice_streams
-from anymc3d.model import AnyMC3D
+from anymc3d.runtime.batching import prepare_case, slice_streams
+from anymc3d.plugins.model import AnyMC3D
 from anymc3d.plugins import LoraSpec
 from anymc3d.plugins.spec import PluginSpec
 from anymc3d.preprocess import PreprocessSpec, to_slices

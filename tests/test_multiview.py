@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from anymc3d.backbones import create_backbone
 from anymc3d.data import Case
 from anymc3d.errors import InputError
-from anymc3d.inputs import prepare_case
-from anymc3d.model import AnyMC3D
+from anymc3d.runtime.batching import prepare_case
+from anymc3d.plugins.model import AnyMC3D
 from anymc3d.plugins import PluginSpec
-from anymc3d.plugins.decoder import SegDecoder3D, dice_ce_loss
+from anymc3d.training.decoder import SegDecoder3D, dice_ce_loss
 from anymc3d.predict import Predictor
 from anymc3d.preprocess import PreprocessSpec, to_slices
 from anymc3d.synthetic import make_task, write_task

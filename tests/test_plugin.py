@@ -17,8 +17,8 @@ from torchvision.ops import sigmoid_focal_loss
 from anymc3d.backbones import create_backbone
 from anymc3d.data import load_data
 from anymc3d.errors import InputError
-from anymc3d.inputs import prepare_case
-from anymc3d.model import AnyMC3D
+from anymc3d.runtime.batching import prepare_case
+from anymc3d.plugins.model import AnyMC3D
 from anymc3d.plugins import LoraSpec, PluginSpec, load_plugin, save_plugin
 from anymc3d.plugins.lora import activate
 from anymc3d.predict import Predictor

@@ -12,12 +12,12 @@ import torch
 from anymc3d.backbones import create_backbone
 from anymc3d.cli import main
 from anymc3d.errors import InputError
-from anymc3d.model import AnyMC3D
+from anymc3d.plugins.model import AnyMC3D
 from anymc3d.plugins import LoraSpec, PluginSpec, load_plugin, save_plugin
 from anymc3d.predict import Predictor
 from anymc3d.preprocess import PreprocessSpec
 from anymc3d.store import MultiPredictor, PluginStore
-from anymc3d.store.cache import ActivationCache, TrunkDiskCache
+from anymc3d.runtime.cache import ActivationCache, TrunkDiskCache
 from anymc3d.volume import Volume
 
 SIZE = 32

@@ -1,7 +1,7 @@
 """Untrained plugins at 224 px (for timing only): EfficientNet-Lite0 (real weights) and DINOv2 ViT-S/14-reg (random)."""
 import torch
 from anymc3d.backbones import create_backbone
-from anymc3d.model import AnyMC3D
+from anymc3d.plugins.model import AnyMC3D
 from anymc3d.plugins import LoraSpec
 from anymc3d.plugins.file import save_plugin
 from anymc3d.plugins.spec import PluginSpec

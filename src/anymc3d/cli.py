@@ -10,15 +10,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .cli_args import add_backbone_args, add_device_args_everywhere, add_slice_args, add_weights_arg
 from .errors import InputError
-
-
-def _views(text: str) -> list[str]:
-    views = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in views if v not in ("axial", "coronal", "sagittal")]
-    if bad or not views:
-        raise argparse.ArgumentTypeError(f"views must be a comma list of axial, coronal, sagittal (got {text!r})")
-    return views
 
 
 def _csv_list(text: str | None) -> list[str] | None:
@@ -55,12 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a plugin on a manifest CSV or a MedMNIST .npz")
     t.add_argument("data")
-    t.add_argument("--backbone", default="efficientnet_lite0")
-    t.add_argument("--weights", help="local weights file for the backbone ('random' for a randomly initialised one)")
+    add_backbone_args(t)
+    add_slice_args(t, ["axial"])
     t.add_argument("--out", required=True, type=Path)
     t.add_argument("--task-name")
-    t.add_argument("--views", type=_views, default=["axial"])
-    t.add_argument("--size", type=int, help="slice side given to the backbone (default: the backbone's, 224)")
     t.add_argument("--intensity", choices=["ct", "mri", "minmax", "fixed", "none"])
     t.add_argument("--windows", help="CT windows: preset name (chest, abdomen, ...) or lo:hi,lo:hi")
     t.add_argument("--spacing", help="resample to this spacing in mm, e.g. 1.5 or 0.8,0.8,2")
@@ -84,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="λ of the auxiliary mask loss (Dice + BCE) when the manifest has a mask column; 0 disables")
     t.add_argument("--train-fraction", type=float, default=1.0)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--overwrite", action="store_true", help="replace the plugin already in OUT (default: refuse)")
     t.add_argument("--quiet", action="store_true")
     add_data_args(t)
 
@@ -92,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("data")
     e.add_argument("--split", default="test", help="train, val, test or all")
     e.add_argument("--out", required=True, type=Path)
-    e.add_argument("--weights")
+    add_weights_arg(e)
     e.add_argument("--bootstrap", type=int, default=1000)
     add_data_args(e)
 
@@ -102,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--plugins", type=Path, metavar="DIR",
                     help="a plugin store: run every compatible plugin on each volume (PLUGIN is then the first image)")
     pr.add_argument("--out", required=True, type=Path)
-    pr.add_argument("--weights")
+    add_weights_arg(pr)
     pr.add_argument("--heatmaps", action="store_true",
                     help="also write heatmaps (<id>_heatmap.nii.gz in the input's space + PNG), as `anymc3d explain`")
 
@@ -114,16 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     lp = sub.add_parser("probe", help="baseline: frozen backbone + mean pooling + logistic regression")
     lp.add_argument("data")
-    lp.add_argument("--backbone", default="efficientnet_lite0")
-    lp.add_argument("--weights")
+    add_backbone_args(lp)
+    add_slice_args(lp, ["axial"])
     lp.add_argument("--out", required=True, type=Path)
-    lp.add_argument("--views", type=_views, default=["axial"])
-    lp.add_argument("--size", type=int)
     lp.add_argument("--seed", type=int, default=0)
 
     sub.add_parser("backbones", help="list registered backbones")
     for mod in _extensions():
         _HANDLERS.update(mod.register(sub))
+    from .io.options import add_reader_args  # --max-voxels, --allow-gaps, --series (docs/data.md)
+    add_reader_args(*(sub.choices[v] for v in ("train", "evaluate", "predict", "probe", "explain") if v in sub.choices))
+    add_device_args_everywhere(p)  # --device / --workers on every verb
     return p
 
 
@@ -147,7 +140,10 @@ def _extensions():
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from .io import check_output_folder
     from .plugins import LoraSpec
+
+    check_output_folder(a.out, resume=a.resume, overwrite=a.overwrite)  # no silent overwrite, no resume from nothing
     from .training.run import PreprocessOptions, train_plugin
     from .training.trainer import TrainConfig
 
@@ -158,7 +154,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                             windows=windows, spacing=_spacing(a.spacing), max_slices=a.max_slices)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, loss=a.loss, lr_lora=a.lr_lora,
                       lr_head=a.lr_head, class_weighting=a.class_weighting, patience=a.patience,
-                      augment=not a.no_augment, amp=not a.no_amp, progress=not a.quiet, seg_weight=a.seg_weight)
+                      augment=not a.no_augment, amp=not a.no_amp, progress=not a.quiet, seg_weight=a.seg_weight,
+                      device=a.device, workers=a.workers)
     cfg.cache_dir = str(a.cache) if getattr(a, "cache", None) else None
     m = train_plugin(a.data, a.backbone, a.out, weights=a.weights, preprocess=pre,
                      lora=LoraSpec(r=a.lora_rank, alpha=a.lora_alpha, last_k=a.lora_last_k), config=cfg,
@@ -176,35 +173,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluation.run import evaluate_plugin
     from .predict import load
 
-    m = evaluate_plugin(load(a.plugin, weights=a.weights), a.data, a.split, a.out, a.bootstrap, data_kwargs(a))
+    m = evaluate_plugin(load(a.plugin, weights=a.weights, device=a.device, workers=a.workers), a.data, a.split, a.out, a.bootstrap, data_kwargs(a))
     ci = m["ci"].get("auc") if m.get("ci") else None
     print(f"{a.split}: AUC {m['auc']}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f"  ACC {m['acc']:.4f}  n={m['n']}")
     print(f"wrote {a.out / 'metrics.json'}, {a.out / 'report.md'}, {a.out / 'roc.png'}")
     return 0
-
-
-def expand_inputs(images: list[str], inputs: list[str], strict: bool = True) -> list[tuple[str | None, object]]:
-    """Files and DICOM folders as they are; a .csv is a manifest giving one case per row.
-
-    ``strict``: the manifest must have every one of ``inputs`` as a column (one plugin); otherwise
-    the columns it has are used (a store of plugins with different inputs)."""
-    from .data import load_manifest
-
-    items = []
-    for x in images:
-        if x.endswith(".csv"):
-            cols = list(inputs)
-            if not strict:
-                with open(x, newline="") as fh:
-                    header = next(csv.reader(fh), [])
-                cols = [c for c in inputs if c in header] or None
-            task = load_manifest(x, image_columns=cols, require_labels=False)
-            items += [(c.id, c) for c in task.cases]
-        else:
-            if not Path(x).exists():
-                raise InputError(f"{x}: file not found")
-            items.append((None, x))
-    return items
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
@@ -213,9 +186,10 @@ def cmd_predict(a: argparse.Namespace) -> int:
         return cmd_predict_all(a, [a.plugin, *a.images])
     if not a.images:
         raise InputError("predict: give PLUGIN and at least one IMAGE (or --plugins DIR IMAGE...)")
+    from .inputs import expand_inputs
     from .predict import case_id_from, load, write_json
 
-    predictor = load(a.plugin, weights=a.weights)
+    predictor = load(a.plugin, weights=a.weights, device=a.device, workers=a.workers)
     items = expand_inputs(a.images, predictor.spec.inputs)
     # Predict everything first: a bad input fails before any output is written (no half-filled --out).
     rows = [predictor.predict(item, case_id=cid or case_id_from(item)) for cid, item in items]
@@ -244,24 +218,32 @@ def cmd_predict(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(a.out, n_cases=a.cases, epochs=a.epochs, seed=a.seed)
+    run_demo(a.out, n_cases=a.cases, epochs=a.epochs, seed=a.seed, device=a.device)
     return 0
 
 
 def cmd_probe(a: argparse.Namespace) -> int:
     from .baselines.linear_probe import run_linear_probe
 
-    r = run_linear_probe(a.data, a.backbone, a.out, tuple(a.views), a.size, a.weights, a.seed)
+    r = run_linear_probe(a.data, a.backbone, a.out, tuple(a.views), a.size, a.weights, a.seed, device=a.device,
+                         workers=a.workers)
     print(f"linear probe ({','.join(a.views)}, C={r['C']}): test AUC {r.get('auc')}  ACC {r.get('acc')}  "
           f"features {r['feature_s']:.0f} s; wrote {a.out / 'metrics.json'}")
     return 0
 
 
 def cmd_backbones(a: argparse.Namespace) -> int:
-    from .backbones import list_backbones
+    """One line per backbone: name, default slice size, whether its weights are on this machine, their source."""
+    from .backbones import default_input_size, list_backbones, weights_status
 
+    rows = []
     for name in list_backbones():
-        print(name)
+        ok, where = weights_status(name)
+        rows.append((name, str(default_input_size(name)), {True: "yes", False: "no", None: "?"}[ok], where))
+    w = max(len(r[0]) for r in rows)
+    print(f"{'backbone':{w}s}  size  weights here  source")
+    for name, size, ok, where in rows:
+        print(f"{name:{w}s}  {size:>4s}  {ok:12s}  {where}")
     return 0
 
 
@@ -269,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
                "probe": cmd_probe, "backbones": cmd_backbones, **_HANDLERS}[args.verb]
+    from .io.options import with_reader_args
+    handler = with_reader_args(handler, args)  # the reader flags hold for this run only
     try:
         return handler(args)
     except InputError as exc:

@@ -14,12 +14,13 @@ from .evaluation.run import evaluate_plugin
 from .plugins import LoraSpec
 from .predict import load, write_json
 from .synthetic import make_task, write_task
-from .training.run import PreprocessOptions, train_plugin
+from .preprocess import PreprocessOptions
+from .training.run import train_plugin
 from .training.trainer import TrainConfig
 
 
 def run_demo(out: str | Path = "anymc3d-demo", n_cases: int = 160, epochs: int = 8, seed: int = 0,
-             volume_size: int = 32, slice_size: int = 64, progress: bool = True) -> dict:
+             volume_size: int = 32, slice_size: int = 64, progress: bool = True, device: str = "auto") -> dict:
     t0 = time.time()
     out = Path(out)
     print(f"[1/4] generating {n_cases} lesion phantoms ({volume_size}^3, CT-like, with lesion masks)")
@@ -30,9 +31,9 @@ def run_demo(out: str | Path = "anymc3d-demo", n_cases: int = 160, epochs: int =
     metrics = train_plugin(manifest, "efficientnet_lite0", out / "plugin",
                            preprocess=PreprocessOptions(views=["axial"], size=slice_size, intensity="ct", windows="abdomen"),
                            lora=LoraSpec(r=8, alpha=16), config=TrainConfig(epochs=epochs, batch_size=4, seed=seed,
-                                                                               progress=progress))
+                                                                               progress=progress, device=device))
     print("[3/4] evaluating on the held-out test split")
-    predictor = load(out / "plugin")
+    predictor = load(out / "plugin", device=device)
     ev = evaluate_plugin(predictor, manifest, "test", out / "evaluation")
     print("[4/4] predicting three test volumes")
     test_cases = [c for c in load_manifest(manifest).cases if c.split == "test"][:3]

@@ -1,31 +1,37 @@
-"""Prediction from Python and the CLI: ``anymc3d.load(plugin).predict(volume)``."""
+"""Prediction from Python and the CLI: ``anymc3d.load(plugin).predict(volume)``.
+
+A :class:`Predictor` is a loaded plugin on a :class:`~anymc3d.runtime.Runtime`: reading,
+preprocessing, batching, the device and the backbone pass all happen there.
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
-
 from .data.cases import Case
-from .inputs import prepare_case
-from .io import atomic_write
+from .io import write_json  # noqa: F401  (anymc3d.predict.write_json: the verbs' JSON writer)
 from .plugins import load_plugin
 from .preprocess import PreprocessSpec
-from .training.trainer import Batcher, predict_prepared
+from .runtime.engine import Runtime
+from .runtime.results import volume_result
 from .volume import Volume
 
 
 class Predictor:
     """A loaded plugin on its frozen backbone; preprocessing comes from the plugin's saved spec."""
 
-    def __init__(self, model, source: str = "") -> None:
+    def __init__(self, model, source: str = "", device: str = "auto", workers: int = 0) -> None:
         self.model = model
         self.spec = model.spec
         self.source = source
         self.specs = {k: PreprocessSpec.from_dict(v) for k, v in self.spec.preprocess.items()}
-        self.batcher = Batcher(model, self.specs)
+        self.runtime = Runtime(model, self.specs, device=device, workers=workers)
 
-    def _case(self, item, case_id: str | None) -> Case:
+    @property
+    def device(self):
+        return self.runtime.device
+
+    def case(self, item, case_id: str | None = None) -> Case:
+        """A volume, a path, {input: volume or path} or a Case -> the Case this plugin reads."""
         if isinstance(item, Case):
             return item
         if isinstance(item, dict):
@@ -45,33 +51,14 @@ class Predictor:
 
     def predict_many(self, items: list, ids: list | None = None, batch_size: int = 4) -> list[dict]:
         ids = ids or [None] * len(items)
-        cases = [self._case(it, i) for it, i in zip(items, ids)]
-        prepared = [prepare_case(c, self.specs) for c in cases]
-        probs, outs = predict_prepared(self.model, self.batcher, prepared, batch_size)
-        return [self._result(c, p, pr, o) for c, p, pr, o in zip(cases, prepared, probs, outs)]
-
-    def _result(self, case: Case, prepared, probs: np.ndarray, out: dict) -> dict:
-        spec = self.spec
-        if spec.task_type == "binary":
-            p = float(probs[0])
-            probabilities = {spec.label_names[0]: 1 - p, spec.label_names[1]: p}
-            predicted = [spec.label_names[1] if p > spec.threshold else spec.label_names[0]]
-        elif spec.task_type == "multiclass":
-            probabilities = {n: float(v) for n, v in zip(spec.label_names, probs)}
-            predicted = [spec.label_names[int(np.argmax(probs))]]
-        else:
-            probabilities = {n: float(v) for n, v in zip(spec.label_names, probs)}
-            predicted = [n for n, v in zip(spec.label_names, probs) if v > spec.threshold]
-        used = [s for s, ok in out["present"].items() if ok]
-        return {"id": case.id, "inputs": prepared.sources, "task": spec.task, "task_type": spec.task_type,
-                "probabilities": probabilities, "predicted": predicted, "threshold": spec.threshold,
-                "slice_weights": out["slice_weights"],
-                "view_weights": {s: w for s, w in out["view_weights"].items() if s in used},
-                "views_used": used, "views_missing": [s for s in out["present"] if s not in used],
-                "backbone": spec.backbone, "backbone_fingerprint": spec.backbone_fingerprint, "plugin": self.source}
+        cases = [self.case(it, i) for it, i in zip(items, ids)]
+        probs, outs = self.runtime.predict(cases, batch_size)
+        return [volume_result(self.spec, c.id, p, o, self.source) for c, p, o in zip(cases, probs, outs)]
 
 
 def case_id_from(item) -> str:
+    if isinstance(item, Case):
+        return item.id
     if isinstance(item, Volume):
         item = item.meta.get("path", "volume")
     name = Path(str(item)).name
@@ -81,12 +68,6 @@ def case_id_from(item) -> str:
     return name
 
 
-def load(plugin: str | Path, weights: str | None = None) -> Predictor:
-    """Load a trained plugin (folder, .json or .safetensors) onto its backbone."""
-    return Predictor(load_plugin(plugin, weights=weights), source=str(plugin))
-
-
-def write_json(obj: dict, path: Path) -> Path:
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=2))
-    return path
+def load(plugin: str | Path, weights: str | None = None, device: str = "auto", workers: int = 0) -> Predictor:
+    """Load a trained plugin (folder, .json or .safetensors) onto its backbone, on ``device``."""
+    return Predictor(load_plugin(plugin, weights=weights), source=str(plugin), device=device, workers=workers)

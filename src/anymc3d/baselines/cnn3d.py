@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model import ModelOutput
+from ..plugins.model import ModelOutput
 from ..plugins.spec import PluginSpec
 
 ARCHS = ("resnet18", "densenet121")
@@ -28,7 +28,7 @@ def build_net(arch: str, in_channels: int, n_out: int) -> nn.Module:
 
 
 class Volume3DClassifier(nn.Module):
-    """Duck-types :class:`anymc3d.model.AnyMC3D` for :func:`anymc3d.training.trainer.fit`."""
+    """Duck-types :class:`anymc3d.plugins.model.AnyMC3D` for :func:`anymc3d.training.trainer.fit`."""
 
     #: smallest side each architecture's downsampling path accepts (DenseNet-121 pools 5 times)
     MIN_SIDE = {"resnet18": 16, "densenet121": 32}
@@ -58,7 +58,7 @@ class Volume3DClassifier(nn.Module):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         # BatchNorm running statistics belong to the best state too
-        return {k: v.detach() for k, v in self.net.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         self.net.load_state_dict(state)
@@ -75,8 +75,8 @@ class Volume3DClassifier(nn.Module):
             x = torch.nn.functional.interpolate(x, size=size, mode="trilinear", align_corners=False)
         logits = self.net(x.float())
         b = x.shape[0]
-        sw = {s: torch.zeros(b, slices[s].shape[1]) for s in self.streams}
-        return ModelOutput(logits, sw, torch.ones(b, len(self.streams)))
+        sw = {s: torch.zeros(b, slices[s].shape[1], device=x.device) for s in self.streams}
+        return ModelOutput(logits, sw, torch.ones(b, len(self.streams), device=x.device))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         if self.spec.task_type == "multiclass":

@@ -1,8 +1,8 @@
 """Frozen-backbone baselines on cached slice embeddings.
 
 The frozen backbone's per-slice embeddings do not depend on the method or the seed (no
-augmentation), so they are computed once per (task, backbone, preprocessing, views) and cached
-as ``.npz`` files. On top of them, in seconds:
+augmentation), so they are computed once per case, stream and preprocessing and kept in the
+activation cache (:mod:`anymc3d.runtime.cache`). On top of them, in seconds:
 
 * ``linear_probe_from_cache``: mean pooling per view, views concatenated, StandardScaler +
   logistic regression with C chosen on validation AUROC -- the same algorithm as
@@ -19,8 +19,6 @@ the test split's feature time per volume + the head's time per volume.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -28,84 +26,61 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data import TaskData
 from ..evaluation import compute_metrics
-from ..inputs import prepare_case
-from ..io import atomic_write
 from ..plugins.pooling import TaskQueryPool
-from .linear_probe import fit_logistic_probe
-from ..preprocess import to_slices
+from ..preprocess import PreprocessOptions
+from ..runtime.cache import ActivationCache
+from ..runtime.engine import frozen_embeddings
 from ..training.losses import classification_loss
-from ..training.run import PreprocessOptions, assign_splits, subsample, youden_threshold
+from ..training.run import assign_splits, subsample, youden_threshold
 from .aggregators import make_pool
+from .linear_probe import fit_logistic_probe
 
 SPLITS = ("train", "val", "test")
 
 
-def _key(task: TaskData, backbone, specs: dict, views: list[str], seed: int) -> str:
-    ids = [(c.id, c.split) for c in task.cases]
-    blob = json.dumps({"source": task.source, "name": task.name, "bb": backbone.name, "fp": backbone.fingerprint,
-                       "specs": {k: v.to_dict() for k, v in specs.items()}, "views": list(views), "ids": ids,
-                       "split_seed": seed}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@torch.no_grad()
-def extract(backbone, cases, specs, views, chunk: int = 256, progress: bool = False, desc: str = "features"):
-    """-> emb (N, V, S, D) float16, mask (N, V, S) bool, seconds; V = inputs x views (a missing input is masked)."""
-    streams = [(inp, v) for inp in specs for v in views]
-    per_case, t0 = [], time.time()
-    for c in tqdm(cases, desc=desc, disable=not progress, leave=False):
-        pc = prepare_case(c, specs)
-        row = []
-        for inp, v in streams:
-            if inp not in pc.arrays:
-                row.append(None)
-                continue
-            x = to_slices(pc.arrays[inp], specs[inp], v)
-            row.append(torch.cat([backbone(x[i:i + chunk]).cls.float() for i in range(0, len(x), chunk)]).numpy())
-        per_case.append(row)
-    secs = time.time() - t0
-    d = backbone.embed_dim
-    s_max = max((e.shape[0] for row in per_case for e in row if e is not None), default=1)
-    emb = np.zeros((len(cases), len(streams), s_max, d), dtype=np.float16)
-    mask = np.zeros((len(cases), len(streams), s_max), dtype=bool)
-    for i, row in enumerate(per_case):
+def stack_rows(rows: list[list], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-case lists of (S, D) stream embeddings (None = missing) -> emb (N, V, S_max, D) float16 + mask."""
+    s_max = max((e.shape[0] for row in rows for e in row if e is not None), default=1)
+    n_streams = len(rows[0]) if rows else 0
+    emb = np.zeros((len(rows), n_streams, s_max, dim), dtype=np.float16)
+    mask = np.zeros((len(rows), n_streams, s_max), dtype=bool)
+    for i, row in enumerate(rows):
         for j, e in enumerate(row):
             if e is not None:
                 emb[i, j, : len(e)] = e
                 mask[i, j, : len(e)] = True
-    return emb, mask, secs
+    return emb, mask
 
 
 class FeatureCache:
-    """Per-split cached embeddings for one (task, backbone, preprocessing, views, split seed)."""
+    """Per-split frozen slice embeddings for one (task, backbone, preprocessing, views, split seed).
+
+    The embeddings come from the one activation cache (:mod:`anymc3d.runtime.cache`, cut
+    ``embed``) in ``cache_dir``: one content-keyed entry per case and stream, shared with
+    pooling-only plugins trained with ``--cache`` on the same data and preprocessing."""
 
     def __init__(self, task: TaskData, backbone, views: list[str], size: int | None, cache_dir: str | Path,
-                 seed: int = 0, progress: bool = False, log=print) -> None:
+                 seed: int = 0, progress: bool = False, log=print, device: str = "auto") -> None:
         self.task, self.backbone, self.views = task, backbone, list(views)
         pre = PreprocessOptions(views=list(views), size=size)
         self.specs = {inp: pre.spec_for(task, backbone.input_size) for inp in task.inputs}
         self.splits = assign_splits(task, seed)
-        self.key = _key(task, backbone, self.specs, self.views, seed)
-        self.dir = Path(cache_dir) / f"{task.name}-{backbone.name}-{'_'.join(views)}-{self.key}"
+        self.cache = ActivationCache(cache_dir)
         self.data: dict[str, dict] = {}
         for split in SPLITS:
             cases = self.splits[split]
             if not cases:
                 continue
-            path = self.dir / f"{split}.npz"
-            if path.is_file():
-                z = np.load(path)
-                self.data[split] = {"emb": z["emb"], "mask": z["mask"], "secs": float(z["secs"])}
-                continue
-            log(f"  extracting frozen features: {task.name} {split} ({len(cases)} volumes, views {','.join(views)})")
-            emb, mask, secs = extract(backbone, cases, self.specs, self.views, progress=progress, desc=f"features {split}")
-            with atomic_write(path) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, emb=emb, mask=mask, secs=np.float64(secs))
+            misses = self.cache.stats["misses"]
+            rows, secs = frozen_embeddings(backbone, cases, self.specs, self.views, device=device, cache=self.cache,
+                                           progress=progress, desc=f"features {split}")
+            if self.cache.stats["misses"] > misses:
+                log(f"  extracted frozen features: {task.name} {split} ({len(cases)} volumes, views {','.join(views)}, "
+                    f"{self.cache.stats['misses'] - misses} new cache entries)")
+            emb, mask = stack_rows(rows, backbone.embed_dim)
             self.data[split] = {"emb": emb, "mask": mask, "secs": secs}
 
     def labels(self, split: str) -> np.ndarray:

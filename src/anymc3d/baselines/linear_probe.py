@@ -5,39 +5,33 @@ validation split by AUROC, then the probe is refit on train and scored on test.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
-from tqdm.auto import tqdm
 
 from ..backbones import create_backbone
 from ..data import load_data
+from ..errors import InputError
 from ..evaluation import compute_metrics
-from ..inputs import prepare_case
-from ..io import atomic_write
-from ..preprocess import to_slices
-from ..training.run import PreprocessOptions, assign_splits
+from ..io import write_json
+from ..preprocess import PreprocessOptions
+from ..runtime.engine import frozen_embeddings
+from ..training.run import assign_splits
 
 
-@torch.no_grad()
-def mean_pooled_features(backbone, cases, specs, views, progress=True, chunk=256) -> np.ndarray:
-    feats = []
-    for c in tqdm(cases, desc="features", disable=not progress, leave=False):
-        pc = prepare_case(c, specs)
-        per_view = []
-        for inp, spec in specs.items():
-            for v in views:
-                x = to_slices(pc.arrays[inp], spec, v)
-                emb = torch.cat([backbone(x[i:i + chunk]).cls.float() for i in range(0, len(x), chunk)])
-                per_view.append(emb.mean(0))
-        feats.append(torch.cat(per_view).numpy())
-    return np.stack(feats)
+def mean_pooled_features(backbone, cases, specs, views, progress=True, device: str = "auto",
+                         cache=None, workers: int = 0) -> np.ndarray:
+    """Per case: the mean over slices of the frozen class embeddings, per stream, streams concatenated."""
+    rows, _ = frozen_embeddings(backbone, cases, specs, views, device=device, cache=cache, progress=progress,
+                                workers=workers)
+    for c, row in zip(cases, rows):
+        if any(e is None for e in row):
+            raise InputError(f"case {c.id}: the linear probe needs every input of the task")
+    return np.stack([np.concatenate([e.mean(0) for e in row]) for row in rows])
 
 
 def fit_logistic_probe(feats: dict[str, np.ndarray], y: dict[str, np.ndarray], task_type: str,
@@ -68,14 +62,16 @@ def fit_logistic_probe(feats: dict[str, np.ndarray], y: dict[str, np.ndarray], t
 
 def run_linear_probe(data: str | Path, backbone: str = "efficientnet_lite0", out: str | Path = "probe",
                      views: tuple[str, ...] = ("axial",), size: int | None = None, weights: str | None = None,
-                     seed: int = 0, cs=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0), progress: bool = True) -> dict:
+                     seed: int = 0, cs=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0), progress: bool = True,
+                     device: str = "auto", workers: int = 0) -> dict:
     t0 = time.time()
     task = load_data(data)
     splits = assign_splits(task, seed)
     bb = create_backbone(backbone, weights=weights, input_size=size)
     pre = PreprocessOptions(views=list(views), size=size)
     specs = {inp: pre.spec_for(task, bb.input_size) for inp in task.inputs}
-    feats = {k: mean_pooled_features(bb, v, specs, views, progress) for k, v in splits.items() if v}
+    feats = {k: mean_pooled_features(bb, v, specs, views, progress, device=device, workers=workers)
+             for k, v in splits.items() if v}
     t_feat = time.time() - t0
     y = {k: task.labels(v) for k, v in splits.items() if v}
     score, best_c, best_auc = fit_logistic_probe(feats, y, task.task_type, task.label_names, cs)
@@ -88,6 +84,5 @@ def run_linear_probe(data: str | Path, backbone: str = "efficientnet_lite0", out
         res.update(auc=m["auc"], acc=m["acc"], n=m["n"], test=m)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "metrics.json") as tmp:
-        Path(tmp).write_text(json.dumps(res, indent=2))
+    write_json(res, out / "metrics.json")
     return res

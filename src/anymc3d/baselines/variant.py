@@ -9,18 +9,19 @@ no plugin file is written (only ``metrics.json``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Callable
 
 from ..backbones import create_backbone
 from ..data import TaskData, load_data
-from ..inputs import prepare_case
-from ..io import atomic_write
+from ..io import write_json
 from ..plugins import LoraSpec, PluginSpec
-from ..training.run import PreprocessOptions, assign_splits, headline, prepare_all, score_splits, subsample
-from ..training.trainer import Batcher, TrainConfig, fit, seed_everything
+from ..preprocess import PreprocessOptions
+from ..runtime.batching import prepare_case
+from ..runtime.engine import Runtime
+from ..training.run import assign_splits, headline, prepare_all, score_splits, subsample
+from ..training.trainer import TrainConfig, fit, seed_everything
 from .aggregators import AggregatorAnyMC3D
 from .cnn3d import Volume3DClassifier
 
@@ -48,16 +49,15 @@ def train_model(data, build: Callable, out: str | Path, config: TrainConfig | No
         f"test {len(splits['test'])}")
     prepared = {k: prepare_all(v, specs, k, cfg.progress) for k, v in splits.items()}
     summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out, resume=resume)
-    batcher = Batcher(model, specs)
-    thr, results = score_splits(model, batcher, prepared, splits, task, cfg.batch_size, threshold)
+    thr, results = score_splits(model, Runtime(model, specs, device=cfg.device), prepared, splits, task,
+                                cfg.batch_size, threshold)
     metrics = {"task": task.name, "task_type": task.task_type, "threshold": thr, "trainable_params": n_params,
                "train_wall_s": summary["train_wall_s"], "total_wall_s": round(time.time() - t_start, 2),
                "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"], "n_train": len(splits["train"]),
                "splits": {k: len(v) for k, v in splits.items()}, **results, "history": summary["history"],
                "config": summary["config"]}
     metrics.update(headline(results))
-    with atomic_write(out / "metrics.json") as tmp:
-        Path(tmp).write_text(json.dumps(metrics, indent=2, default=str))
+    write_json(metrics, out / "metrics.json")
     return metrics
 
 

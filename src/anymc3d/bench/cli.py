@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cli_args import add_backbone_args, add_device_args, add_slice_args
 from ..errors import InputError
 
 
@@ -44,10 +45,10 @@ def register(sub) -> dict:
                                                 "those cells in a second process (default: the suite's, else 1)")
     b.add_argument("--out", type=Path, help="output folder (required unless --list-methods)")
     b.add_argument("--tasks", help="comma list: run only these tasks of the suite")
-    b.add_argument("--size", type=int, help="slice side given to the 2D backbone (e.g. 64 on a CPU)")
     b.add_argument("--epochs", type=int, help="epochs for plugin / 3D CNN methods")
-    b.add_argument("--backbone", help="2D backbone (default efficientnet_lite0)")
-    b.add_argument("--weights", help="local weights file for the backbone ('random' for tests)")
+    add_backbone_args(b, default=None)  # None: each method's own (efficientnet_lite0)
+    add_slice_args(b, views=False)
+    add_device_args(b)
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other method option, e.g. --set patience=5 --set head_epochs=50")
     b.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=True,
@@ -79,8 +80,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if bad:
         raise InputError(f"bench: unknown method(s) {bad}; known: {', '.join(METHODS)}")
     options = {}
-    for k in ("size", "epochs", "backbone", "weights"):
-        if getattr(a, k) is not None:
+    for k in ("size", "epochs", "backbone", "weights", "device", "workers"):
+        if getattr(a, k, None) is not None:
             options[k] = getattr(a, k)
     for kv in a.set:
         if "=" not in kv:

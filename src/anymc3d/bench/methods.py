@@ -40,6 +40,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "cnn_lr": 1e-3,
     "cnn_batch_size": 16,
     "trunk_cache": None,     # plugin methods: disk cache of frozen trunk activations (None: DIR/cache/trunk)
+    "device": "auto",        # auto | cpu | cuda | cuda:N | mps (not in any fingerprint: results are device-independent)
+    "workers": 0,            # DataLoader worker processes
 }
 
 # which general options change a method's result (the cell fingerprint uses only these)
@@ -99,14 +101,15 @@ def _train_config(o: dict, seed: int, cnn: bool = False):
         extra = {"seg_weight": 0.0} if "seg_weight" in TrainConfig.__dataclass_fields__ else {}  # no patch tokens
         return TrainConfig(epochs=int(o["epochs"]), batch_size=int(o["cnn_batch_size"]), seed=seed, loss=o["loss"],
                            lr_head=float(o["cnn_lr"]), wd_head=1e-4, patience=int(o["patience"]),
-                           augment=bool(o["augment"]), amp=False, progress=bool(o.get("progress", False)), **extra)
+                           augment=bool(o["augment"]), amp=False, progress=bool(o.get("progress", False)),
+                           device=str(o.get("device", "auto")), workers=int(o.get("workers", 0)), **extra)
     # the trunk cache only holds what the frozen part computes anyway (same bf16 tensors as the in-memory
     # cache), so it does not change a result and is not part of the cell fingerprint
     cache = o.get("trunk_cache") or (str(Path(o["cache_dir"]) / "trunk") if o.get("cache_dir") else None)
     return TrainConfig(epochs=int(o["epochs"]), batch_size=int(o["batch_size"]), seed=seed, loss=o["loss"],
                        lr_lora=float(o["lr_lora"]), lr_head=float(o["lr_head"]), patience=int(o["patience"]),
                        augment=bool(o["augment"]), amp=bool(o["amp"]), progress=bool(o.get("progress", False)),
-                       cache_dir=cache)
+                       cache_dir=cache, device=str(o.get("device", "auto")), workers=int(o.get("workers", 0)))
 
 
 def normalise(m: dict, **extra) -> dict:
@@ -150,7 +153,7 @@ def _cache(task, o: dict, views, seed: int):
     # official splits (MedMNIST, manifests with a split column) do not depend on the seed: share the cache
     has_splits = all(c.split in ("train", "val", "test") for c in task.cases if c.label is not None)
     return FeatureCache(task, _backbone(o), list(views), o["size"], o["cache_dir"], seed=0 if has_splits else seed,
-                        progress=bool(o.get("progress", False)), log=_log(o))
+                        progress=bool(o.get("progress", False)), log=_log(o), device=str(o.get("device", "auto")))
 
 
 def m_linear_probe(task, out: Path, seed: int, o: dict, views=("axial",), train_fraction: float = 1.0) -> dict:

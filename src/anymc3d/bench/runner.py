@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io import atomic_write
+from ..io import atomic_write, write_json
 from .methods import DEFAULT_OPTIONS, METHODS, get_method
 from .quoted import QUOTED
 from .suite import Suite, materialise
@@ -161,8 +161,7 @@ def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str
     state = {"suite": suite.name, "source": suite.source, "command": command, "machine": machine(),
              "methods": methods, "seeds": seeds, "tasks": [e.name for e in entries],
              "options": {k: v for k, v in opts.items()}}
-    with atomic_write(out / "bench.json") as tmp:
-        Path(tmp).write_text(json.dumps(_json_safe(state), indent=2, default=str))
+    write_json(_json_safe(state), out / "bench.json")
     try:
         for i, (entry, method, seed) in enumerate(cells):
             path = cell_path(out, entry.name, method, seed)
@@ -201,8 +200,7 @@ def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str
                 failed += 1
                 ui.log(f"   FAILED {entry.name} / {method} / seed {seed}: {type(exc).__name__}: {exc}")
             cell["wall_s"] = round(time.time() - t0, 2)
-            with atomic_write(path) as tmp:
-                Path(tmp).write_text(json.dumps(_json_safe(cell), indent=2, default=str))
+            write_json(_json_safe(cell), path)
             write_tables(out, suite, state)
             ui.advance()
     finally:

@@ -9,11 +9,14 @@ import numpy as np
 
 from ..data import load_data
 from ..errors import InputError
-from ..inputs import prepare_case
 from ..io import atomic_write
-from ..training.trainer import metric_scores, predict_prepared
 from .metrics import compute_metrics
 from .report import write_report
+
+
+def metric_scores(probs: np.ndarray, task_type: str) -> np.ndarray:
+    """The score array the metrics take: the positive-class column for binary tasks."""
+    return probs[:, 0] if task_type == "binary" else probs
 
 
 def evaluate_plugin(predictor, data: str | Path, split: str = "test", out: str | Path = "eval",
@@ -28,8 +31,7 @@ def evaluate_plugin(predictor, data: str | Path, split: str = "test", out: str |
             raise InputError(f"{data}: labels ({task.task_type}, {task.label_names}) do not match the plugin's "
                              f"({spec.task_type}, {spec.label_names})")
     t0 = time.time()
-    prepared = [prepare_case(c, predictor.specs) for c in cases]
-    probs, _ = predict_prepared(predictor.model, predictor.batcher, prepared, 4)
+    probs, _ = predictor.runtime.predict(cases, 4)  # the loader's workers read and preprocess
     dt = time.time() - t0
     y = task.labels(cases)
     metrics = compute_metrics(y, metric_scores(probs, spec.task_type), spec.task_type, spec.label_names,

@@ -14,7 +14,7 @@ _EXPORTS = {
     'METHODS': '.heatmap',
     'Explainer': '.heatmap',
     'Heatmaps': '.heatmap',
-    'load_mask': '.heatmap',
+    'load_mask': '.localization',
     'SCORES': '.localization',
     'energy_in_mask': '.localization',
     'localization_scores': '.localization',

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..cli_args import add_device_args, add_weights_arg
 from ..errors import InputError
 
 
@@ -41,59 +41,30 @@ def register(subparsers) -> dict:
     x.add_argument("--no-figure", action="store_true")
     x.add_argument("--tolerance-mm", type=float, default=0.0, help="pointing-game tolerance around the mask (mm)")
     x.add_argument("--seed", type=int, default=0, help="seed of the random-map baseline")
-    x.add_argument("--weights", help="local weights file for the backbone")
+    add_weights_arg(x)
+    add_device_args(x)
     return {"explain": cmd_explain}
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def _is_image_file(p: Path) -> bool:
-    from ..io import registered_suffixes
-
-    name = p.name.lower()
-    return p.is_file() and not name.startswith(".") and any(name.endswith(s) for s in registered_suffixes() if s != ".dcm")
-
-
 def expand_items(images: list[str], spec, split: str | None = None, positives_only: bool = False):
-    """-> list of (case id or None, item, mask or None, known label array or None)."""
-    from ..data import load_manifest
+    """-> list of (case id or None, item, mask or None, known label array or None), from the one expander."""
+    from ..inputs import expand_inputs
 
-    items = []
-    for x in images:
-        p = Path(x)
-        if x.endswith(".csv"):
-            task = load_manifest(p, image_columns=spec.inputs, require_labels=False)
-            for c in task.cases:
-                if split and c.split != split:
-                    continue
-                if positives_only and (c.label is None or not _is_positive(c.label, spec.task_type)):
-                    continue
-                items.append((c.id, c, c.mask, c.label))
-            continue
-        if not p.exists():
-            raise InputError(f"{x}: file not found")
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if _is_image_file(f))
-            if files:
-                items += [(None, f, None, None) for f in files]
-                continue
-        items.append((None, p, None, None))
-    if not items:
-        raise InputError(f"no images to explain in {', '.join(images)}")
-    return items
-
-
-def _is_positive(label: np.ndarray, task_type: str) -> bool:
-    return bool(np.asarray(label).any()) if task_type != "multiclass" else True
+    return [(it.id, it.item, it.mask, it.label) for it in
+            expand_inputs(images, spec.inputs, split=split, positives_only=positives_only, task_type=spec.task_type)]
 
 
 def _attach_masks(items, masks: list[str] | None, ids: list[str]):
+    from ..inputs import is_image_file
+
     if not masks:
         return items
     if len(masks) == 1 and Path(masks[0]).is_dir():
         folder = Path(masks[0])
         out = []
         for (cid, item, m, lab), i in zip(items, ids):
-            cands = [f for f in sorted(folder.iterdir()) if _is_image_file(f)
+            cands = [f for f in sorted(folder.iterdir()) if is_image_file(f)
                      and (f.name.startswith(f"{i}_mask.") or f.name.split(".")[0] == i)]
             out.append((cid, item, cands[0] if cands else m, lab))
         return out
@@ -127,8 +98,7 @@ def run_explain(explainer, items, out: Path, labels: list[str] | None = None, fi
                 tolerance_mm: float = 0.0, seed: int = 0, log=print) -> dict:
     """Explain every item, write maps/figures, and (given masks) localisation tables. Returns the summary."""
     from ..predict import case_id_from
-    from .heatmap import load_mask
-    from .localization import SCORES, localization_scores, random_map, summarise
+    from .localization import SCORES, load_mask, localization_scores, random_map, summarise
 
     out.mkdir(parents=True, exist_ok=True)
     cases, rows, skipped = [], [], []
@@ -190,17 +160,16 @@ def run_explain(explainer, items, out: Path, labels: list[str] | None = None, fi
 
 
 def _write_json(obj, path: Path) -> None:
-    from ..io import atomic_write
+    from ..io import write_json
 
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=2, default=float))
+    write_json(obj, path, default=float)
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
     from ..predict import case_id_from, load
     from .heatmap import Explainer
 
-    predictor = load(a.plugin, weights=a.weights)
+    predictor = load(a.plugin, weights=a.weights, device=a.device)
     explainer = Explainer(predictor, method=a.method, cam_layers=a.cam_layers, smooth_mm=a.smooth_mm)
     explainer.source = str(a.plugin)
     labels = [t.strip() for t in a.labels.split(",") if t.strip()] if a.labels else None

@@ -40,7 +40,7 @@ def heatmap_figure(hm, label: str, path: str | Path, top_k: int = 6, mask: np.nd
     picks = sorted(int(i) for i in np.argsort(-mass, kind="stable")[:k])
     cmask = None
     if mask is not None:
-        from .heatmap import canonical_mask
+        from .localization import canonical_mask
 
         cmask = canonical_mask(mask, hm.record)
 

@@ -38,10 +38,11 @@ from scipy import ndimage
 
 from ..data.cases import Case
 from ..errors import InputError
-from ..inputs import prepare_case, slice_streams
-from ..io import read_volume, write_nifti
+from ..io import write_nifti
 from ..preprocess import PreprocessSpec, canonical_to_input, slices_to_canonical
-from ..preprocess.spatial import SpatialRecord, apply_spatial
+from ..preprocess.spatial import SpatialRecord
+from ..runtime.batching import prepare_case
+from ..runtime.engine import Runtime
 from ..volume import Volume
 from .attention import capture_cls_attention
 
@@ -101,7 +102,9 @@ def _to_reference(arr: np.ndarray, src: SpatialRecord, ref: SpatialRecord) -> np
 class Explainer:
     """Heatmaps for a loaded plugin (an ``AnyMC3D`` model or a ``Predictor``)."""
 
-    def __init__(self, model, method: str = "auto", cam_layers: str = "auto", smooth_mm: float = 0.0) -> None:
+    def __init__(self, model, method: str = "auto", cam_layers: str = "auto", smooth_mm: float = 0.0,
+                 device: str = "auto") -> None:
+        runtime = getattr(model, "runtime", None)  # a Predictor: explain on its runtime (same device)
         model = getattr(model, "model", model)
         if method not in METHODS:
             raise InputError(f"heatmap method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -109,7 +112,8 @@ class Explainer:
         if method == "auto":
             method = "attention" if kind == "vit" else "gradcam"
         if method == "attention" and kind != "vit":
-            raise InputError(f"backbone {model.backbone.name} ({kind}) has no attention; use --method gradcam")
+            what = ("windowed attention without a class token" if kind == "hybrid" else "no attention")
+            raise InputError(f"backbone {model.backbone.name} ({kind}) has {what}; use --method gradcam")
         self.model = model
         self.spec = model.spec
         self.method = method
@@ -118,6 +122,7 @@ class Explainer:
             raise InputError(f"smoothing must be >= 0 mm, got {smooth_mm}")
         self.smooth_mm = float(smooth_mm)
         self.specs = {k: PreprocessSpec.from_dict(v) for k, v in self.spec.preprocess.items()}
+        self.runtime = runtime if runtime is not None else Runtime(model, self.specs, device=device)
 
     @property
     def resolved_cam_layers(self) -> str | None:
@@ -126,6 +131,8 @@ class Explainer:
             return None
         if self.model.backbone.kind == "vit":
             return "blocks[-1].norm1"
+        if self.model.backbone.kind == "hybrid":
+            return "stages[-1]"
         from .gradcam import DEFAULT_CNN_LAYERS
 
         return DEFAULT_CNN_LAYERS if self.cam_layers == "auto" else self.cam_layers
@@ -177,12 +184,13 @@ class Explainer:
         targets = self._label_targets(labels)
         model = self.model
         model.eval()
-        stacks = slice_streams(prepared, self.specs, model.streams)
+        slices, masks, present, _, _ = self.runtime.batcher.batch([prepared])
+        stacks = {s: x[0] for s, x in slices.items()}
         streams = [s for s in model.streams if s in stacks]
-        emb, att, out = self._forward(stacks)
-        sw = {s: out.slice_weights[s][0].float() for s in streams}
+        emb, att, out = self._forward(slices, masks, present)
+        sw = {s: out.slice_weights[s][0].float().cpu() for s in streams}
         vw = {s: float(out.view_weights[0, model.streams.index(s)]) for s in streams}
-        probs = model.probabilities(out.logits.float())[0].numpy()
+        probs = model.probabilities(out.logits.float())[0].cpu().numpy()
 
         label_w: dict[str, dict[str, np.ndarray]] = {lab: {} for lab, _, _ in targets}
         canon_by_input: dict[str, dict[str, np.ndarray]] = {lab: {} for lab, _, _ in targets}
@@ -191,7 +199,7 @@ class Explainer:
             spec, rec = self.specs[inp], prepared.records[inp]
             a = sw[s]
             with torch.no_grad():
-                z = model.head(emb[s]).float()  # (S, n_outputs) per-slice logits (eval: dropout off)
+                z = model.head(emb[s]).float().cpu()  # (S, n_outputs) per-slice logits (eval: dropout off)
             if self.spec.task_type == "multiclass":
                 z = z - z.mean(dim=1, keepdim=True)
             if self.method == "attention":
@@ -200,8 +208,9 @@ class Explainer:
             else:
                 from .gradcam import slice_cams
 
-                cams = slice_cams(model, s, stacks[s], [(i, sg) for _, i, sg in targets], self.cam_layers)
-                per_label = {lab: cams[(i, sg)] for lab, i, sg in targets}
+                cams = slice_cams(model, s, stacks[s].to(self.runtime.device), [(i, sg) for _, i, sg in targets],
+                                  self.cam_layers)
+                per_label = {lab: cams[(i, sg)].float().cpu() for lab, i, sg in targets}
             for lab, i, sg in targets:
                 w = a
                 if self.method == "attention" and self.spec.task_type != "binary":
@@ -248,14 +257,13 @@ class Explainer:
                         view_weights=vw, probabilities=probabilities, seconds=time.perf_counter() - t0,
                         source=prepared.sources.get(ref, ""))
 
-    def _forward(self, stacks: dict[str, torch.Tensor]):
-        """The plugin's own forward pass, with hooks that keep each stream's slice embeddings and
-        (attention method) the last block's class-to-patch attention."""
+    def _forward(self, slices: dict, masks: dict, present: torch.Tensor):
+        """The plugin's forward pass on the runtime, with hooks that keep each stream's slice
+        embeddings and (attention method) the last block's class-to-patch attention."""
         model = self.model
         emb: dict[str, torch.Tensor] = {}
         att: dict[str, torch.Tensor] = {}
-        slices = {s: x[None] for s, x in stacks.items()}
-        present = torch.tensor([[s in slices for s in model.streams]])
+        stacks = slices
         use_att = self.method == "attention"
         ctx = capture_cls_attention(model.backbone) if use_att else contextlib.nullcontext([])
         handles = []
@@ -265,14 +273,14 @@ class Explainer:
                     emb[s] = inputs[0][0].detach().float()
                     if use_att:
                         n = inputs[0].shape[1]
-                        maps = torch.cat(store)
+                        maps = torch.cat(store).float().cpu()
                         store.clear()
                         h = w = int(round((maps.shape[1]) ** 0.5))
                         att[s] = maps.reshape(n, h, w)
                 handles.append(model.slice_pool[s.replace(":", "__")].register_forward_hook(hook))
             try:
                 with torch.no_grad():
-                    out = model(slices, None, present)
+                    out = self.runtime.forward(slices, masks, present)
             finally:
                 for h in handles:
                     h.remove()
@@ -295,23 +303,4 @@ class Explainer:
         return paths
 
 
-def load_mask(path_or_volume, record: SpatialRecord) -> np.ndarray:
-    """A mask on the input's grid (shape and affine must match the image): bool (X, Y, Z)."""
-    vol = path_or_volume if isinstance(path_or_volume, Volume) else read_volume(path_or_volume)
-    arr = np.asarray(vol.array)
-    if arr.ndim == 4 and arr.shape[0] == 1:
-        arr = arr[0]
-    if tuple(arr.shape) != tuple(record.input_shape):
-        raise InputError(f"{vol.source}: mask shape {tuple(arr.shape)} does not match image "
-                         f"{record.input_path} shape {tuple(record.input_shape)}")
-    if not np.allclose(np.asarray(vol.affine), record.input_affine, rtol=0, atol=1e-3):
-        raise InputError(f"{vol.source}: mask affine differs from image {record.input_path}")
-    return arr > 0
-
-
-def canonical_mask(mask: np.ndarray, record: SpatialRecord) -> np.ndarray:
-    """An input-grid mask on the canonical grid (nearest neighbour), for figures."""
-    return apply_spatial(mask.astype(np.uint8), record, order=0) > 0
-
-
-__all__ = ["Explainer", "Heatmaps", "METHODS", "load_mask", "canonical_mask"]
+__all__ = ["Explainer", "Heatmaps", "METHODS"]

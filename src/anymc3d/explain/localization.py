@@ -20,6 +20,11 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
+from ..errors import InputError
+from ..io import read_volume
+from ..preprocess.spatial import SpatialRecord, apply_spatial
+from ..volume import Volume
+
 SCORES = ("pointing_game", "energy_in_mask", "auroc")
 
 
@@ -87,3 +92,22 @@ def summarise(rows: list[dict], prefix: str = "") -> dict[str, float | None]:
         vals = [r[prefix + s] for r in rows if r.get(prefix + s) is not None and np.isfinite(r[prefix + s])]
         out[s] = float(np.mean(vals)) if vals else None
     return out
+
+
+def load_mask(path_or_volume, record: SpatialRecord) -> np.ndarray:
+    """A mask on the input's grid (shape and affine must match the image): bool (X, Y, Z)."""
+    vol = path_or_volume if isinstance(path_or_volume, Volume) else read_volume(path_or_volume)
+    arr = np.asarray(vol.array)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if tuple(arr.shape) != tuple(record.input_shape):
+        raise InputError(f"{vol.source}: mask shape {tuple(arr.shape)} does not match image "
+                         f"{record.input_path} shape {tuple(record.input_shape)}")
+    if not np.allclose(np.asarray(vol.affine), record.input_affine, rtol=0, atol=1e-3):
+        raise InputError(f"{vol.source}: mask affine differs from image {record.input_path}")
+    return arr > 0
+
+
+def canonical_mask(mask: np.ndarray, record: SpatialRecord) -> np.ndarray:
+    """An input-grid mask on the canonical grid (nearest neighbour), for figures."""
+    return apply_spatial(mask.astype(np.uint8), record, order=0) > 0

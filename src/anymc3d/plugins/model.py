@@ -3,6 +3,12 @@
 The frozen backbone runs once per slice per stream (input x view) with that stream's LoRA
 adapter active; each stream's task query pools its slice embeddings into a stream embedding;
 a fusion query pools the stream embeddings; dropout + linear gives the logits.
+
+``embed_slices`` / ``trunk`` are the only code that runs a 2D backbone on slices (in chunks, with
+the stream's adapter active, under the autocast and memory-format policy that
+:mod:`anymc3d.runtime.device` sets on the model). Everything that needs slice embeddings, trunk
+activations or logits (training, evaluation, prediction, predict-all, heatmaps, the baselines)
+reaches them through :mod:`anymc3d.runtime`, which calls these two methods.
 """
 from __future__ import annotations
 
@@ -11,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .backbones import Backbone
-from .plugins.lora import activate, add_adapter, adapter_parameters
-from .plugins.pooling import TaskQueryPool
-from .plugins.spec import PluginSpec
+from ..backbones import Backbone
+from .lora import activate, add_adapter, adapter_parameters
+from .pooling import TaskQueryPool
+from .spec import PluginSpec
 
 
 @dataclass
@@ -40,6 +46,7 @@ class AnyMC3D(nn.Module):
         self.streams = spec.streams
         self.chunk = chunk
         self.autocast = autocast
+        self.channels_last = False  # set by the runtime for CNN backbones (measured faster on CPU and GPU)
         d = backbone.embed_dim
         self.adapters: dict[str, str] = {}
         if spec.lora.r > 0:
@@ -70,8 +77,8 @@ class AnyMC3D(nn.Module):
         return out
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Everything a plugin file stores: LoRA A/B per stream, queries, head."""
-        return {k: p.detach() for k, p in {**self.lora_parameters(), **self.head_parameters()}.items()}
+        """Everything a plugin file stores: LoRA A/B per stream, queries, head (on the CPU: device-independent)."""
+        return {k: p.detach().to("cpu", copy=True) for k, p in {**self.lora_parameters(), **self.head_parameters()}.items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         own = {**self.lora_parameters(), **self.head_parameters()}
@@ -97,6 +104,15 @@ class AnyMC3D(nn.Module):
     def last_k(self) -> int | None:
         return self.spec.lora.last_k if self.spec.lora.r > 0 else None
 
+    def _chunks(self, x: torch.Tensor):
+        """(chunk of x, autocast context) pairs: the one loop over slices that every backbone pass uses."""
+        amp = self.autocast and x.device.type in ("cpu", "cuda")
+        for i in range(0, x.shape[0], self.chunk):
+            xi = x[i:i + self.chunk]
+            if self.channels_last and xi.dim() == 4:
+                xi = xi.contiguous(memory_format=torch.channels_last)
+            yield xi, torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
+
     @torch.no_grad()
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Shared-trunk activations of slices (N, C, H, W); only defined when LoRA sits in the last k blocks."""
@@ -104,9 +120,9 @@ class AnyMC3D(nn.Module):
         if k is None:
             raise ValueError("trunk() needs a plugin with lora.last_k set")
         out = []
-        for i in range(0, x.shape[0], self.chunk):
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out.append(self.backbone.forward_trunk(x[i:i + self.chunk], k))
+        for xi, amp in self._chunks(x):
+            with amp:
+                out.append(self.backbone.forward_trunk(xi, k))
         return torch.cat(out)
 
     def embed_slices(self, stream: str, x: torch.Tensor, keep_patches: bool = False, from_trunk: bool = False):
@@ -119,12 +135,12 @@ class AnyMC3D(nn.Module):
         if from_trunk and k is None:
             raise ValueError("trunk activations given to a plugin without lora.last_k")
         cls, patches = [], []
-        for i in range(0, x.shape[0], self.chunk):
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        for xi, amp in self._chunks(x):
+            with amp:
                 if k is None:
-                    out = self.backbone(x[i:i + self.chunk])
+                    out = self.backbone(xi)
                 else:
-                    h = x[i:i + self.chunk] if from_trunk else self.trunk(x[i:i + self.chunk])
+                    h = xi if from_trunk else self.trunk(xi)
                     out = self.backbone.forward_tail(h, k)
             cls.append(out.cls.float())
             if keep_patches:
@@ -154,11 +170,12 @@ class AnyMC3D(nn.Module):
         """Everything after the backbone: slice embeddings (B, S, D) per stream -> task-query pooling,
         view fusion (missing streams masked out) and head. Also used on cached embeddings."""
         pooled, sw = [], {}
-        batch = next(iter(embeddings.values())).shape[0]
+        ref = next(iter(embeddings.values()))
+        batch, dev = ref.shape[0], ref.device
         for s in self.streams:
             if s not in embeddings:
-                pooled.append(torch.zeros(batch, self.backbone.embed_dim))
-                sw[s] = torch.zeros(batch, 0)
+                pooled.append(torch.zeros(batch, self.backbone.embed_dim, device=dev))
+                sw[s] = torch.zeros(batch, 0, device=dev)
                 continue
             mask = slice_mask.get(s) if slice_mask else None
             v, w = self.slice_pool[s.replace(":", "__")](embeddings[s].float(), mask)
@@ -166,11 +183,12 @@ class AnyMC3D(nn.Module):
             sw[s] = w
         views = torch.stack(pooled, dim=1)  # (B, V, D)
         if present is None:
-            present = torch.tensor([[s in embeddings for s in self.streams]] * batch)
+            present = torch.tensor([[s in embeddings for s in self.streams]] * batch, device=dev)
+        present = present.to(dev)
         if not bool(present.any(dim=1).all()):
             raise ValueError("every case needs at least one of the plugin's inputs")
         if len(self.streams) == 1:
-            fused, vw = views[:, 0], torch.ones(batch, 1)
+            fused, vw = views[:, 0], torch.ones(batch, 1, device=dev)
         else:
             fused, vw = self.view_pool(views, present)
         return ModelOutput(self.head(fused), sw, vw)

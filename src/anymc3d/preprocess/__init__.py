@@ -11,6 +11,7 @@ from anymc3d.preprocess.spec import (
     VIEW_AXIS,
     VIEWS,
     WINDOW_PRESETS,
+    PreprocessOptions,
     PreprocessSpec,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "VIEW_AXIS",
     "WINDOW_PRESETS",
     "PreparedVolume",
+    "PreprocessOptions",
     "PreprocessSpec",
     "SpatialRecord",
     "apply_intensity",

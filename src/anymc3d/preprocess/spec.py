@@ -58,6 +58,10 @@ def _resolve_windows(windows: Union[str, Sequence[Any], None]) -> Optional[list[
     return out
 
 
+#: spec fields used only when cutting slices
+SLICE_ONLY_FIELDS = ("views", "size", "max_slices")
+
+
 @dataclass
 class PreprocessSpec:
     """How a volume becomes slice stacks. Saved with each plugin; re-applied verbatim at prediction.
@@ -127,6 +131,12 @@ class PreprocessSpec:
         """Channels after intensity processing ("ct" gives one per window per input channel)."""
         return in_channels * len(self.windows) if self.intensity == "ct" else in_channels  # type: ignore[arg-type]
 
+    def canonical_key(self) -> str:
+        """The fields that shape the canonical 3D volume (not the slicing ones): equal keys give equal volumes."""
+        import json
+
+        return json.dumps({k: v for k, v in self.to_dict().items() if k not in SLICE_ONLY_FIELDS}, sort_keys=True)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types only (tuples become lists); ``from_dict`` restores an equal spec."""
         d = asdict(self)
@@ -151,3 +161,24 @@ class PreprocessSpec:
         if d.get("windows") is not None and not isinstance(d["windows"], str):
             d["windows"] = [tuple(w) if not isinstance(w, str) else w for w in d["windows"]]
         return cls(**d)
+
+
+@dataclass
+class PreprocessOptions:
+    """User-facing preprocessing choices (``--views --size --intensity --windows --spacing
+    --max-slices``); unspecified fields come from the data source and the backbone."""
+
+    views: list[str] = field(default_factory=lambda: ["axial"])
+    size: Optional[int] = None
+    intensity: Optional[str] = None
+    windows: Union[str, list, None] = None
+    spacing: Optional[tuple] = None
+    max_slices: Optional[int] = None
+
+    def spec_for(self, task, backbone_size: int) -> PreprocessSpec:
+        """``task``: anything with ``intensity`` and ``orientation`` (a :class:`anymc3d.data.TaskData`)."""
+        kw = dict(views=list(self.views), size=self.size or backbone_size, intensity=self.intensity or task.intensity,
+                  orientation=task.orientation, spacing=self.spacing, max_slices=self.max_slices)
+        if self.windows is not None:
+            kw["windows"] = self.windows
+        return PreprocessSpec(**kw)

@@ -1,22 +1,29 @@
-"""Cases -> model inputs, the same code path for training, evaluation and prediction.
+"""Cases -> batches: the same code path for training, evaluation, prediction and heatmaps.
 
 Each input of a case is read and canonicalised once (orientation, spacing, intensity) with the
-plugin's saved preprocessing spec; augmentation (training only) acts on the canonical 3D array;
-then every view is cut into slices and padded into a batch with a slice mask.
+plugin's saved preprocessing spec (:func:`prepare_case`); augmentation (training only) acts on the
+canonical 3D array; then every view is cut into slices and padded into a batch with a slice mask
+(:class:`Batcher`). :func:`batch_loader` runs that work in a ``torch.utils.data.DataLoader``:
+worker processes (``workers > 0``) do the reading, preprocessing, 3D augmentation and slicing,
+with pinned memory when the model sits on CUDA. Every batch is fully determined by its cases and
+its augmentation seed, so any number of workers gives the same batches as none.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
-from .data.cases import Case
-from .errors import InputError
-from .io import read_volume
-from .preprocess import PreprocessSpec, canonicalize, canonicalize_mask, to_slices
-from .volume import Volume
+from ..data.cases import Case
+from ..errors import InputError
+from ..io import read_volume
+from ..preprocess import PreprocessSpec, canonicalize, canonicalize_mask, to_slices
+from ..preprocess.augment import build_augmentation
+from ..volume import Volume
 
 
 @dataclass
@@ -27,23 +34,40 @@ class PreparedCase:
     label: torch.Tensor | None
     mask: torch.Tensor | None = None       # canonical (1, X, Y, Z) of the first input, or None
     sources: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # reader warnings (constant volume, several series, ...)
 
 
 def _as_volume(item: Volume | Path | str) -> Volume:
     return item if isinstance(item, Volume) else read_volume(item)
 
 
-def prepare_case(case: Case, specs: dict[str, PreprocessSpec]) -> PreparedCase:
-    arrays, records, sources = {}, {}, {}
+def prepare_case(case: Case, specs: dict[str, PreprocessSpec], memo: dict | None = None) -> PreparedCase:
+    """Read and canonicalise every input of ``case``. ``memo`` (a dict kept by the caller for one
+    volume) shares reading and canonicalisation between plugins with the same preprocessing."""
+    arrays, records, sources, warns = {}, {}, {}, []
     for name, spec in specs.items():
         item = case.images.get(name)
         if item is None:
             continue
-        vol = _as_volume(item)
-        arr, rec = canonicalize(vol, spec)
-        arrays[name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-        records[name] = rec
-        sources[name] = vol.source
+        if memo is None:
+            vol = _as_volume(item)
+            arr, rec = canonicalize(vol, spec)
+            arr = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        else:
+            vkey = ("volume", id(item) if isinstance(item, Volume) else str(Path(item).resolve()))
+            if vkey not in memo:
+                memo[vkey] = _as_volume(item)
+            vol = memo[vkey]
+            ckey = (vkey, spec.canonical_key())
+            if ckey not in memo:
+                arr, rec = canonicalize(vol, spec)
+                memo[ckey] = (torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), rec)
+            arr, rec = memo[ckey]
+        if arr.shape[0] not in (1, 3):
+            raise InputError(f"{vol.source}: {arr.shape[0]} channels after preprocessing (input {name}); the 2D "
+                             "backbones take 1 (grey) or 3 (e.g. three CT windows of a grey volume)")
+        arrays[name], records[name], sources[name] = arr, rec, vol.source
+        warns += [w for w in (vol.meta or {}).get("warnings", []) if w not in warns]
     if not arrays:
         raise InputError(f"case {case.id}: none of the inputs {list(specs)} is present")
     mask = None
@@ -53,7 +77,7 @@ def prepare_case(case: Case, specs: dict[str, PreprocessSpec]) -> PreparedCase:
         m = canonicalize_mask(mvol, specs[first], records[first])
         mask = torch.from_numpy(np.ascontiguousarray(m)).to(torch.float32)[None]
     label = torch.from_numpy(case.label) if case.label is not None else None
-    return PreparedCase(case.id, arrays, records, label, mask, sources)
+    return PreparedCase(case.id, arrays, records, label, mask, sources, warns)
 
 
 def slice_streams(case: PreparedCase, specs: dict[str, PreprocessSpec], streams: list[str],
@@ -79,7 +103,7 @@ def collate(per_case: list[dict[str, torch.Tensor]], streams: list[str]):
         if ref is None:
             continue
         n = max(x.shape[0] for x in stacks if x is not None)
-        batch = torch.zeros(b, n, *ref.shape[1:])
+        batch = torch.zeros(b, n, *ref.shape[1:], dtype=ref.dtype)
         m = torch.zeros(b, n, dtype=torch.bool)
         for i, x in enumerate(stacks):
             if x is not None:
@@ -88,3 +112,115 @@ def collate(per_case: list[dict[str, torch.Tensor]], streams: list[str]):
                 present[i, j] = True
         slices[s], masks[s] = batch, m
     return slices, masks, present
+
+
+class Batcher:
+    """Turns prepared cases into (slices, masks, present, labels, from_trunk) batches: CPU data work only.
+
+    ``from_trunk`` says that the batch may be served from the activation cache (an un-augmented
+    batch of a shared-trunk or pooling-only plugin with ``cache_trunk``); the slices are still the
+    raw slices, and :class:`anymc3d.runtime.Runtime` turns them into cached activations."""
+
+    def __init__(self, model, specs: dict[str, PreprocessSpec], cache_trunk: bool = False) -> None:
+        self.specs, self.streams = specs, list(model.streams)
+        self.first_input = model.spec.inputs[0]
+        # pooling-only plugins (r=0): the "trunk" is the whole frozen backbone; its class embeddings are cached
+        self.cache_trunk = cache_trunk and (model.last_k is not None or model.spec.lora.r == 0)
+
+    def _augment(self, case: PreparedCase, seed: int) -> dict[str, torch.Tensor]:
+        """Augmented copies of the case's inputs (and of its mask, under the key "mask")."""
+        keys = sorted(case.arrays)
+        shapes = {tuple(case.arrays[k].shape[1:]) for k in keys}
+        if case.mask is not None:
+            shapes.add(tuple(case.mask.shape[1:]))
+        with_mask = case.mask is not None
+        if len(shapes) == 1:
+            aug = build_augmentation(keys, next(iter(shapes)), with_mask, seed)
+            d = {k: case.arrays[k] for k in keys}
+            if with_mask:
+                d["mask"] = case.mask
+            out = aug(d)
+            return {k: torch.as_tensor(out[k]).float() for k in d}
+        if with_mask:
+            raise ValueError(f"case {case.id}: inputs on different grids cannot carry one mask")
+        out = {}
+        for i, k in enumerate(keys):  # inputs on different grids: augment each on its own
+            aug = build_augmentation([k], tuple(case.arrays[k].shape[1:]), False, seed + i)
+            out[k] = torch.as_tensor(aug({k: case.arrays[k]})[k]).float()
+        return out
+
+    def batch(self, cases: list[PreparedCase], augment_seed: int | None = None, with_masks: bool = False):
+        """Returns slices, slice masks, stream presence, labels, from_trunk and (with_masks) the
+        segmentation targets: stream -> (B, S, size, size) for the first input's streams, and a
+        (B,) flag saying which cases have a mask."""
+        from_trunk = self.cache_trunk and augment_seed is None and not with_masks
+        per_case, seg = [], []
+        for i, c in enumerate(cases):
+            arrays = self._augment(c, augment_seed + i) if augment_seed is not None else dict(c.arrays)
+            mask = arrays.pop("mask", c.mask)
+            per_case.append(slice_streams(c, self.specs, self.streams, arrays))
+            if with_masks:
+                seg.append(self._mask_slices(mask))
+        slices, masks, present = collate(per_case, self.streams)
+        labels = torch.stack([c.label for c in cases]) if cases[0].label is not None else None
+        if not with_masks:
+            return slices, masks, present, labels, from_trunk
+        seg_streams = [s for s in self.streams if s.split(":")[0] == self.first_input]
+        targets, _, _ = collate([{s: m[s] for s in seg_streams} if m else {} for m in seg], seg_streams)
+        has_mask = torch.tensor([m is not None for m in seg])
+        return slices, masks, present, labels, from_trunk, {s: t[:, :, 0] for s, t in targets.items()}, has_mask
+
+    def _mask_slices(self, mask: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        if mask is None:
+            return None
+        inp = self.first_input
+        return {s: (to_slices(mask, self.specs[inp], s.split(":")[1], mode="nearest") > 0.5).float()
+                for s in self.streams if s.split(":")[0] == inp}
+
+
+@dataclass
+class BatchPlan:
+    """One batch to build: indices into the case list, its augmentation seed, and whether it carries masks."""
+
+    indices: list[int]
+    augment_seed: int | None = None
+    with_masks: bool = False
+
+
+class BatchDataset(Dataset):
+    """Item i = the whole i-th batch of ``plans`` (cases read lazily when they are :class:`Case`)."""
+
+    def __init__(self, batcher: Batcher, cases: Sequence, plans: list[BatchPlan],
+                 specs: dict[str, PreprocessSpec] | None = None) -> None:
+        self.batcher, self.cases, self.plans = batcher, cases, plans
+        self.specs = specs or batcher.specs
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, i: int):
+        plan = self.plans[i]
+        cases = [self.cases[j] for j in plan.indices]
+        prepared = [c if isinstance(c, PreparedCase) else prepare_case(c, self.specs) for c in cases]
+        out = self.batcher.batch(prepared, plan.augment_seed, with_masks=plan.with_masks)
+        meta = [{"id": p.id, "sources": p.sources, "warnings": p.warnings} for p in prepared]
+        return out, meta
+
+
+def _identity(x):
+    return x
+
+
+def batch_loader(batcher: Batcher, cases: Sequence, plans: list[BatchPlan], workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """A DataLoader that yields ``(batch, meta)`` for each plan, in order (no shuffling here: the
+    trainer's plans already hold the epoch's seeded order)."""
+    kw = {"num_workers": workers, "pin_memory": pin_memory, "collate_fn": _identity, "batch_size": None}
+    if workers > 0:
+        kw["persistent_workers"] = False
+        kw["prefetch_factor"] = 2
+    return DataLoader(BatchDataset(batcher, cases, plans), **kw)
+
+
+def eval_plans(n: int, batch_size: int) -> list[BatchPlan]:
+    return [BatchPlan(list(range(i, min(n, i + batch_size)))) for i in range(0, n, batch_size)]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..backbones import create_backbone
-from ..model import AnyMC3D
+from ..plugins.model import AnyMC3D
 from ..plugins import LoraSpec, PluginSpec, save_plugin
 from ..preprocess import PreprocessSpec
 from ..volume import Volume

@@ -111,7 +111,7 @@ def _print_info(d: dict) -> None:
 
 
 def cmd_cache(a: argparse.Namespace) -> int:
-    from .cache import ActivationCache
+    from ..runtime.cache import ActivationCache
 
     c = ActivationCache(a.cache)
     if a.cache_action == "clear":
@@ -122,9 +122,9 @@ def cmd_cache(a: argparse.Namespace) -> int:
 
 
 # ---- predict --plugins DIR ------------------------------------------------------------------------
-def _expand(images: list[str], inputs: list[str]) -> list[tuple[str | None, object]]:
+def _expand(images: list[str], inputs: list[str]):
     """Inputs of ``predict --plugins``: manifests use whichever of the store's image columns they have."""
-    from ..cli import expand_inputs
+    from ..inputs import expand_inputs
 
     return expand_inputs(images, inputs, strict=False)
 
@@ -137,7 +137,7 @@ def cmd_predict_all(a: argparse.Namespace, images: list[str]) -> int:
 
     if getattr(a, "heatmaps", False):
         raise InputError("predict: --heatmaps works with one PLUGIN, not with --plugins DIR (run `anymc3d explain` per task)")
-    mp = MultiPredictor.from_store(a.plugins, weights=getattr(a, "weights", None))
+    mp = MultiPredictor.from_store(a.plugins, weights=getattr(a, "weights", None), device=getattr(a, "device", "auto"))
     for s in mp.skipped:
         print(f"anymc3d: skipped plugin {s['name']}: {s['reason']}", file=sys.stderr)
     print(f"backbone {mp.backbone.name} ({mp.backbone.fingerprint}) loaded once; tasks: {', '.join(mp.tasks)}")

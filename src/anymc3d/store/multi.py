@@ -3,9 +3,11 @@
 Execution per volume:
 
 1. each input file is read once;
-2. it is canonicalised (orientation, spacing, intensity) once per distinct preprocessing spec, and
-   cut into slices once per (spec, view, slice size, max_slices);
-3. the frozen compute is shared (``shared=True``, the default):
+2. it is canonicalised (orientation, spacing, intensity) once per distinct preprocessing spec
+   (``prepare_case``'s per-volume memo), and cut into each plugin's slices;
+3. every plugin runs on its own :class:`~anymc3d.runtime.Runtime`; the frozen compute is shared
+   (``shared=True``, the default) through one memory-only activation cache for the volume, whose
+   content keys make equal slice stacks of plugins with the same cut point meet:
    * shared-trunk plugins (``lora.last_k = k``): the backbone's first blocks run once per slice stack
      and k, with every adapter off; each plugin then runs only its own adapted tail on that output;
    * pooling-only plugins (``lora.r = 0``): the whole frozen backbone runs once per slice stack and all
@@ -23,27 +25,24 @@ is reported in ``skipped`` (and in every result) and never run.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..backbones import Backbone, create_backbone
 from ..data.cases import Case
 from ..errors import InputError
-from ..inputs import PreparedCase
-from ..io import read_volume
-from ..model import AnyMC3D
 from ..plugins.file import load_plugin, read_spec
-from ..plugins.lora import activate
-from ..preprocess import PreprocessSpec, canonicalize, to_slices
+from ..plugins.model import AnyMC3D
+from ..preprocess import PreprocessSpec
+from ..runtime.batching import prepare_case
+from ..runtime.cache import ActivationCache
+from ..runtime.engine import Runtime, case_outputs
+from ..runtime.results import volume_result
 from ..volume import Volume
 from .store import PluginStore
-
-_SLICE_ONLY = ("views", "size", "max_slices")  # spec fields used only when cutting slices
 
 
 @dataclass
@@ -52,7 +51,11 @@ class Attached:
     path: Path
     model: AnyMC3D
     specs: dict[str, PreprocessSpec]
-    predictor: object  # anymc3d.predict.Predictor: formats results exactly like `anymc3d predict PLUGIN`
+    predictor: object  # anymc3d.predict.Predictor: reads cases exactly like `anymc3d predict PLUGIN`
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.predictor.runtime
 
     @property
     def mode(self) -> str:
@@ -61,35 +64,33 @@ class Attached:
         return f"trunk:{self.model.last_k}" if self.model.last_k is not None else "full"
 
 
-def _canon_key(spec: PreprocessSpec) -> str:
-    return json.dumps({k: v for k, v in spec.to_dict().items() if k not in _SLICE_ONLY}, sort_keys=True)
-
-
 class MultiPredictor:
     """One backbone, many plugins. ``predict(volume)`` -> {"tasks": {name: result}, "skipped": [...], ...}."""
 
-    def __init__(self, backbone: Backbone, attached: list[Attached], skipped: list[dict], shared: bool = True) -> None:
+    def __init__(self, backbone: Backbone, attached: list[Attached], skipped: list[dict], shared: bool = True,
+                 cache: ActivationCache | None = None) -> None:
         if not attached:
             why = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped) or "the store is empty"
             raise InputError(f"no compatible plugin to run ({why})")
         self.backbone, self.attached, self.skipped, self.shared = backbone, attached, skipped, shared
+        self.cache = cache if cache is not None else ActivationCache(None)
         self.last_timing: dict[str, float] = {}
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
     def from_store(cls, root: str | Path, weights: str | None = None, backbone: Backbone | None = None,
-                   shared: bool = True) -> "MultiPredictor":
+                   shared: bool = True, device: str = "auto") -> "MultiPredictor":
         store = PluginStore(root)
         entries = store.entries()
         skipped = [{"name": e.name, "reason": e.error} for e in entries if e.spec is None]
         plugins = [(e.name, e.path) for e in entries if e.spec is not None]
         return cls.from_paths(plugins, weights=weights, backbone=backbone, shared=shared,
-                              target=store.target_backbone(), skipped=skipped)
+                              target=store.target_backbone(), skipped=skipped, device=device)
 
     @classmethod
     def from_paths(cls, plugins: list[tuple[str, str | Path]], weights: str | None = None, backbone: Backbone | None = None,
-                   shared: bool = True, target: tuple[str, str] | None = None, skipped: list[dict] | None = None
-                   ) -> "MultiPredictor":
+                   shared: bool = True, target: tuple[str, str] | None = None, skipped: list[dict] | None = None,
+                   device: str = "auto") -> "MultiPredictor":
         from ..predict import Predictor
 
         skipped = list(skipped or [])
@@ -112,7 +113,7 @@ class MultiPredictor:
                 compatible.append((name, path, spec))
         if backbone is None and compatible:
             backbone = create_backbone(target[0], weights=weights, input_size=compatible[0][2].input_size)
-        attached = []
+        attached, cache = [], ActivationCache(None)
         for i, (name, path, spec) in enumerate(compatible):
             if backbone.fingerprint != spec.backbone_fingerprint:
                 skipped.append({"name": name, "reason": f"trained on {spec.backbone} ({spec.backbone_fingerprint}) but "
@@ -123,9 +124,11 @@ class MultiPredictor:
             except InputError as exc:
                 skipped.append({"name": name, "reason": str(exc)})
                 continue
-            pred = Predictor(model, source=str(path))
+            pred = Predictor(model, source=str(path), device=device)
+            # every plugin's runtime reads the one per-volume activation cache (shared trunk / frozen embeddings)
+            pred.runtime = Runtime(model, pred.specs, device=pred.device, cache=cache, cache_trunk=shared)
             attached.append(Attached(name, path, model, pred.specs, pred))
-        return cls(backbone, attached, skipped, shared)
+        return cls(backbone, attached, skipped, shared, cache)
 
     # ---- prediction -----------------------------------------------------------------------------
     @property
@@ -142,25 +145,8 @@ class MultiPredictor:
 
         t0 = time.perf_counter()
         timing = {"read_preprocess": 0.0, "shared": 0.0, "plugins": 0.0}
-        volumes: dict = {}
-        canon: dict = {}
-        slices: dict = {}
-        trunks: dict = {}
-        frozen: dict = {}
-
-        def images_for(a: Attached) -> dict:
-            inputs = a.model.spec.inputs
-            if isinstance(item, Case):
-                return {k: item.images.get(k) for k in inputs}
-            if isinstance(item, dict):
-                return {k: item.get(k) for k in inputs}
-            return {inputs[0]: item, **{k: None for k in inputs[1:]}}
-
-        def volume(x):
-            key = id(x) if isinstance(x, Volume) else str(Path(x).resolve())
-            if key not in volumes:
-                volumes[key] = x if isinstance(x, Volume) else read_volume(x)
-            return key, volumes[key]
+        memo: dict = {}  # this volume's reading and canonicalisation, shared by plugins with the same preprocessing
+        self.cache.clear_memory()  # this volume's frozen activations, shared by plugins with the same cut point
 
         if case_id is None:
             first = item if not isinstance(item, (dict, Case)) else next(
@@ -170,65 +156,22 @@ class MultiPredictor:
         results, failed, sources = {}, [], {}
         for a in self.attached:
             t_read = time.perf_counter()
-            arrays, records, srcs, xs = {}, {}, {}, {}
-            for inp, src in images_for(a).items():
-                if src is None:
-                    continue
-                vkey, vol = volume(src)
-                spec = a.specs[inp]
-                ckey = (vkey, _canon_key(spec))
-                if ckey not in canon:
-                    arr, rec = canonicalize(vol, spec)
-                    canon[ckey] = (torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), rec)
-                arrays[inp], records[inp] = canon[ckey]
-                srcs[inp] = vol.source
-                for view in spec.views:
-                    skey = (ckey, view, spec.size, spec.max_slices)
-                    if skey not in slices:
-                        slices[skey] = to_slices(arrays[inp], spec, view)
-                    xs[f"{inp}:{view}"] = skey
-            timing["read_preprocess"] += time.perf_counter() - t_read
-            if not xs:
+            case = a.predictor.case(item, case_id)
+            if not any(case.images.get(k) is not None for k in a.model.spec.inputs):
                 failed.append({"name": a.name, "reason": f"none of the inputs {a.model.spec.inputs} is present"})
                 continue
-            sources.update(srcs)
-            emb = {}
-            for s, skey in xs.items():
-                x = slices[skey]
-                mode = a.mode if self.shared else "full"
-                if mode == "frozen":
-                    t1 = time.perf_counter()
-                    if skey not in frozen:
-                        activate(self.backbone.model, None)
-                        frozen[skey] = a.model.embed_slices(s, x)[0]
-                    timing["shared"] += time.perf_counter() - t1
-                    emb[s] = frozen[skey]
-                elif mode.startswith("trunk:"):
-                    t1 = time.perf_counter()
-                    tkey = (skey, a.model.last_k)
-                    if tkey not in trunks:
-                        activate(self.backbone.model, None)
-                        trunks[tkey] = a.model.trunk(x)
-                    timing["shared"] += time.perf_counter() - t1
-                    t2 = time.perf_counter()
-                    emb[s] = a.model.embed_slices(s, trunks[tkey], from_trunk=True)[0]
-                    timing["plugins"] += time.perf_counter() - t2
-                else:
-                    t2 = time.perf_counter()
-                    emb[s] = a.model.embed_slices(s, x)[0]
-                    timing["plugins"] += time.perf_counter() - t2
-            t3 = time.perf_counter()
-            streams = a.model.streams
-            present = torch.tensor([[s in emb for s in streams]])
-            masks = {s: torch.ones(1, e.shape[0], dtype=torch.bool) for s, e in emb.items()}
-            out = a.model.pool_and_classify({s: e[None] for s, e in emb.items()}, masks, present)
-            probs = a.model.probabilities(out.logits).float().numpy()[0]
-            outd = {"slice_weights": {s: w[0].tolist() for s, w in out.slice_weights.items() if s in emb},
-                    "view_weights": {s: float(out.view_weights[0, k]) for k, s in enumerate(streams)},
-                    "present": {s: bool(present[0, k]) for k, s in enumerate(streams)}}
-            prepared = PreparedCase(case_id, arrays, records, None, None, srcs)
-            results[a.name] = a.predictor._result(Case(id=case_id, images={}), prepared, probs, outd)
-            timing["plugins"] += time.perf_counter() - t3
+            prepared = prepare_case(Case(case.id, case.images), a.specs, memo)
+            slices, masks, present, _, from_trunk = a.runtime.batcher.batch([prepared])
+            timing["read_preprocess"] += time.perf_counter() - t_read
+            sources.update(prepared.sources)
+            t1 = time.perf_counter()
+            out = a.runtime.forward(slices, masks, present, from_trunk=from_trunk)
+            probs = a.model.probabilities(out.logits).float().cpu().numpy()[0]
+            meta = [{"id": case_id, "sources": prepared.sources, "warnings": prepared.warnings}]
+            results[a.name] = volume_result(a.model.spec, case_id, probs,
+                                            case_outputs(a.model.streams, out, masks, present, meta)[0], str(a.path))
+            timing["shared"] += a.runtime.last_shared_s
+            timing["plugins"] += time.perf_counter() - t1 - a.runtime.last_shared_s
         timing["total"] = time.perf_counter() - t0
         self.last_timing = timing
         return {"id": case_id, "inputs": sources, "backbone": self.backbone.name,

@@ -33,16 +33,18 @@ class SegDecoder3D(nn.Module):
         return logits[:, 0]
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Soft Dice + BCE per case, averaged over cases with ``valid`` True (those that have a mask).
+#: MONAI's Dice + BCE on sigmoid outputs, Dice per case with smoothing 1 (soft Dice), both terms averaged
+_DICE_CE = None
 
-    logits, target: (B, S, H, W); valid: (B,) bool. Padded slices carry target 0 and are masked
-    out through ``slice_mask`` by the caller (logits there are ignored via target weighting)."""
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Soft Dice + BCE per case (MONAI ``DiceCELoss``), averaged over cases with ``valid`` True
+    (those that have a mask). logits, target: (B, S, H, W); valid: (B,) bool."""
+    global _DICE_CE
     if not bool(valid.any()):
         return logits.sum() * 0.0
-    lg, tg = logits[valid], target[valid].float()
-    bce = F.binary_cross_entropy_with_logits(lg, tg, reduction="none").flatten(1).mean(1)
-    p = torch.sigmoid(lg).flatten(1)
-    t = tg.flatten(1)
-    dice = 1 - (2 * (p * t).sum(1) + 1.0) / (p.sum(1) + t.sum(1) + 1.0)
-    return (bce + dice).mean()
+    if _DICE_CE is None:
+        from monai.losses import DiceCELoss
+
+        _DICE_CE = DiceCELoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0, batch=False, reduction="mean")
+    return _DICE_CE(logits[valid][:, None], target[valid][:, None].float())

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import sigmoid_focal_loss
+from monai.losses import FocalLoss
 
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, task_type: str, kind: str = "focal",
                         gamma: float = 2.0, alpha: float = 0.25, class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, K); target: (B,) class index for multiclass, (B, K) {0,1} otherwise.
 
-    Binary/multilabel focal is torchvision's sigmoid focal loss (alpha weights positives, alpha<0 disables).
+    Binary/multilabel focal is MONAI's sigmoid ``FocalLoss`` (alpha weights positives).
     Multiclass focal is (1 - p_t)^gamma * CE, with ``class_weights`` as the per-class alpha.
     ``class_weights`` for binary/multilabel are positive-class weights (pos_weight) in BCE mode.
     """
@@ -28,7 +28,7 @@ def classification_loss(logits: torch.Tensor, target: torch.Tensor, task_type: s
         return F.binary_cross_entropy_with_logits(logits, target, pos_weight=class_weights)
     if kind != "focal":
         raise ValueError(f"loss {kind!r} is not defined for {task_type} (use focal or bce)")
-    loss = sigmoid_focal_loss(logits, target, alpha=alpha, gamma=gamma, reduction="none")
+    loss = FocalLoss(gamma=gamma, alpha=alpha if alpha >= 0 else None, use_softmax=False, reduction="none")(logits, target)
     if class_weights is not None:
         loss = loss * torch.where(target > 0, class_weights.to(loss.dtype), torch.ones_like(loss))
     return loss.mean()

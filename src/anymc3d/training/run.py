@@ -1,9 +1,7 @@
 """`anymc3d train`: data -> preprocessing spec -> backbone + plugin -> fit -> plugin file + metrics."""
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,31 +13,15 @@ from ..backbones import create_backbone
 from ..data import Case, TaskData, load_data
 from ..errors import InputError
 from ..evaluation import compute_metrics
-from ..inputs import PreparedCase, prepare_case
-from ..io import atomic_write
-from ..model import AnyMC3D
+from ..io import write_json
 from ..plugins import LoraSpec, PluginSpec, save_plugin
-from ..preprocess import PreprocessSpec
-from .trainer import Batcher, TrainConfig, fit, metric_scores, predict_prepared, seed_everything
+from ..plugins.model import AnyMC3D
+from ..preprocess import PreprocessOptions, PreprocessSpec
+from ..runtime.batching import PreparedCase, prepare_case
+from ..runtime.engine import Runtime
+from .trainer import TrainConfig, fit, make_runtime, metric_scores, seed_everything
 
-
-@dataclass
-class PreprocessOptions:
-    """User-facing preprocessing choices; unspecified fields come from the data source."""
-
-    views: list[str] = field(default_factory=lambda: ["axial"])
-    size: int | None = None
-    intensity: str | None = None
-    windows: str | list | None = None
-    spacing: tuple | None = None
-    max_slices: int | None = None
-
-    def spec_for(self, task: TaskData, backbone_size: int) -> PreprocessSpec:
-        kw = dict(views=list(self.views), size=self.size or backbone_size, intensity=self.intensity or task.intensity,
-                  orientation=task.orientation, spacing=self.spacing, max_slices=self.max_slices)
-        if self.windows is not None:
-            kw["windows"] = self.windows
-        return PreprocessSpec(**kw)
+__all__ = ["PreprocessOptions", "assign_splits", "score_splits", "train_plugin", "youden_threshold"]
 
 
 def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
@@ -60,7 +42,7 @@ def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
 COLD_TIMING_VOLUMES = 16
 
 
-def score_splits(model, batcher, prepared: dict, splits: dict, task: TaskData, batch_size: int,
+def score_splits(model, runtime: Runtime, prepared: dict, splits: dict, task: TaskData, batch_size: int,
                  threshold: str | float = "youden") -> tuple[float, dict]:
     """Predict the val/test splits, pick the decision threshold on val (Youden, binary) and compute
     each split's metrics at it; ``acc_at_0.5`` keeps MedMNIST's ACC definition alongside."""
@@ -68,14 +50,14 @@ def score_splits(model, batcher, prepared: dict, splits: dict, task: TaskData, b
     for split in ("val", "test"):
         if prepared.get(split):
             t0 = time.time()
-            probs, _ = predict_prepared(model, batcher, prepared[split], batch_size)
+            probs, _ = runtime.predict(prepared[split], batch_size)
             timing[split] = (time.time() - t0) / len(prepared[split])
-            if split == "test" and COLD_TIMING_VOLUMES and batcher.cache_trunk:
+            if split == "test" and COLD_TIMING_VOLUMES and runtime.cache_trunk:
                 # with cached trunk activations that pass was mostly a cache read; report what a new
                 # volume costs instead: a cold prediction (whole backbone) of a few test volumes
                 sample = prepared[split][:COLD_TIMING_VOLUMES]
                 t0 = time.time()
-                predict_prepared(model, Batcher(model, batcher.specs), sample, batch_size)
+                Runtime(model, runtime.specs, device=runtime.device).predict(sample, batch_size)
                 timing[split] = (time.time() - t0) / len(sample)
             scores[split] = metric_scores(probs, task.task_type)
     thr = 0.5
@@ -176,9 +158,13 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
             "validation/test passes only (training batches are augmented, they run the whole backbone)"
             if cfg.augment else "every pass"))
     prepared = {k: prepare_all(v, specs, k, cfg.progress) for k, v in splits.items()}
-    summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out, resume=resume)
-    batcher = Batcher(model, specs, cache_trunk=cfg.cache_dir is not None, cache_dir=cfg.cache_dir)
-    spec.threshold, results = score_splits(model, batcher, prepared, splits, task, cfg.batch_size, threshold)
+    runtime = make_runtime(model, specs, cfg)
+    log(f"device {runtime.device} ({'bf16 autocast' if model.autocast else 'fp32'}"
+        f"{', channels_last' if model.channels_last else ''}; {cfg.workers} loader worker(s))")
+    summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out, resume=resume, runtime=runtime)
+    if cfg.cache_dir is None:  # the in-memory trunk cache served training; score with the whole backbone as before
+        runtime = Runtime(model, specs, device=runtime.device)
+    spec.threshold, results = score_splits(model, runtime, prepared, splits, task, cfg.batch_size, threshold)
     spec.metrics = {s: {"auc": m["auc"], "acc": m["acc"], "n": m["n"]} for s, m in results.items()}
     spec.training = {"data": task.source, "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
                      "train_wall_s": summary["train_wall_s"], "config": summary["config"], "train_fraction": train_fraction,
@@ -194,6 +180,5 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
                "n_train": len(splits["train"]), "splits": {k: len(v) for k, v in splits.items()}, **results,
                "history": summary["history"], "config": summary["config"]}
     metrics.update(headline(results))
-    with atomic_write(out / "metrics.json") as tmp:
-        Path(tmp).write_text(json.dumps(metrics, indent=2))
+    write_json(metrics, out / "metrics.json")
     return metrics

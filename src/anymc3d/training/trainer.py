@@ -21,13 +21,16 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import InputError
 from ..evaluation import compute_metrics
-from ..inputs import PreparedCase, collate, slice_streams
+from ..evaluation.run import metric_scores
 from ..io import atomic_write
-from ..model import AnyMC3D
-from ..plugins.decoder import SegDecoder3D, dice_ce_loss
-from ..preprocess import PreprocessSpec, to_slices
-from .augment import build_augmentation
+from ..plugins.model import AnyMC3D
+from ..preprocess import PreprocessSpec
+from ..runtime.batching import Batcher, BatchPlan, PreparedCase
+from ..runtime.engine import Runtime
+from .decoder import SegDecoder3D, dice_ce_loss
 from .losses import classification_loss
+
+__all__ = ["Batcher", "TrainConfig", "class_weights", "config_changes", "fit", "metric_scores", "seed_everything"]
 
 
 @dataclass
@@ -44,7 +47,7 @@ class TrainConfig:
     focal_alpha: float = 0.25
     class_weighting: str = "none"  # none | balanced
     augment: bool = True
-    amp: bool = True               # bf16 autocast on CPU, bf16 autocast on GPU
+    amp: bool = True               # bf16 autocast on CPU and CUDA (anymc3d.runtime.device)
     patience: int = 10
     seed: int = 0
     grad_clip: float = 1.0
@@ -53,10 +56,12 @@ class TrainConfig:
     seg_weight: float = 0.5        # λ of the auxiliary mask loss (used when training cases have masks)
     seg_hidden: int = 32
     progress: bool = True
+    device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
+    workers: int = 0               # DataLoader worker processes (augmentation, slicing); 0 = in the main process
 
 
 #: settings that do not change what training computes, so a run may resume with them changed
-RESUME_FREE_FIELDS = ("progress", "cache_dir", "cache_trunk")
+RESUME_FREE_FIELDS = ("progress", "cache_dir", "cache_trunk", "device", "workers")
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
@@ -81,143 +86,41 @@ def class_weights(labels: np.ndarray, task_type: str, mode: str) -> torch.Tensor
     return torch.tensor((1 - pos) / np.maximum(pos, 1e-6), dtype=torch.float32)
 
 
-def _lr_lambda(total: int, warmup: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        t = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return f
+def warmup_cosine(opt: torch.optim.Optimizer, total: int, warmup: int):
+    """Linear warmup over ``warmup`` steps ((step + 1) / warmup), then cosine decay to 0 at ``total``:
+    torch's own LinearLR + CosineAnnealingLR."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    cosine = CosineAnnealingLR(opt, T_max=max(1, total - warmup))
+    if warmup <= 0:
+        return cosine
+    linear = LinearLR(opt, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
+    return SequentialLR(opt, [linear, cosine], milestones=[warmup])
 
 
-class Batcher:
-    """Turns prepared cases into (slices, masks, present, labels, from_trunk) batches.
-
-    With ``cache_trunk`` (plugins with ``lora.last_k``), the un-augmented slices' shared-trunk
-    activations are computed once per case and stream and kept in memory (bf16); augmented
-    batches always go through the full backbone, so nothing stale is ever reused.
-    """
-
-    def __init__(self, model: AnyMC3D, specs: dict[str, PreprocessSpec], cache_trunk: bool = False,
-                 cache_dir: str | Path | None = None) -> None:
-        self.model, self.specs, self.streams = model, specs, model.streams
-        # pooling-only plugins (r=0): the "trunk" is the whole frozen backbone; its class embeddings are cached
-        self.cache_trunk = cache_trunk and (model.last_k is not None or model.spec.lora.r == 0)
-        self._trunk_cache: dict[tuple[str, str], torch.Tensor] = {}
-        self.disk = None
-        if self.cache_trunk and cache_dir is not None:
-            from ..store.cache import TrunkDiskCache
-            self.disk = TrunkDiskCache(cache_dir, model, specs)
-
-    def _trunk(self, case: PreparedCase) -> dict[str, torch.Tensor]:
-        out = {}
-        for s, x in slice_streams(case, self.specs, self.streams).items():
-            key = (id(case), s)  # the PreparedCase object lives for the whole run
-            if key not in self._trunk_cache:
-                if self.disk is not None:
-                    self._trunk_cache[key] = self.disk.activations(s, x)
-                elif self.model.last_k is None:
-                    from ..store.cache import frozen_activations
-                    self._trunk_cache[key] = frozen_activations(self.model, s, x)
-                else:
-                    self._trunk_cache[key] = self.model.trunk(x).to(torch.bfloat16)
-            out[s] = self._trunk_cache[key].float()
-        return out
-
-    def forward(self, slices, masks, present, from_trunk: bool = False, **kw):
-        """``model(...)`` on a batch from ``batch``; cached class embeddings of a pooling-only plugin skip the backbone."""
-        if from_trunk and self.model.last_k is None:
-            return self.model.pool_and_classify(slices, masks, present)
-        return self.model(slices, masks, present, from_trunk=from_trunk, **kw)
-
-    def _augment(self, case: PreparedCase, seed: int) -> dict[str, torch.Tensor]:
-        """Augmented copies of the case's inputs (and of its mask, under the key "mask")."""
-        keys = sorted(case.arrays)
-        shapes = {tuple(case.arrays[k].shape[1:]) for k in keys}
-        if case.mask is not None:
-            shapes.add(tuple(case.mask.shape[1:]))
-        with_mask = case.mask is not None
-        if len(shapes) == 1:
-            aug = build_augmentation(keys, next(iter(shapes)), with_mask, seed)
-            d = {k: case.arrays[k] for k in keys}
-            if with_mask:
-                d["mask"] = case.mask
-            out = aug(d)
-            return {k: torch.as_tensor(out[k]).float() for k in d}
-        if with_mask:
-            raise ValueError(f"case {case.id}: inputs on different grids cannot carry one mask")
-        out = {}
-        for i, k in enumerate(keys):  # inputs on different grids: augment each on its own
-            aug = build_augmentation([k], tuple(case.arrays[k].shape[1:]), False, seed + i)
-            out[k] = torch.as_tensor(aug({k: case.arrays[k]})[k]).float()
-        return out
-
-    def batch(self, cases: list[PreparedCase], augment_seed: int | None = None, with_masks: bool = False):
-        """Returns slices, slice masks, stream presence, labels, from_trunk and (with_masks) the
-        segmentation targets: stream -> (B, S, size, size) for the first input's streams, and a
-        (B,) flag saying which cases have a mask."""
-        from_trunk = self.cache_trunk and augment_seed is None and not with_masks
-        per_case, seg = [], []
-        for i, c in enumerate(cases):
-            if from_trunk:
-                per_case.append(self._trunk(c))
-                continue
-            arrays = self._augment(c, augment_seed + i) if augment_seed is not None else dict(c.arrays)
-            mask = arrays.pop("mask", c.mask)
-            per_case.append(slice_streams(c, self.specs, self.streams, arrays))
-            if with_masks:
-                seg.append(self._mask_slices(mask))
-        slices, masks, present = collate(per_case, self.streams)
-        labels = torch.stack([c.label for c in cases]) if cases[0].label is not None else None
-        if not with_masks:
-            return slices, masks, present, labels, from_trunk
-        seg_streams = [s for s in self.streams if s.split(":")[0] == self.model.spec.inputs[0]]
-        targets, _, _ = collate([{s: m[s] for s in seg_streams} if m else {} for m in seg], seg_streams)
-        has_mask = torch.tensor([m is not None for m in seg])
-        return slices, masks, present, labels, from_trunk, {s: t[:, :, 0] for s, t in targets.items()}, has_mask
-
-    def _mask_slices(self, mask: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
-        if mask is None:
-            return None
-        inp = self.model.spec.inputs[0]
-        return {s: (to_slices(mask, self.specs[inp], s.split(":")[1], mode="nearest") > 0.5).float()
-                for s in self.streams if s.split(":")[0] == inp}
-
-
-@torch.no_grad()
-def predict_prepared(model: AnyMC3D, batcher: Batcher, cases: list[PreparedCase], batch_size: int,
-                     progress: bool = False) -> tuple[np.ndarray, list]:
-    """Probabilities (N, n_outputs) and per-case ModelOutputs (slice/view weights) without augmentation."""
-    model.eval()
-    probs, outs = [], []
-    it = range(0, len(cases), batch_size)
-    for i in tqdm(it, desc="predict", disable=not progress, leave=False):
-        chunk = cases[i:i + batch_size]
-        slices, masks, present, _, from_trunk = batcher.batch(chunk)
-        out = batcher.forward(slices, masks, present, from_trunk=from_trunk)
-        probs.append(model.probabilities(out.logits).float().numpy())
-        for j in range(len(chunk)):
-            outs.append({"slice_weights": {s: w[j][masks[s][j]].tolist() for s, w in out.slice_weights.items() if s in masks},
-                         "view_weights": {s: float(out.view_weights[j, k]) for k, s in enumerate(model.streams)},
-                         "present": {s: bool(present[j, k]) for k, s in enumerate(model.streams)}})
-    return np.concatenate(probs), outs
-
-
-def metric_scores(probs: np.ndarray, task_type: str) -> np.ndarray:
-    return probs[:, 0] if task_type == "binary" else probs
+def make_runtime(model: AnyMC3D, specs: dict[str, PreprocessSpec], cfg: TrainConfig) -> Runtime:
+    """The runtime training runs on: cfg's device, precision, workers and activation cache."""
+    model.autocast = cfg.amp
+    return Runtime(model, specs, device=cfg.device, amp=cfg.amp, cache=cfg.cache_dir, cache_trunk=cfg.cache_trunk,
+                   workers=cfg.workers)
 
 
 def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCase], val: list[PreparedCase],
-        cfg: TrainConfig, out_dir: Path, resume: bool = False) -> dict:
-    """Train ``model``'s plugin parameters; returns a summary. The best state is left loaded in ``model``."""
+        cfg: TrainConfig, out_dir: Path, resume: bool = False, runtime: Runtime | None = None) -> dict:
+    """Train ``model``'s plugin parameters; returns a summary. The best state is left loaded in ``model``.
+
+    Batches come from ``runtime`` (made from ``cfg`` when not given): a DataLoader whose workers
+    augment and slice, the activation cache for un-augmented batches, and the device."""
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     task_type = model.spec.task_type
+    rt = runtime or make_runtime(model, specs, cfg)
+    device = rt.device
     model.set_trainable(True)
     lora = list(model.lora_parameters().values())
     head = list(model.head_parameters().values())
     use_seg = cfg.seg_weight > 0 and any(c.mask is not None for c in train)
-    decoder = SegDecoder3D(model.backbone.embed_dim, cfg.seg_hidden) if use_seg else None
+    decoder = SegDecoder3D(model.backbone.embed_dim, cfg.seg_hidden).to(device) if use_seg else None
     if decoder is not None:
         head = head + list(decoder.parameters())  # trained with the head's settings, never saved
     groups = [{"params": head, "lr": cfg.lr_head, "weight_decay": cfg.wd_head}]
@@ -226,16 +129,15 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
     opt = torch.optim.AdamW(groups)
     steps_per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
+    sched = warmup_cosine(opt, total, int(cfg.warmup_epochs * steps_per_epoch))
     labels_np = np.stack([c.label.numpy() for c in train])
     cw = class_weights(labels_np, task_type, cfg.class_weighting)
-    batcher = Batcher(model, specs, cache_trunk=cfg.cache_trunk, cache_dir=cfg.cache_dir)
-    model.autocast = cfg.amp
+    cw = cw.to(device) if cw is not None else None
 
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.csv"
     start_epoch, best, best_state, bad, history = 0, -math.inf, None, 0, []
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
         changed = config_changes(json.loads(ck.get("config", "{}")), asdict(cfg))
         if changed:
             raise InputError(f"{ckpt_path}: written with other training settings ({'; '.join(changed)}); "
@@ -256,18 +158,21 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
         losses, seg_losses = [], []
         if decoder is not None:
             decoder.train()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        for step in bar:
+        plans = []
+        for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            if not idx:
-                continue
-            aug_seed = (cfg.seed * 1_000_003 + epoch * 10_007 + step * 101) % (2**31) if cfg.augment else None
-            batch = batcher.batch([train[i] for i in idx], aug_seed, with_masks=decoder is not None)
+            if idx:
+                aug_seed = (cfg.seed * 1_000_003 + epoch * 10_007 + step * 101) % (2**31) if cfg.augment else None
+                plans.append(BatchPlan(idx, aug_seed, with_masks=decoder is not None))
+        bar = tqdm(rt.loader(train, plans), total=len(plans), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress, leave=False)
+        for batch, _meta in bar:
             slices, masks, present, y, from_trunk = batch[:5]
-            out = batcher.forward(slices, masks, present, keep_patches=decoder is not None, from_trunk=from_trunk)
+            out = rt.forward(slices, masks, present, keep_patches=decoder is not None, from_trunk=from_trunk)
+            y = y.to(device)
             loss = classification_loss(out.logits.float(), y, task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha, cw)
             if decoder is not None and bool(batch[6].any()):  # batches without any mask add no seg loss
-                targets, has_mask = batch[5], batch[6]
+                targets, has_mask = rt._to_device(batch[5]), batch[6].to(device)
                 seg = [dice_ce_loss(decoder(out.patches[s], t.shape[-2:]), t, has_mask) for s, t in targets.items()]
                 seg_losses.append(float(sum(seg).detach()) / max(1, len(seg)))
                 loss = loss + cfg.seg_weight * sum(seg) / max(1, len(seg))
@@ -283,7 +188,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
         if seg_losses:
             row["train_seg_loss"] = float(np.mean(seg_losses))
         if val:
-            probs, _ = predict_prepared(model, batcher, val, cfg.batch_size)
+            probs, _ = rt.predict(val, cfg.batch_size)
             yv = np.stack([c.label.numpy() for c in val])
             yv = yv[:, 0] if task_type != "multilabel" else yv
             m = compute_metrics(yv, metric_scores(probs, task_type), task_type, model.spec.label_names, n_bootstrap=0)
@@ -296,7 +201,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
         improved = score > best
         if improved:
             best, bad = score, 0
-            best_state = {k: v.clone() for k, v in model.trainable_state().items()}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.trainable_state().items()}
         else:
             bad += 1
         row["best"] = improved
@@ -308,7 +213,8 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
                 w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
                 w.writeheader()
                 w.writerows(history)
-        ck = {"epoch": epoch, "trainable": model.trainable_state(), "optimizer": opt.state_dict(),
+        ck = {"epoch": epoch, "trainable": {k: v.cpu() for k, v in model.trainable_state().items()},
+              "optimizer": opt.state_dict(),
               "scheduler": sched.state_dict(), "best": best, "best_state": best_state, "bad_epochs": bad,
               "history": json.dumps(history), "config": json.dumps(asdict(cfg))}
         if decoder is not None:

@@ -1,0 +1,154 @@
+"""The runtime: one path from cases to model outputs, on any device.
+
+:class:`Runtime` binds one plugin model to a device, a :class:`~anymc3d.runtime.batching.Batcher`
+and (for shared-trunk and pooling-only plugins) a view of the one activation cache. Trainer
+validation, ``evaluate``, ``predict``, ``predict --plugins``, ``explain``, the bench baselines and
+the frozen-feature extractors all go through it:
+
+* :meth:`Runtime.loader` - batches from a ``DataLoader`` (workers read, preprocess, augment, slice);
+* :meth:`Runtime.forward` - a batch on the device: cached activations where the batch allows it,
+  else the backbone with the stream's adapter (``AnyMC3D.embed_slices``) -> ``ModelOutput``;
+* :meth:`Runtime.predict` - probabilities and per-case outputs (slice / view weights, presence);
+* :func:`frozen_embeddings` - per-case class embeddings of a frozen backbone (baselines).
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..plugins.model import ModelOutput
+from .batching import Batcher, BatchPlan, batch_loader, collate, eval_plans
+from .cache import ActivationCache, PluginActivations, cut_point
+from .device import place, resolve_device
+
+
+class Runtime:
+    """One plugin model on one device. ``cache``: an :class:`ActivationCache` (shared between
+    runtimes, e.g. every plugin of a store), a folder (disk + memory) or None (memory only); it is
+    used only with ``cache_trunk`` and a shared-trunk or pooling-only plugin."""
+
+    def __init__(self, model, specs: dict, device: str | torch.device = "auto", amp: bool | None = None,
+                 cache: ActivationCache | str | None = None, cache_trunk: bool = False, workers: int = 0) -> None:
+        self.model, self.specs = model, specs
+        self.device = resolve_device(device)
+        place(model, self.device, model.autocast if amp is None else amp)
+        self.batcher = Batcher(model, specs, cache_trunk=cache_trunk)
+        self.workers = int(workers)
+        self.activations = None
+        if self.batcher.cache_trunk and cut_point(model) is not None:
+            store = cache if isinstance(cache, ActivationCache) else ActivationCache(cache, memory=True)
+            self.activations = PluginActivations(store, model, specs)
+        self.last_shared_s = 0.0  # seconds of the last forward spent computing cache misses
+
+    @property
+    def cache_trunk(self) -> bool:
+        return self.activations is not None
+
+    # ---- batches ------------------------------------------------------------------------------
+    def loader(self, cases: Sequence, plans: list[BatchPlan]):
+        """``(batch, meta)`` per plan; reading / preprocessing / augmentation run in the workers."""
+        return batch_loader(self.batcher, cases, plans, self.workers, pin_memory=self.device.type == "cuda")
+
+    def _to_device(self, x):
+        if isinstance(x, dict):
+            return {k: self._to_device(v) for k, v in x.items()}
+        if isinstance(x, torch.Tensor):
+            return x.to(self.device, non_blocking=True)
+        return x
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _cached(self, slices: dict, masks: dict) -> dict:
+        """Per case and stream: the cached (or now computed) frozen activations of its own slices, re-padded."""
+        per_case = [dict() for _ in range(next(iter(masks.values())).shape[0])]
+        for s, x in slices.items():
+            for i, m in enumerate(masks[s]):
+                if bool(m.any()):
+                    acts, secs = self.activations.activations(s, x[i][m], with_seconds=True, device=self.device)
+                    self.last_shared_s += secs
+                    per_case[i][s] = acts
+        acts, _, _ = collate(per_case, [s for s in self.model.streams if s in slices])
+        return acts
+
+    def forward(self, slices: dict, masks: dict | None, present: torch.Tensor | None, from_trunk: bool = False,
+                keep_patches: bool = False) -> ModelOutput:
+        """A batch from :class:`Batcher` on the device (gradients flow where the caller allows them)."""
+        self.last_shared_s = 0.0
+        if from_trunk and self.activations is not None:
+            acts = self._to_device(self._cached(slices, masks))
+            masks, present = self._to_device(masks), self._to_device(present)
+            if self.model.last_k is None and self.model.spec.lora.r == 0:
+                return self.model.pool_and_classify({s: a.float() for s, a in acts.items()}, masks, present)
+            return self.model({s: a.float() for s, a in acts.items()}, masks, present, from_trunk=True,
+                              keep_patches=keep_patches)
+        return self.model(self._to_device(slices), self._to_device(masks), self._to_device(present),
+                          keep_patches=keep_patches)
+
+    # ---- prediction ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, cases: Sequence, batch_size: int = 4, progress: bool = False) -> tuple[np.ndarray, list[dict]]:
+        """Probabilities (N, n_outputs) and per-case outputs of prepared cases (or :class:`Case`s, read
+        by the loader's workers) without augmentation."""
+        model = self.model
+        model.eval()
+        probs, outs = [], []
+        it = self.loader(cases, eval_plans(len(cases), batch_size))
+        for (slices, masks, present, _, from_trunk), meta in tqdm(it, desc="predict", disable=not progress, leave=False):
+            out = self.forward(slices, masks, present, from_trunk=from_trunk)
+            probs.append(model.probabilities(out.logits).float().cpu().numpy())
+            outs += case_outputs(model.streams, out, masks, present, meta)
+        return np.concatenate(probs), outs
+
+
+def case_outputs(streams: list[str], out: ModelOutput, masks: dict, present: torch.Tensor, meta: list[dict]) -> list[dict]:
+    """Per case of a batch: slice weights of its real slices, view weights, which streams were present."""
+    sw = {s: w.float().cpu() for s, w in out.slice_weights.items() if s in masks}
+    vw = out.view_weights.float().cpu()
+    rows = []
+    for j, m in enumerate(meta):
+        rows.append({**m, "slice_weights": {s: w[j][masks[s][j]].tolist() for s, w in sw.items()},
+                     "view_weights": {s: float(vw[j, k]) for k, s in enumerate(streams)},
+                     "present": {s: bool(present[j, k]) for k, s in enumerate(streams)}})
+    return rows
+
+
+@torch.no_grad()
+def frozen_embeddings(backbone, cases: Sequence, specs: dict, views: Sequence[str], device: str = "auto",
+                      cache: ActivationCache | str | None = None, progress: bool = False, desc: str = "features",
+                      batch_size: int = 4, workers: int = 0, amp: bool = False) -> tuple[list[list], float]:
+    """Class embeddings of every slice of every case and stream (``input:view``) from the frozen
+    backbone, through the activation cache (cut ``embed``). Returns ``rows`` (per case: one
+    (S, D) float32 array per stream, or None where the input is missing) and the seconds the
+    backbone took for the entries that had to be computed (stored with each entry, so a cache hit
+    reports the original cost). ``amp=False`` (the default) keeps the features in fp32, as the
+    frozen baselines have always been measured."""
+    from ..plugins.lora import LoraSpec
+    from ..plugins.model import AnyMC3D
+    from ..plugins.spec import PluginSpec
+
+    inputs = list(specs)
+    spec = PluginSpec(task="frozen-features", task_type="binary", label_names=["0", "1"], inputs=inputs,
+                      preprocess={k: {**v.to_dict(), "views": list(views)} for k, v in specs.items()},
+                      backbone=backbone.name, backbone_fingerprint=backbone.fingerprint,
+                      input_size=backbone.input_size, lora=LoraSpec(r=0))
+    model = AnyMC3D(backbone, spec, autocast=amp)
+    rt = Runtime(model, specs, device=device, amp=amp, cache=cache, cache_trunk=True, workers=workers)
+    streams = model.streams
+    rows, secs = [], 0.0
+    t0 = time.perf_counter()
+    it = rt.loader(cases, eval_plans(len(cases), batch_size))
+    for (slices, masks, present, _, _), meta in tqdm(it, desc=desc, disable=not progress, leave=False):
+        for j in range(len(meta)):
+            row = []
+            for k, s in enumerate(streams):
+                if s not in slices or not bool(present[j, k]):
+                    row.append(None)
+                    continue
+                acts, sec = rt.activations.activations(s, slices[s][j][masks[s][j]], with_seconds=True, device=rt.device)
+                secs += sec
+                row.append(acts.float().numpy())
+            rows.append(row)
+    return rows, (secs if secs > 0 else time.perf_counter() - t0)
