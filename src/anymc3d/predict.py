@@ -19,12 +19,15 @@ from .volume import Volume
 class Predictor:
     """A loaded plugin on its frozen backbone; preprocessing comes from the plugin's saved spec."""
 
-    def __init__(self, model, source: str = "", device: str = "auto", workers: int = 0) -> None:
+    def __init__(self, model, source: str = "", device: str = "auto", workers: int = 0, cache=None,
+                 cache_trunk: bool = False) -> None:
+        """``cache`` / ``cache_trunk``: serve the frozen part from an activation cache (predict-all
+        shares one between the plugins of a store)."""
         self.model = model
         self.spec = model.spec
         self.source = source
         self.specs = {k: PreprocessSpec.from_dict(v) for k, v in self.spec.preprocess.items()}
-        self.runtime = Runtime(model, self.specs, device=device, workers=workers)
+        self.runtime = Runtime(model, self.specs, device=device, workers=workers, cache=cache, cache_trunk=cache_trunk)
 
     @property
     def device(self):

@@ -44,25 +44,21 @@ def _as_volume(item: Volume | Path | str) -> Volume:
 def prepare_case(case: Case, specs: dict[str, PreprocessSpec], memo: dict | None = None) -> PreparedCase:
     """Read and canonicalise every input of ``case``. ``memo`` (a dict kept by the caller for one
     volume) shares reading and canonicalisation between plugins with the same preprocessing."""
+    memo = {} if memo is None else memo
     arrays, records, sources, warns = {}, {}, {}, []
     for name, spec in specs.items():
         item = case.images.get(name)
         if item is None:
             continue
-        if memo is None:
-            vol = _as_volume(item)
+        vkey = ("volume", id(item) if isinstance(item, Volume) else str(Path(item).resolve()))
+        if vkey not in memo:
+            memo[vkey] = _as_volume(item)
+        vol = memo[vkey]
+        ckey = (vkey, spec.canonical_key())
+        if ckey not in memo:
             arr, rec = canonicalize(vol, spec)
-            arr = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-        else:
-            vkey = ("volume", id(item) if isinstance(item, Volume) else str(Path(item).resolve()))
-            if vkey not in memo:
-                memo[vkey] = _as_volume(item)
-            vol = memo[vkey]
-            ckey = (vkey, spec.canonical_key())
-            if ckey not in memo:
-                arr, rec = canonicalize(vol, spec)
-                memo[ckey] = (torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), rec)
-            arr, rec = memo[ckey]
+            memo[ckey] = (torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), rec)
+        arr, rec = memo[ckey]
         if arr.shape[0] not in (1, 3):
             raise InputError(f"{vol.source}: {arr.shape[0]} channels after preprocessing (input {name}); the 2D "
                              "backbones take 1 (grey) or 3 (e.g. three CT windows of a grey volume)")

@@ -38,8 +38,6 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Callable
-
 import torch
 
 from ..io import atomic_write
@@ -122,13 +120,6 @@ class ActivationCache:
             save_file({"act": t}, str(tmp), metadata=meta)
         self.stats["writes"] += 1
         return p
-
-    def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor], info: dict | None = None) -> torch.Tensor:
-        t = self.get(key)
-        if t is None:
-            t = compute()
-            self.put(key, t, info)
-        return t
 
     def clear_memory(self) -> None:
         if self.memory is not None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..plugins.model import ModelOutput
 from .batching import Batcher, BatchPlan, batch_loader, collate, eval_plans
-from .cache import ActivationCache, PluginActivations, cut_point
+from .cache import ActivationCache, PluginActivations
 from .device import place, resolve_device
 
 
@@ -39,7 +39,7 @@ class Runtime:
         self.batcher = Batcher(model, specs, cache_trunk=cache_trunk)
         self.workers = int(workers)
         self.activations = None
-        if self.batcher.cache_trunk and cut_point(model) is not None:
+        if self.batcher.cache_trunk:  # the Batcher allows it only for a plugin with a cut point
             store = cache if isinstance(cache, ActivationCache) else ActivationCache(cache, memory=True)
             self.activations = PluginActivations(store, model, specs)
         self.last_shared_s = 0.0  # seconds of the last forward spent computing cache misses
@@ -53,38 +53,40 @@ class Runtime:
         """``(batch, meta)`` per plan; reading / preprocessing / augmentation run in the workers."""
         return batch_loader(self.batcher, cases, plans, self.workers, pin_memory=self.device.type == "cuda")
 
-    def _to_device(self, x):
+    def to_device(self, x):
+        """A tensor, or a dict of them, on the runtime's device (non-blocking from pinned memory)."""
         if isinstance(x, dict):
-            return {k: self._to_device(v) for k, v in x.items()}
+            return {k: self.to_device(v) for k, v in x.items()}
         if isinstance(x, torch.Tensor):
             return x.to(self.device, non_blocking=True)
         return x
 
     # ---- forward ------------------------------------------------------------------------------
-    def _cached(self, slices: dict, masks: dict) -> dict:
-        """Per case and stream: the cached (or now computed) frozen activations of its own slices, re-padded."""
-        per_case = [dict() for _ in range(next(iter(masks.values())).shape[0])]
+    def frozen_per_case(self, slices: dict, masks: dict) -> tuple[list[dict], float]:
+        """Per case of a padded batch: stream -> the cached (or now computed) frozen activations of
+        that case's own slices (CPU), and the seconds spent computing the misses."""
+        per_case, secs = [dict() for _ in range(next(iter(masks.values())).shape[0])], 0.0
         for s, x in slices.items():
             for i, m in enumerate(masks[s]):
                 if bool(m.any()):
-                    acts, secs = self.activations.activations(s, x[i][m], with_seconds=True, device=self.device)
-                    self.last_shared_s += secs
+                    acts, sec = self.activations.activations(s, x[i][m], with_seconds=True, device=self.device)
+                    secs += sec
                     per_case[i][s] = acts
-        acts, _, _ = collate(per_case, [s for s in self.model.streams if s in slices])
-        return acts
+        return per_case, secs
 
     def forward(self, slices: dict, masks: dict | None, present: torch.Tensor | None, from_trunk: bool = False,
                 keep_patches: bool = False) -> ModelOutput:
         """A batch from :class:`Batcher` on the device (gradients flow where the caller allows them)."""
         self.last_shared_s = 0.0
         if from_trunk and self.activations is not None:
-            acts = self._to_device(self._cached(slices, masks))
-            masks, present = self._to_device(masks), self._to_device(present)
-            if self.model.last_k is None and self.model.spec.lora.r == 0:
-                return self.model.pool_and_classify({s: a.float() for s, a in acts.items()}, masks, present)
-            return self.model({s: a.float() for s, a in acts.items()}, masks, present, from_trunk=True,
-                              keep_patches=keep_patches)
-        return self.model(self._to_device(slices), self._to_device(masks), self._to_device(present),
+            per_case, self.last_shared_s = self.frozen_per_case(slices, masks)
+            acts, _, _ = collate(per_case, [s for s in self.model.streams if s in slices])
+            acts = {s: a.float() for s, a in self.to_device(acts).items()}
+            masks, present = self.to_device(masks), self.to_device(present)
+            if self.activations.cut == "embed":  # class embeddings: only pooling and head are left
+                return self.model.pool_and_classify(acts, masks, present)
+            return self.model(acts, masks, present, from_trunk=True, keep_patches=keep_patches)
+        return self.model(self.to_device(slices), self.to_device(masks), self.to_device(present),
                           keep_patches=keep_patches)
 
     # ---- prediction ---------------------------------------------------------------------------
@@ -136,19 +138,11 @@ def frozen_embeddings(backbone, cases: Sequence, specs: dict, views: Sequence[st
                       input_size=backbone.input_size, lora=LoraSpec(r=0))
     model = AnyMC3D(backbone, spec, autocast=amp)
     rt = Runtime(model, specs, device=device, amp=amp, cache=cache, cache_trunk=True, workers=workers)
-    streams = model.streams
     rows, secs = [], 0.0
     t0 = time.perf_counter()
     it = rt.loader(cases, eval_plans(len(cases), batch_size))
-    for (slices, masks, present, _, _), meta in tqdm(it, desc=desc, disable=not progress, leave=False):
-        for j in range(len(meta)):
-            row = []
-            for k, s in enumerate(streams):
-                if s not in slices or not bool(present[j, k]):
-                    row.append(None)
-                    continue
-                acts, sec = rt.activations.activations(s, slices[s][j][masks[s][j]], with_seconds=True, device=rt.device)
-                secs += sec
-                row.append(acts.float().numpy())
-            rows.append(row)
+    for (slices, masks, _, _, _), _meta in tqdm(it, desc=desc, disable=not progress, leave=False):
+        per_case, sec = rt.frozen_per_case(slices, masks)
+        secs += sec
+        rows += [[c[s].float().numpy() if s in c else None for s in model.streams] for c in per_case]
     return rows, (secs if secs > 0 else time.perf_counter() - t0)

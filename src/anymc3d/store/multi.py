@@ -124,9 +124,8 @@ class MultiPredictor:
             except InputError as exc:
                 skipped.append({"name": name, "reason": str(exc)})
                 continue
-            pred = Predictor(model, source=str(path), device=device)
             # every plugin's runtime reads the one per-volume activation cache (shared trunk / frozen embeddings)
-            pred.runtime = Runtime(model, pred.specs, device=pred.device, cache=cache, cache_trunk=shared)
+            pred = Predictor(model, source=str(path), device=device, cache=cache, cache_trunk=shared)
             attached.append(Attached(name, path, model, pred.specs, pred))
         return cls(backbone, attached, skipped, shared, cache)
 

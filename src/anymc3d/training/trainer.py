@@ -100,7 +100,6 @@ def warmup_cosine(opt: torch.optim.Optimizer, total: int, warmup: int):
 
 def make_runtime(model: AnyMC3D, specs: dict[str, PreprocessSpec], cfg: TrainConfig) -> Runtime:
     """The runtime training runs on: cfg's device, precision, workers and activation cache."""
-    model.autocast = cfg.amp
     return Runtime(model, specs, device=cfg.device, amp=cfg.amp, cache=cfg.cache_dir, cache_trunk=cfg.cache_trunk,
                    workers=cfg.workers)
 
@@ -172,7 +171,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             y = y.to(device)
             loss = classification_loss(out.logits.float(), y, task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha, cw)
             if decoder is not None and bool(batch[6].any()):  # batches without any mask add no seg loss
-                targets, has_mask = rt._to_device(batch[5]), batch[6].to(device)
+                targets, has_mask = rt.to_device(batch[5]), batch[6].to(device)
                 seg = [dice_ce_loss(decoder(out.patches[s], t.shape[-2:]), t, has_mask) for s, t in targets.items()]
                 seg_losses.append(float(sum(seg).detach()) / max(1, len(seg)))
                 loss = loss + cfg.seg_weight * sum(seg) / max(1, len(seg))
