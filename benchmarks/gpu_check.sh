@@ -10,6 +10,8 @@
 #   3. CPU-vs-GPU equality of the demo plugin's probabilities (max |difference|, target <= 1e-3)
 #   4. throughput: prediction slices/s and training-step ms per slice, efficientnet_lite0 and
 #      dinov2_vitl14 (random weights) at 224² (benchmarks/runtime_speed.py)
+#   5. `anymc3d plan --device cuda` on the demo's data (issue 15): on a GPU the plan must be the
+#      paper's recipe (full-depth LoRA, augmentation, the backbone's slice size); plan.json + a check
 # Python packages the GPU machine lacks (monai, nibabel, SimpleITK, pydicom, grad-cam, ...) must be
 # importable: carry them as wheels (see docs/results.md, "GPU check") and set PYTHONPATH before.
 set -uo pipefail
@@ -50,6 +52,17 @@ print(json.dumps({"n": len(cases), "device": device, "max_abs_diff": diff, "targ
 PYEOF
 rc=$?
 status equality $rc $(( $(date +%s) - s ))
+
+# 5. the training plan on the device (issue 15)
+s=$(date +%s)
+$PY -m anymc3d.cli plan "$OUTDIR/demo/data/manifest.csv" --device "$DEVICE" --out "$OUTDIR/plan" > "$OUTDIR/plan.log" 2>&1 \
+  && $PY -c "
+import json, sys
+p = json.load(open('$OUTDIR/plan/plan.json'))
+ok = p['lora_last_k'] is None and p['augment'] and p['size'] == 224 if '$DEVICE'.startswith('cuda') else True
+print(json.dumps({'plan': {k: p[k] for k in ('device', 'size', 'views', 'lora_last_k', 'augment', 'slice_subset', 'epochs', 'estimate_s')}, 'paper_recipe': ok}))
+sys.exit(0 if ok else 1)" > "$OUTDIR/plan_result.json"; rc=$?
+status plan $rc $(( $(date +%s) - s ))
 
 # 4. throughput table
 s=$(date +%s)

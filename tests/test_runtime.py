@@ -42,6 +42,7 @@ VERB_ARGS = {
     ("backbones",): ["backbones"],
     ("explain",): ["explain", "p", "x.nii.gz", "--out", "o"],
     ("bench",): ["bench", "synthetic", "--out", "o"],
+    ("plan",): ["plan", "d.csv", "--out", "o"],
     ("cache",): ["cache", "info", "--cache", "c"],
     ("plugins", "list"): ["plugins", "list", "--store", "s"],
     ("plugins", "info"): ["plugins", "info", "n", "--store", "s"],

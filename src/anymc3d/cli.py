@@ -10,12 +10,9 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .cli_args import add_backbone_args, add_device_args_everywhere, add_slice_args, add_weights_arg
+from .cli_args import (add_backbone_args, add_data_args, add_device_args_everywhere, add_slice_args,  # noqa: F401
+                       add_weights_arg, data_kwargs)
 from .errors import InputError
-
-
-def _csv_list(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
 def _spacing(text: str | None):
@@ -25,56 +22,41 @@ def _spacing(text: str | None):
     return tuple(vals * 3 if len(vals) == 1 else vals)
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("manifest columns (default: image, label, mask; or task.json beside the manifest)")
-    g.add_argument("--image-columns", type=_csv_list, help="comma list of image columns, e.g. t1,t2,flair")
-    g.add_argument("--label-columns", type=_csv_list, help="one column (binary/multiclass) or several (multilabel)")
-    g.add_argument("--mask-column", help="column holding mask paths")
-    g.add_argument("--task-type", choices=["binary", "multiclass", "multilabel"])
-
-
-def data_kwargs(a: argparse.Namespace) -> dict:
-    if str(a.data).endswith(".npz"):
-        return {}
-    return {"image_columns": a.image_columns, "label_columns": a.label_columns, "mask_column": a.mask_column,
-            "task_type": a.task_type}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anymc3d", description="3D medical volume classification with one frozen 2D "
                                 "foundation model and a small plugin per task.")
     p.add_argument("--version", action="version", version=f"anymc3d {__version__}")
     sub = p.add_subparsers(dest="verb", required=True)
 
-    t = sub.add_parser("train", help="train a plugin on a manifest CSV or a MedMNIST .npz")
+    t = sub.add_parser("train", help="train a plugin on a manifest CSV or a MedMNIST .npz (planned to fit --budget)",
+                       description="Train a plugin. Without options the settings come from a training plan that "
+                       "fits the data and this machine within --budget (docs/plan.md); any flag below overrides "
+                       "its plan field.")
     t.add_argument("data")
     add_backbone_args(t)
-    add_slice_args(t, ["axial"])
+    add_slice_args(t, None)
     t.add_argument("--out", required=True, type=Path)
     t.add_argument("--task-name")
+    from .planning.cli import add_plan_args, add_plan_override_args
+    add_plan_args(t)
     t.add_argument("--intensity", choices=["ct", "mri", "minmax", "fixed", "none"])
     t.add_argument("--windows", help="CT windows: preset name (chest, abdomen, ...) or lo:hi,lo:hi")
     t.add_argument("--spacing", help="resample to this spacing in mm, e.g. 1.5 or 0.8,0.8,2")
-    t.add_argument("--max-slices", type=int)
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--batch-size", type=int, default=8)
+    add_plan_override_args(t)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lora-rank", type=int, default=8, help="0 = no LoRA (frozen features + query + head)")
     t.add_argument("--lora-alpha", type=float, default=16.0)
-    t.add_argument("--lora-last-k", type=int, help="LoRA only on the last K blocks/stages (shared trunk)")
     t.add_argument("--cache", type=Path, metavar="DIR",
                    help="disk cache of frozen activations (shared trunk or --lora-rank 0), reused by later epochs, runs and tasks")
     t.add_argument("--loss", choices=["focal", "bce", "ce"], default="focal")
     t.add_argument("--class-weighting", choices=["none", "balanced"], default="none")
     t.add_argument("--lr-lora", type=float, default=1e-4)
     t.add_argument("--lr-head", type=float, default=1e-3)
-    t.add_argument("--patience", type=int, default=10)
-    t.add_argument("--no-augment", action="store_true")
     t.add_argument("--no-amp", action="store_true", help="disable bf16 autocast")
     t.add_argument("--seg-weight", type=float, default=0.5,
                    help="λ of the auxiliary mask loss (Dice + BCE) when the manifest has a mask column; 0 disables")
     t.add_argument("--train-fraction", type=float, default=1.0)
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (with OUT/plan.json)")
     t.add_argument("--overwrite", action="store_true", help="replace the plugin already in OUT (default: refuse)")
     t.add_argument("--quiet", action="store_true")
     add_data_args(t)
@@ -122,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Verbs that live next to their feature (nnU-Net-style: one module per concern). Each module has
 # ``register(subparsers) -> {verb: handler}``; handlers take the parsed args and return an exit code.
-_EXTENSION_MODULES = ("anymc3d.explain.cli", "anymc3d.store.cli", "anymc3d.bench.cli")
+_EXTENSION_MODULES = ("anymc3d.planning.cli", "anymc3d.explain.cli", "anymc3d.store.cli", "anymc3d.bench.cli")
 _HANDLERS: dict = {}
 
 
@@ -144,24 +126,31 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .plugins import LoraSpec
 
     check_output_folder(a.out, resume=a.resume, overwrite=a.overwrite)  # no silent overwrite, no resume from nothing
+    from .data import load_data
+    from .planning.cli import settings_for_training
     from .training.run import PreprocessOptions, train_plugin
     from .training.trainer import TrainConfig
 
     windows = a.windows
     if windows and ":" in windows:
         windows = [tuple(float(x) for x in w.split(":")) for w in windows.split(",")]
-    pre = PreprocessOptions(views=a.views, size=a.size, intensity=a.intensity or ("ct" if windows else None),
-                            windows=windows, spacing=_spacing(a.spacing), max_slices=a.max_slices)
-    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, loss=a.loss, lr_lora=a.lr_lora,
-                      lr_head=a.lr_head, class_weighting=a.class_weighting, patience=a.patience,
-                      augment=not a.no_augment, amp=not a.no_amp, progress=not a.quiet, seg_weight=a.seg_weight,
-                      device=a.device, workers=a.workers)
-    cfg.cache_dir = str(a.cache) if getattr(a, "cache", None) else None
-    m = train_plugin(a.data, a.backbone, a.out, weights=a.weights, preprocess=pre,
-                     lora=LoraSpec(r=a.lora_rank, alpha=a.lora_alpha, last_k=a.lora_last_k), config=cfg,
-                     task_name=a.task_name, train_fraction=a.train_fraction, resume=a.resume, data_kwargs=data_kwargs(a))
+    task = load_data(a.data, **data_kwargs(a))
+    st = settings_for_training(a, task)  # the plan (or --no-plan's fixed defaults) with the flags applied
+    pre = PreprocessOptions(views=st["views"], size=st["size"], intensity=a.intensity or ("ct" if windows else None),
+                            windows=windows, spacing=_spacing(a.spacing), max_slices=st["max_slices"])
+    cfg = TrainConfig(epochs=st["epochs"], batch_size=st["batch_size"], seed=a.seed, loss=a.loss, lr_lora=a.lr_lora,
+                      lr_head=a.lr_head, class_weighting=a.class_weighting, patience=st["patience"],
+                      augment=st["augment"], amp=not a.no_amp, progress=not a.quiet, seg_weight=a.seg_weight,
+                      device=a.device, workers=st["workers"], slice_subset=st["slice_subset"], threshold=a.threshold)
+    cfg.cache_dir = str(a.cache) if getattr(a, "cache", None) else st.get("cache_dir")
+    m = train_plugin(task, a.backbone, a.out, weights=a.weights, preprocess=pre,
+                     lora=LoraSpec(r=a.lora_rank, alpha=a.lora_alpha, last_k=st["lora_last_k"]), config=cfg,
+                     task_name=a.task_name, train_fraction=a.train_fraction, resume=a.resume, plan=st.get("plan"))
     line = f"{m.get('split', 'val')} AUC {m['auc']:.4f}  ACC {m['acc']:.4f}  (n={m['n']})" if m.get("auc") is not None else "no AUC"
-    print(f"{line}; trainable parameters {m['trainable_params']:,}; training {m['train_wall_s']:.0f} s")
+    thr = f"; threshold {m['threshold']:.3f} ({a.threshold if isinstance(a.threshold, str) else 'fixed'})" \
+        if m.get("task_type") == "binary" else ""
+    print(f"{line}{thr}; trainable parameters {m['trainable_params']:,}; training {m['train_wall_s']:.0f} s, "
+          f"whole run {m['total_wall_s']:.0f} s" + (f" (plan estimate {st['plan']['estimate_s']:.0f} s)" if st.get("plan") else ""))
     if m.get("seg_decoder_params"):
         print(f"auxiliary mask loss on {m['n_train_with_mask']} training cases; decoder {m['seg_decoder_params']:,} "
               "parameters (training only, not in the plugin)")
@@ -188,6 +177,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         raise InputError("predict: give PLUGIN and at least one IMAGE (or --plugins DIR IMAGE...)")
     from .inputs import expand_inputs
     from .predict import case_id_from, load, write_json
+    from .runtime.results import decision_text
 
     predictor = load(a.plugin, weights=a.weights, device=a.device, workers=a.workers)
     items = expand_inputs(a.images, predictor.spec.inputs)
@@ -196,8 +186,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     for res in rows:
         write_json(res, a.out / f"{res['id']}.json")
-        print(f"{res['id']}: {', '.join(res['predicted']) or '-'}  " +
-              " ".join(f"{k}={v:.3f}" for k, v in res["probabilities"].items()))
+        print(f"{res['id']}: {decision_text(res)}")
     if len(rows) > 1:
         from .io import atomic_write
         names = list(rows[0]["probabilities"])

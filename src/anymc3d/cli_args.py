@@ -57,3 +57,22 @@ def add_device_args_everywhere(p: argparse.ArgumentParser) -> None:
                 if not has_verbs and not _has_option(sub, "--device"):
                     add_device_args(sub)
                 add_device_args_everywhere(sub)
+
+
+def _csv_list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("manifest columns (default: image, label, mask; or task.json beside the manifest)")
+    g.add_argument("--image-columns", type=_csv_list, help="comma list of image columns, e.g. t1,t2,flair")
+    g.add_argument("--label-columns", type=_csv_list, help="one column (binary/multiclass) or several (multilabel)")
+    g.add_argument("--mask-column", help="column holding mask paths")
+    g.add_argument("--task-type", choices=["binary", "multiclass", "multilabel"])
+
+
+def data_kwargs(a: argparse.Namespace) -> dict:
+    if str(a.data).endswith(".npz"):
+        return {}
+    return {"image_columns": a.image_columns, "label_columns": a.label_columns, "mask_column": a.mask_column,
+            "task_type": a.task_type}

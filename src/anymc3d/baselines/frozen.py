@@ -34,7 +34,8 @@ from ..preprocess import PreprocessOptions
 from ..runtime.cache import ActivationCache
 from ..runtime.engine import frozen_embeddings
 from ..training.losses import classification_loss
-from ..training.run import assign_splits, subsample, youden_threshold
+from ..evaluation.threshold import choose_threshold
+from ..training.run import assign_splits, subsample
 from .aggregators import make_pool
 from .linear_probe import fit_logistic_probe
 
@@ -236,7 +237,7 @@ def train_pool_head(cache: FeatureCache, pooling: str = "attention", seed: int =
         model.load_state_dict(best_state)
     fit_s = time.time() - t0
     val_scores = predict("val") if "val" in tensors else None
-    threshold = youden_threshold(cache.labels("val"), val_scores) if tt == "binary" and val_scores is not None else 0.5
+    threshold = choose_threshold(cache.labels("val") if val_scores is not None else None, val_scores, tt)
     t1 = time.time()
     test_scores = predict("test") if "test" in tensors else None
     head_s = (time.time() - t1) / max(1, len(cache.splits.get("test") or []))

@@ -42,6 +42,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "trunk_cache": None,     # plugin methods: disk cache of frozen trunk activations (None: DIR/cache/trunk)
     "device": "auto",        # auto | cpu | cuda | cuda:N | mps (not in any fingerprint: results are device-independent)
     "workers": 0,            # DataLoader worker processes
+    "budget": "45m",         # method `plan`: the time budget of `anymc3d train` (the plan fits it)
+    "timings": None,         # method `plan`: a timings.json to plan from (default: time this machine now)
 }
 
 # which general options change a method's result (the cell fingerprint uses only these)
@@ -50,6 +52,7 @@ _USES = {
     "plugin": ("backbone", "weights", "size", "max_slices", "epochs", "batch_size", "patience", "lr_lora", "lr_head",
                "loss", "amp", "augment"),
     "cnn3d": ("epochs", "cnn_batch_size", "patience", "cnn_lr", "loss", "augment"),
+    "plan": ("backbone", "weights", "budget", "max_slices", "timings"),
 }
 
 
@@ -193,6 +196,44 @@ def m_plugin(task, out: Path, seed: int, o: dict, views=("axial",), r: int = 8, 
     return normalise(m, detail=f"LoRA r={r} last_k={last_k} + {pooling} pooling, views {','.join(views)}")
 
 
+def m_plan(task, out: Path, seed: int, o: dict) -> dict:
+    """What ``anymc3d train DATA`` does with no options: plan (fingerprint + timings on this machine,
+    within ``budget``), then train with the plan's settings. The plan depends on the machine's
+    measured speed, so this cell's fingerprint holds the budget, not the chosen settings."""
+    import json
+
+    from ..planning import Plan, plan_for
+    from ..plugins import LoraSpec
+    from ..training.run import PreprocessOptions, train_plugin
+    from ..training.trainer import TrainConfig
+
+    out = Path(out)
+    saved = out / "plan.json"
+    if saved.is_file():  # a resumed cell keeps its plan
+        plan = Plan.from_dict(json.loads(saved.read_text()))
+    else:
+        from ..planning.cli import read_timings
+
+        plan, _, _ = plan_for(task, o["backbone"], o.get("budget") or "45m", device=str(o.get("device", "auto")),
+                              weights=o["weights"], out=out, timings=read_timings(o.get("timings")), log=_log(o),
+                              overrides={"max_slices": o["max_slices"]} if o.get("max_slices") else None)
+    if plan.threads and plan.device == "cpu":
+        import torch
+
+        torch.set_num_threads(int(plan.threads))
+    pre = PreprocessOptions(views=list(plan.views), size=plan.size, max_slices=plan.max_slices)
+    cfg = TrainConfig(epochs=plan.epochs, batch_size=plan.batch_size, seed=seed, patience=plan.patience,
+                      augment=plan.augment, slice_subset=plan.slice_subset, threshold=plan.threshold,
+                      progress=bool(o.get("progress", False)), device=str(o.get("device", "auto")),
+                      workers=int(o.get("workers", 0)), cache_dir=o.get("trunk_cache"))
+    m = train_plugin(task, o["backbone"], out, weights=o["weights"], preprocess=pre,
+                     lora=LoraSpec(r=8, alpha=16.0, last_k=plan.lora_last_k), config=cfg, resume=True,
+                     plan=plan.to_dict(), log=_log(o))
+    return normalise(m, detail=f"the default training plan (candidate {plan.candidate}): "
+                               f"{','.join(plan.views)}, size {plan.size}, LoRA last_k={plan.lora_last_k}, "
+                               f"subset {plan.slice_subset}, {plan.epochs} epochs")
+
+
 def m_slice_transformer(task, out: Path, seed: int, o: dict, views=("axial",)) -> dict:
     from ..baselines.variant import train_aggregator_plugin
     from ..plugins import LoraSpec
@@ -215,6 +256,7 @@ def m_cnn3d(task, out: Path, seed: int, o: dict, arch: str = "resnet18", train_f
 
 THREE = ("axial", "coronal", "sagittal")
 
+register_method("plan", m_plan, "plan", "the default `anymc3d train DATA`: a training plan that fits --set budget=45m")
 register_method("plugin", m_plugin, "plugin", "AnyMC3D plugin: LoRA r=8 (all stages) + task query, axial")
 register_method("plugin_3view", m_plugin, "plugin", "plugin, three views (per-view LoRA + query, fusion query)",
                 views=THREE)

@@ -157,10 +157,23 @@ class AnyMC3D(nn.Module):
                 continue
             x = slices[s]
             b, n = x.shape[:2]
-            emb, pt = self.embed_slices(s, x.flatten(0, 1), keep_patches, from_trunk)
-            embeddings[s] = emb.view(b, n, -1)
+            real = slice_mask.get(s) if slice_mask else None
+            if real is None or bool(real.all()):
+                emb, pt = self.embed_slices(s, x.flatten(0, 1), keep_patches, from_trunk)
+                embeddings[s] = emb.view(b, n, -1)
+                if keep_patches:
+                    patches[s] = pt.view(b, n, *pt.shape[1:])
+                continue
+            # padding slices (shorter stacks in the batch) never reach the backbone: their rows stay 0
+            flat = real.to(x.device).reshape(-1)
+            emb, pt = self.embed_slices(s, x.flatten(0, 1)[flat], keep_patches, from_trunk)
+            full = emb.new_zeros(b * n, emb.shape[-1])
+            full[flat] = emb
+            embeddings[s] = full.view(b, n, -1)
             if keep_patches:
-                patches[s] = pt.view(b, n, *pt.shape[1:])
+                fp = pt.new_zeros(b * n, *pt.shape[1:])
+                fp[flat] = pt
+                patches[s] = fp.view(b, n, *pt.shape[1:])
         out = self.pool_and_classify(embeddings, slice_mask, present)
         out.patches = patches
         return out

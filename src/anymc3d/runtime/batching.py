@@ -110,6 +110,26 @@ def collate(per_case: list[dict[str, torch.Tensor]], streams: list[str]):
     return slices, masks, present
 
 
+def per_case_stacks(slices: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """A padded batch back to its cases: per case, stream -> that case's own (real) slices."""
+    b = next(iter(masks.values())).shape[0]
+    return [{s: x[i][masks[s][i]] for s, x in slices.items() if bool(masks[s][i].any())} for i in range(b)]
+
+
+def slice_subset(per_case: list[dict[str, torch.Tensor]], k: int, generator: torch.Generator) -> list[dict]:
+    """At most ``k`` slices per case and stream, drawn at random (kept in their order). The task
+    query pools a set of slices, so a random subset is a valid training view of the volume."""
+    out = []
+    for c in per_case:
+        d = {}
+        for s, t in c.items():
+            if t.shape[0] > k:
+                t = t[torch.randperm(t.shape[0], generator=generator)[:k].sort().values]
+            d[s] = t
+        out.append(d)
+    return out
+
+
 class Batcher:
     """Turns prepared cases into (slices, masks, present, labels, from_trunk) batches: CPU data work only.
 
@@ -122,6 +142,7 @@ class Batcher:
         self.first_input = model.spec.inputs[0]
         # pooling-only plugins (r=0): the "trunk" is the whole frozen backbone; its class embeddings are cached
         self.cache_trunk = cache_trunk and (model.last_k is not None or model.spec.lora.r == 0)
+        self.trunk_patches = model.last_k is not None
 
     def _augment(self, case: PreparedCase, seed: int) -> dict[str, torch.Tensor]:
         """Augmented copies of the case's inputs (and of its mask, under the key "mask")."""
@@ -149,7 +170,9 @@ class Batcher:
         """Returns slices, slice masks, stream presence, labels, from_trunk and (with_masks) the
         segmentation targets: stream -> (B, S, size, size) for the first input's streams, and a
         (B,) flag saying which cases have a mask."""
-        from_trunk = self.cache_trunk and augment_seed is None and not with_masks
+        # mask batches need the tail's patch tokens: a cached trunk (cut trunk:k) still gives them,
+        # cached class embeddings (pooling-only plugins) do not
+        from_trunk = self.cache_trunk and augment_seed is None and (not with_masks or self.trunk_patches)
         per_case, seg = [], []
         for i, c in enumerate(cases):
             arrays = self._augment(c, augment_seed + i) if augment_seed is not None else dict(c.arrays)

@@ -13,6 +13,7 @@ the frozen-feature extractors all go through it:
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..plugins.model import ModelOutput
-from .batching import Batcher, BatchPlan, batch_loader, collate, eval_plans
+from .batching import Batcher, BatchPlan, batch_loader, collate, eval_plans, per_case_stacks, slice_subset
 from .cache import ActivationCache, PluginActivations
 from .device import place, resolve_device
 
@@ -75,19 +76,44 @@ class Runtime:
         return per_case, secs
 
     def forward(self, slices: dict, masks: dict | None, present: torch.Tensor | None, from_trunk: bool = False,
-                keep_patches: bool = False) -> ModelOutput:
-        """A batch from :class:`Batcher` on the device (gradients flow where the caller allows them)."""
+                keep_patches: bool = False, subset: tuple[int, torch.Generator] | None = None) -> ModelOutput:
+        """A batch from :class:`Batcher` on the device (gradients flow where the caller allows them).
+
+        ``subset=(k, generator)``: use at most k random slices per case and stream (training); with
+        cached activations the subset is drawn after the cache lookup, so the cache still hits."""
         self.last_shared_s = 0.0
         if from_trunk and self.activations is not None:
             per_case, self.last_shared_s = self.frozen_per_case(slices, masks)
-            acts, _, _ = collate(per_case, [s for s in self.model.streams if s in slices])
+            if subset is not None:
+                per_case = slice_subset(per_case, *subset)
+            acts, sub_masks, _ = collate(per_case, [s for s in self.model.streams if s in slices])
+            if subset is not None:
+                masks = sub_masks
             acts = {s: a.float() for s, a in self.to_device(acts).items()}
             masks, present = self.to_device(masks), self.to_device(present)
             if self.activations.cut == "embed":  # class embeddings: only pooling and head are left
                 return self.model.pool_and_classify(acts, masks, present)
             return self.model(acts, masks, present, from_trunk=True, keep_patches=keep_patches)
+        if subset is not None and masks:
+            slices, masks, _ = collate(slice_subset(per_case_stacks(slices, masks), *subset),
+                                       [s for s in self.model.streams if s in slices])
         return self.model(self.to_device(slices), self.to_device(masks), self.to_device(present),
                           keep_patches=keep_patches)
+
+    @torch.no_grad()
+    def fill_cache(self, cases: Sequence, batch_size: int = 8, progress: bool = False,
+                   desc: str = "frozen trunk") -> float:
+        """Compute (or read) the cached frozen activations of every case once, with a progress bar
+        (training does this before its first epoch, so the epochs' ETA is the epochs' own). Returns
+        the seconds spent computing cache misses."""
+        if self.activations is None:
+            return 0.0
+        secs = 0.0
+        it = self.loader(cases, eval_plans(len(cases), batch_size))
+        for (slices, masks, _, _, _), _meta in tqdm(it, desc=desc, total=math.ceil(len(cases) / batch_size),
+                                                    disable=not progress, leave=False, unit="batch"):
+            secs += self.frozen_per_case(slices, masks)[1]
+        return secs
 
     # ---- prediction ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -30,3 +30,18 @@ def volume_result(spec, case_id: str, probs: np.ndarray, out: dict, plugin: str 
            "backbone": spec.backbone, "backbone_fingerprint": spec.backbone_fingerprint, "plugin": plugin}
     res["warnings"] = list(out.get("warnings") or [])
     return res
+
+
+def decision_text(res: dict) -> str:
+    """What was decided and why, for a printed line: ``present (p=0.498 > threshold 0.310)``.
+    Every printed prediction shows the threshold that made the decision."""
+    probs, predicted = res["probabilities"], res["predicted"]
+    thr = float(res.get("threshold", 0.5))
+    if res["task_type"] == "binary":
+        pos = list(probs)[1]
+        p = probs[pos]
+        return f"{predicted[0]} (p({pos})={p:.3f} {'>' if p > thr else '<='} threshold {thr:.3f})"
+    if res["task_type"] == "multiclass":
+        return f"{predicted[0]} (p={probs[predicted[0]]:.3f}, the largest of {len(probs)})"
+    shown = ", ".join(f"{n}={v:.3f}" for n, v in probs.items())
+    return f"{', '.join(predicted) or '-'} ({shown}; threshold {thr:.3f})"

@@ -133,6 +133,7 @@ def cmd_predict_all(a: argparse.Namespace, images: list[str]) -> int:
     """``anymc3d predict --plugins DIR IMAGE... --out OUT``: one JSON per volume with every task."""
     from ..io import atomic_write
     from ..predict import case_id_from, write_json
+    from ..runtime.results import decision_text
     from .multi import MultiPredictor
 
     if getattr(a, "heatmaps", False):
@@ -147,7 +148,7 @@ def cmd_predict_all(a: argparse.Namespace, images: list[str]) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     for r in rows:
         write_json(r, a.out / f"{r['id']}.json")
-        print(f"{r['id']}: " + "; ".join(f"{t}: {', '.join(res['predicted']) or '-'}" for t, res in r["tasks"].items())
+        print(f"{r['id']}: " + "; ".join(f"{t}: {decision_text(res)}" for t, res in r["tasks"].items())
               + f"  ({r['seconds']:.2f} s)")
         for f in r["tasks_failed"]:
             print(f"  {f['name']}: not run ({f['reason']})", file=sys.stderr)

@@ -13,6 +13,7 @@ from ..backbones import create_backbone
 from ..data import Case, TaskData, load_data
 from ..errors import InputError
 from ..evaluation import compute_metrics
+from ..evaluation.threshold import choose_threshold, youden_threshold  # noqa: F401  (re-exported)
 from ..io import write_json
 from ..plugins import LoraSpec, PluginSpec, save_plugin
 from ..plugins.model import AnyMC3D
@@ -24,28 +25,15 @@ from .trainer import TrainConfig, fit, make_runtime, metric_scores, seed_everyth
 __all__ = ["PreprocessOptions", "assign_splits", "score_splits", "train_plugin", "youden_threshold"]
 
 
-def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
-    """Threshold maximising Youden's J (sensitivity + specificity - 1) on validation scores."""
-    from sklearn.metrics import roc_curve
-
-    if len(np.unique(y)) < 2:
-        return 0.5
-    fpr, tpr, thr = roc_curve(y, score)
-    j = tpr - fpr
-    best = int(np.argmax(j[1:]) + 1)  # thr[0] is +inf
-    # midpoint between the chosen score and the next lower one generalises better than the score itself
-    lo = thr[best + 1] if best + 1 < len(thr) else thr[best] - 1e-6
-    return float(np.clip((thr[best] + lo) / 2, 1e-6, 1 - 1e-6))
-
-
 #: test volumes predicted without the trunk cache to time inference honestly (0: skip)
 COLD_TIMING_VOLUMES = 16
 
 
 def score_splits(model, runtime: Runtime, prepared: dict, splits: dict, task: TaskData, batch_size: int,
-                 threshold: str | float = "youden") -> tuple[float, dict]:
-    """Predict the val/test splits, pick the decision threshold on val (Youden, binary) and compute
-    each split's metrics at it; ``acc_at_0.5`` keeps MedMNIST's ACC definition alongside."""
+                 threshold: str | float = "platt") -> tuple[float, dict]:
+    """Predict the val/test splits, pick the decision threshold on val (``threshold``: a policy of
+    :mod:`anymc3d.evaluation.threshold`, or a number) and compute each split's metrics at it;
+    ``acc_at_0.5`` keeps MedMNIST's ACC definition alongside."""
     scores, timing = {}, {}
     for split in ("val", "test"):
         if prepared.get(split):
@@ -60,11 +48,8 @@ def score_splits(model, runtime: Runtime, prepared: dict, splits: dict, task: Ta
                 Runtime(model, runtime.specs, device=runtime.device).predict(sample, batch_size)
                 timing[split] = (time.time() - t0) / len(sample)
             scores[split] = metric_scores(probs, task.task_type)
-    thr = 0.5
-    if task.task_type == "binary" and "val" in scores and threshold == "youden":
-        thr = youden_threshold(task.labels(splits["val"]), scores["val"])
-    elif isinstance(threshold, float):
-        thr = threshold
+    yv = task.labels(splits["val"]) if "val" in scores else None
+    thr = choose_threshold(yv, scores.get("val"), task.task_type, threshold)
     results = {}
     for split, sc in scores.items():
         y = task.labels(splits[split])
@@ -124,12 +109,13 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
                  preprocess: PreprocessOptions | None = None, lora: LoraSpec | None = None,
                  config: TrainConfig | None = None, task_name: str | None = None, head_dropout: float = 0.2,
                  train_fraction: float = 1.0, resume: bool = False, data_kwargs: dict | None = None,
-                 threshold: str | float = "youden", log=print) -> dict:
+                 threshold: str | float | None = None, plan: dict | None = None, log=print) -> dict:
     """Train one plugin; writes plugin.safetensors, plugin.json, metrics.json, train_log.csv into ``out``.
 
-    ``threshold="youden"`` (binary): the decision threshold is the one that maximises sensitivity +
-    specificity on the validation split, stored in the plugin. Focal loss with alpha=0.25 shifts
-    probabilities down, so a fixed 0.5 would under-call positives.
+    ``threshold`` (default: ``config.threshold``): the binary decision threshold's policy
+    (:mod:`anymc3d.evaluation.threshold`), applied to the validation split; the threshold is stored
+    in the plugin. Focal loss with alpha=0.25 shifts probabilities down, so a fixed 0.5 would
+    under-call positives.
     """
     t_start = time.time()
     out = Path(out)
@@ -164,11 +150,15 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
     summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out, resume=resume, runtime=runtime)
     if cfg.cache_dir is None:  # the in-memory trunk cache served training; score with the whole backbone as before
         runtime = Runtime(model, specs, device=runtime.device)
-    spec.threshold, results = score_splits(model, runtime, prepared, splits, task, cfg.batch_size, threshold)
+    spec.threshold, results = score_splits(model, runtime, prepared, splits, task, cfg.batch_size,
+                                           cfg.threshold if threshold is None else threshold)
     spec.metrics = {s: {"auc": m["auc"], "acc": m["acc"], "n": m["n"]} for s, m in results.items()}
     spec.training = {"data": task.source, "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
                      "train_wall_s": summary["train_wall_s"], "config": summary["config"], "train_fraction": train_fraction,
-                     "n_train": len(splits["train"]), "trainable_params": n_params}
+                     "n_train": len(splits["train"]), "trainable_params": n_params,
+                     "threshold_policy": cfg.threshold if threshold is None else threshold}
+    if plan is not None:  # the training plan (anymc3d.planning) this plugin was trained with
+        spec.training["plan"] = plan
     save_plugin(model, out)
     metrics = {"task": spec.task, "task_type": task.task_type, "threshold": spec.threshold, "label_names": task.label_names,
                "trainable_params": n_params, "lora_params": n_lora, "backbone": bb.name,
@@ -178,7 +168,8 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
                "seg_decoder_params": summary["decoder_params"],
                "n_train_with_mask": sum(c.mask is not None for c in prepared["train"]),
                "n_train": len(splits["train"]), "splits": {k: len(v) for k, v in splits.items()}, **results,
-               "history": summary["history"], "config": summary["config"]}
+               "history": summary["history"], "config": summary["config"],
+               **({"plan": plan} if plan is not None else {})}
     metrics.update(headline(results))
     write_json(metrics, out / "metrics.json")
     return metrics

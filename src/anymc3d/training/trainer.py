@@ -22,6 +22,7 @@ from .. import __version__
 from ..errors import InputError
 from ..evaluation import compute_metrics
 from ..evaluation.run import metric_scores
+from ..evaluation.threshold import choose_threshold
 from ..io import atomic_write
 from ..plugins.model import AnyMC3D
 from ..preprocess import PreprocessSpec
@@ -58,6 +59,8 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     workers: int = 0               # DataLoader worker processes (augmentation, slicing); 0 = in the main process
+    slice_subset: int | None = None  # train on at most this many random slices per volume and view (None: all)
+    threshold: str | float = "platt"  # decision-threshold policy on validation (anymc3d.evaluation.threshold)
 
 
 #: settings that do not change what training computes, so a run may resume with them changed
@@ -96,6 +99,17 @@ def warmup_cosine(opt: torch.optim.Optimizer, total: int, warmup: int):
         return cosine
     linear = LinearLR(opt, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
     return SequentialLR(opt, [linear, cosine], milestones=[warmup])
+
+
+#: the training progress line: elapsed time, and the time remaining for the remaining steps
+ETA_FORMAT = "{desc}{percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} steps [{elapsed} elapsed, ETA {remaining}{postfix}]"
+
+
+def progress_bar(total: int, enabled: bool):
+    """One bar over every training step of the run, with its ETA (validation time included in the
+    rate, since the bar measures wall time between steps)."""
+    return tqdm(total=total, desc="train", disable=not enabled, bar_format=ETA_FORMAT, leave=False,
+                mininterval=1.0, smoothing=0.1)
 
 
 def make_runtime(model: AnyMC3D, specs: dict[str, PreprocessSpec], cfg: TrainConfig) -> Runtime:
@@ -149,6 +163,10 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             decoder.load_state_dict(ck["decoder"])
         history = json.loads(ck["history"])
     t0 = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
+    if not cfg.augment and start_epoch < cfg.epochs:
+        # every epoch reads the same frozen trunk: compute it once, up front, with its own progress bar
+        rt.fill_cache(list(train) + list(val), cfg.batch_size, cfg.progress)
+    bar = progress_bar(steps_per_epoch * (cfg.epochs - start_epoch), cfg.progress)
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(cfg.seed * 1000 + epoch)  # dropout RNG per (seed, epoch): a resumed run matches
         model.train()
@@ -163,11 +181,14 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             if idx:
                 aug_seed = (cfg.seed * 1_000_003 + epoch * 10_007 + step * 101) % (2**31) if cfg.augment else None
                 plans.append(BatchPlan(idx, aug_seed, with_masks=decoder is not None))
-        bar = tqdm(rt.loader(train, plans), total=len(plans), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False)
-        for batch, _meta in bar:
+        bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+        subset = None
+        if cfg.slice_subset and decoder is None:  # the mask loss needs every slice of its stack
+            subset = (int(cfg.slice_subset), torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 17))
+        for batch, _meta in rt.loader(train, plans):
             slices, masks, present, y, from_trunk = batch[:5]
-            out = rt.forward(slices, masks, present, keep_patches=decoder is not None, from_trunk=from_trunk)
+            out = rt.forward(slices, masks, present, keep_patches=decoder is not None, from_trunk=from_trunk,
+                             subset=subset)
             y = y.to(device)
             loss = classification_loss(out.logits.float(), y, task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha, cw)
             if decoder is not None and bool(batch[6].any()):  # batches without any mask add no seg loss
@@ -182,7 +203,8 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             opt.step()
             sched.step()
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            bar.update(1)
+            bar.set_postfix_str(f"loss={np.mean(losses):.4f}")
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan")}
         if seg_losses:
             row["train_seg_loss"] = float(np.mean(seg_losses))
@@ -190,8 +212,10 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             probs, _ = rt.predict(val, cfg.batch_size)
             yv = np.stack([c.label.numpy() for c in val])
             yv = yv[:, 0] if task_type != "multilabel" else yv
-            m = compute_metrics(yv, metric_scores(probs, task_type), task_type, model.spec.label_names, n_bootstrap=0)
-            row.update(val_auc=m["auc"], val_acc=m["acc"])
+            sv = metric_scores(probs, task_type)
+            thr = choose_threshold(yv, sv, task_type, cfg.threshold)
+            m = compute_metrics(yv, sv, task_type, model.spec.label_names, threshold=thr, n_bootstrap=0)
+            row.update(val_auc=m["auc"], val_acc=m["acc"], val_threshold=round(thr, 4))
             score = m["auc"] if m["auc"] is not None else m["acc"]
         else:
             score = -row["train_loss"]
@@ -222,6 +246,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             torch.save(ck, tmp)
         if val and bad >= cfg.patience:
             break
+    bar.close()
     if best_state is not None:
         model.load_trainable_state(best_state)
     model.eval()

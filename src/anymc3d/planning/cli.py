@@ -1,0 +1,174 @@
+"""``anymc3d plan DATA --out DIR`` and the planning flags of ``anymc3d train``."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import InputError
+from . import DEFAULT_BUDGET
+from .planner import FIELDS, Plan, plan_table
+
+#: ``anymc3d train --no-plan``: the fixed settings of earlier releases (full-depth LoRA, augmentation,
+#: the backbone's slice size, axial, 30 epochs)
+FIXED_DEFAULTS = {"size": None, "views": ["axial"], "lora_last_k": None, "augment": True, "slice_subset": None,
+                  "max_slices": None, "epochs": 30, "batch_size": 8, "patience": 10}
+
+
+def _last_k(text: str) -> int:
+    if text == "all":
+        return 0
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError("--lora-last-k: a positive number of stages, or 'all'")
+    return v
+
+
+def _subset(text: str) -> int:
+    if text == "all":
+        return 0
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError("--slice-subset: a positive number of slices, or 'all'")
+    return v
+
+
+def _threshold(text: str):
+    from ..evaluation.threshold import parse_policy
+
+    try:
+        return parse_policy(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training plan (docs/plan.md)")
+    g.add_argument("--budget", default=DEFAULT_BUDGET,
+                   help=f"wall-time budget of the whole run, e.g. 30m, 2h (default {DEFAULT_BUDGET}); the plan fits it")
+    if any("--out" in a.option_strings for a in p._actions):
+        g.add_argument("--no-plan", action="store_true",
+                       help="skip planning: full-depth LoRA, augmentation, the backbone's slice size, axial, 30 epochs")
+    g.add_argument("--timings", type=Path, metavar="FILE",
+                   help="plan from this timings.json (of an earlier `anymc3d plan` on this machine) instead of timing now")
+    g.add_argument("--threshold", type=_threshold, default="platt",
+                   help="binary decision threshold on validation: platt (default), youden, or a number")
+
+
+def add_plan_override_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("plan overrides (each replaces its plan field)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--patience", type=int, help="early-stopping patience in epochs")
+    g.add_argument("--lora-last-k", type=_last_k, metavar="K|all",
+                   help="LoRA only on the last K blocks/stages (shared trunk, cacheable), or all of them")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="3D augmentation of training volumes (--no-augment: off)")
+    g.add_argument("--slice-subset", type=_subset, metavar="N|all",
+                   help="train on N random slices per volume and view (validation and prediction use all)")
+    g.add_argument("--max-slices", type=int, metavar="N",
+                   help="resample a view with more slices to N slices (training and prediction)")
+
+
+TIMING_KEYS = ("device", "prep_s_per_volume", "aug_s_per_volume", "trunk_fwd_s", "tail_step_s", "tail_fwd_s",
+               "full_step_s", "full_fwd_s")
+
+
+def read_timings(path: Path | None) -> dict | None:
+    """A timings.json given with --timings (checked: JSON object with every measured key)."""
+    if path is None:
+        return None
+    try:
+        t = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    missing = [k for k in TIMING_KEYS if not isinstance(t, dict) or k not in t]
+    if missing:
+        raise InputError(f"{path}: not a timings.json of `anymc3d plan` (missing {', '.join(missing)})")
+    bad = [k for k in TIMING_KEYS[1:] if not isinstance(t[k], (int, float)) or not t[k] >= 0]
+    if bad:
+        raise InputError(f"{path}: {', '.join(bad)} must be non-negative numbers of seconds")
+    return t
+
+
+def overrides_from(a: argparse.Namespace) -> dict:
+    """The plan fields the user set with a flag (``--lora-last-k all`` / ``--slice-subset all``: 0)."""
+    return {k: getattr(a, k, None) for k in FIELDS if getattr(a, k, None) is not None}
+
+
+def _apply(plan_or_fixed: dict, overrides: dict) -> dict:
+    d = {**plan_or_fixed, **overrides}
+    d["lora_last_k"] = d["lora_last_k"] or None
+    d["slice_subset"] = d["slice_subset"] or None
+    d["max_slices"] = d.get("max_slices") or None
+    return d
+
+
+def settings_for_training(a: argparse.Namespace, task) -> dict:
+    """The settings ``anymc3d train`` runs with: the plan (made now, or OUT/plan.json on --resume)
+    with the user's flags applied; under ``--no-plan`` the fixed defaults with the flags applied."""
+    overrides = overrides_from(a)
+    if getattr(a, "no_plan", False):
+        st = _apply(FIXED_DEFAULTS, overrides)
+        st["workers"] = a.workers
+        return st
+    saved = Path(a.out) / "plan.json"
+    if a.resume and saved.is_file():
+        plan = Plan.from_dict(json.loads(saved.read_text()))
+        if not a.quiet:
+            print(plan_table(plan) + "\n  (from " + str(saved) + ")")
+    else:
+        from . import plan_for
+
+        plan, _, _ = plan_for(task, a.backbone, a.budget, device=a.device, weights=a.weights, overrides=overrides,
+                              out=a.out, threshold=a.threshold if isinstance(a.threshold, str) else "fixed",
+                              timings=read_timings(a.timings), log=(lambda *_: None) if a.quiet else print)
+        if not a.quiet:
+            print(plan_table(plan))
+    if plan.threads and plan.device == "cpu":
+        import torch
+
+        torch.set_num_threads(int(plan.threads))  # what the plan measured fastest on this machine now
+    st = _apply({k: getattr(plan, k) for k in FIELDS}, {})
+    st["workers"] = a.workers or plan.workers
+    st["plan"] = plan.to_dict()
+    if plan.cache == "disk" and not getattr(a, "cache", None):
+        st["cache_dir"] = str(Path(a.out) / "trunk_cache")
+    return st
+
+
+def register(sub) -> dict:
+    from ..cli_args import add_backbone_args, add_data_args, add_slice_args
+
+    p = sub.add_parser("plan", help="fingerprint the data, time this machine, and write the training plan",
+                       description="Write fingerprint.json, timings.json and plan.json into --out and print the "
+                       "plan; `anymc3d train` makes the same plan by default.")
+    p.add_argument("data")
+    add_backbone_args(p)
+    add_slice_args(p, None)
+    p.add_argument("--out", required=True, type=Path)
+    add_plan_args(p)
+    add_plan_override_args(p)
+    add_data_args(p)
+    return {"plan": cmd_plan}
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from ..cli_args import data_kwargs
+    from ..data import load_data
+    from . import plan_for
+
+    task = load_data(a.data, **data_kwargs(a))
+    plan, fp, t = plan_for(task, a.backbone, a.budget, device=a.device, weights=a.weights,
+                           overrides=overrides_from(a), out=a.out, timings=read_timings(a.timings),
+                           threshold=a.threshold if isinstance(a.threshold, str) else "fixed")
+    print(plan_table(plan))
+    print(f"measured on {t['device']} ({t['threads']} threads) in {t.get('measure_s', 0):.0f} s; "
+          f"wrote {a.out / 'fingerprint.json'}, {a.out / 'timings.json'}, {a.out / 'plan.json'}")
+    return 0
+
+
+__all__ = ["FIXED_DEFAULTS", "InputError", "add_plan_args", "add_plan_override_args", "cmd_plan", "overrides_from",
+           "register", "settings_for_training"]
