@@ -1,5 +1,5 @@
 """Train any AnyMC3D-like model in the plugin's harness (splits, preprocessing, augmentation,
-trainer, Youden threshold, metrics) -- for the ablations and baselines whose model is not the
+trainer, validation threshold policy, metrics) -- for the ablations and baselines whose model is not the
 stock plugin: other slice aggregations, a fine-tuned backbone + slice transformer, 3D CNNs.
 
 :func:`train_model` mirrors :func:`anymc3d.training.run.train_plugin` step for step, except

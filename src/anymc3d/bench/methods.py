@@ -42,7 +42,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "trunk_cache": None,     # plugin methods: disk cache of frozen trunk activations (None: DIR/cache/trunk)
     "device": "auto",        # auto | cpu | cuda | cuda:N | mps (not in any fingerprint: results are device-independent)
     "workers": 0,            # DataLoader worker processes
-    "budget": "45m",         # method `plan`: the time budget of `anymc3d train` (the plan fits it)
+    "budget": "30m",         # method `plan`: the time budget of `anymc3d train` (the plan fits it)
     "timings": None,         # method `plan`: a timings.json to plan from (default: time this machine now)
 }
 
@@ -214,7 +214,7 @@ def m_plan(task, out: Path, seed: int, o: dict) -> dict:
     else:
         from ..planning.cli import read_timings
 
-        plan, _, _ = plan_for(task, o["backbone"], o.get("budget") or "45m", device=str(o.get("device", "auto")),
+        plan, _, _ = plan_for(task, o["backbone"], o.get("budget") or "30m", device=str(o.get("device", "auto")),
                               weights=o["weights"], out=out, timings=read_timings(o.get("timings")), log=_log(o),
                               overrides={"max_slices": o["max_slices"]} if o.get("max_slices") else None)
     if plan.threads and plan.device == "cpu":
@@ -256,7 +256,7 @@ def m_cnn3d(task, out: Path, seed: int, o: dict, arch: str = "resnet18", train_f
 
 THREE = ("axial", "coronal", "sagittal")
 
-register_method("plan", m_plan, "plan", "the default `anymc3d train DATA`: a training plan that fits --set budget=45m")
+register_method("plan", m_plan, "plan", "the default `anymc3d train DATA`: a training plan that fits --set budget=30m")
 register_method("plugin", m_plugin, "plugin", "AnyMC3D plugin: LoRA r=8 (all stages) + task query, axial")
 register_method("plugin_3view", m_plugin, "plugin", "plugin, three views (per-view LoRA + query, fusion query)",
                 views=THREE)

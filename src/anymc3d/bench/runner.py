@@ -313,7 +313,7 @@ def render_markdown(rows: list[dict], quoted: list[dict], suite: Suite, state: d
               f"Updated: {datetime.now(timezone.utc).isoformat(timespec='seconds')}  ",
               "Metrics on the test split, MedMNIST definitions (binary AUC on the positive-class score; multi-class "
               "AUC = mean one-vs-rest; multi-label = macro mean). ACC at the threshold chosen on validation "
-              "(Youden's J) for trained binary heads, 0.5 for logistic regression; `ACC@0.5` is MedMNIST's ACC. "
+              "(the Platt policy of docs/plan.md; Youden's J in cells older than issue 15) for trained binary heads, 0.5 for logistic regression; `ACC@0.5` is MedMNIST's ACC. "
               "mean ± std over seeds (std only with ≥ 2 seeds); CI = 95 % bootstrap CI of the test metric "
               "(1000 resamples, averaged over seeds).", ""]
     lines += ["## Measured", ""]

@@ -14,7 +14,7 @@ __all__ = ["FIELDS", "Plan", "fingerprint", "fmt_duration", "make_plan", "parse_
            "write_fingerprint"]
 
 #: `anymc3d train` / `anymc3d plan` without --budget
-DEFAULT_BUDGET = "45m"
+DEFAULT_BUDGET = "30m"
 
 
 def plan_for(task, backbone: str, budget: str | float | None = DEFAULT_BUDGET, device: str = "auto",
