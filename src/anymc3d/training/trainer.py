@@ -204,7 +204,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             sched.step()
             losses.append(loss.item())
             bar.update(1)
-            bar.set_postfix_str(f"loss={np.mean(losses):.4f}")
+            bar.set_postfix_str(f"loss={np.mean(losses):.4f}", refresh=False)
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan")}
         if seg_losses:
             row["train_seg_loss"] = float(np.mean(seg_losses))
