@@ -6,17 +6,21 @@ Measures, interleaved (round r runs A then B when r is even, B then A when odd, 
 machine load hits both arms alike):
 
 1. **one training epoch**: ``anymc3d train DATA --epochs 1`` (shared trunk ``--lora-last-k 1``,
-   ``--no-augment``, no cache: every slice runs the backbone) - the command's wall time and the
+   ``--no-augment``, ``--train-fraction 0.25`` of the training split, no cache: every slice runs the
+   backbone) - the command's wall time and the
    epoch's own time (``train_log.csv`` ``elapsed_s``: the epoch's training steps + validation);
 2. **predicting 300 volumes**: ``anymc3d predict PLUGIN VOLS --out DIR --overwrite`` over 300 volumes
    (the data's val + test volumes, written once as ``.npy``) - wall time of the command;
 3. **test AUC, DDP vs one process**, seeds 0-2: ``--lora-last-k 1 --no-augment --cache DIR`` (one
-   shared cache: the trunk is computed once and read by every later run), ``--epochs E``.
+   shared cache: the trunk is computed once and read by every later run), ``--epochs E``; the
+   one-process arm runs with ``--auc-single-threads`` threads (default 1: the metric does not depend
+   on it, and it is the quicker one on a loaded 2-core machine).
 
 Arm A = ``torchrun --standalone --nproc_per_node N -m anymc3d ...`` with ``OMP_NUM_THREADS=1``;
 arm B = ``python -m anymc3d ...`` with ``OMP_NUM_THREADS=N``. Wall times include the interpreter
 start (each rank imports torch/timm/peft: ~10 s) as a user sees it. Writes ``OUT/scale_speed.json``
-and prints a markdown summary with the load average around every measurement.
+after every round / seed (a rerun of the same command continues from there) and prints a markdown
+summary with the load average around every measurement.
 """
 from __future__ import annotations
 
@@ -57,7 +61,8 @@ def run(arm: str, nproc: int, args: list[str], log: Path) -> dict:
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}; see {log}")
-    return {"arm": arm, "wall_s": round(wall, 2), "load1_before": round(load0, 2),
+    return {"arm": arm, "omp_threads": int(env["OMP_NUM_THREADS"]), "wall_s": round(wall, 2),
+            "load1_before": round(load0, 2),
             "load1_after": round(os.getloadavg()[0], 2), "cmd": " ".join(cmd[1:])}
 
 
@@ -82,18 +87,25 @@ def main() -> int:
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--auc-single-threads", type=int, default=1,
+                    help="threads of the one-process arm of the AUC runs (AUC does not depend on it; default 1)")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--volumes", type=int, default=300)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--auc-epochs", type=int, default=8)
+    ap.add_argument("--auc-epochs", type=int, default=10)
+    ap.add_argument("--auc-lr-head", default="1e-2")
+    ap.add_argument("--auc-lr-lora", default="1e-3")
+    ap.add_argument("--train-fraction", type=float, default=0.25,
+                    help="stratified share of the training split used by every training run (cheap setting)")
     ap.add_argument("--skip-auc", action="store_true")
     a = ap.parse_args()
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    common = ["--size", str(a.size), "--lora-last-k", "1", "--no-augment", "--quiet", "--device", "cpu"]
+    common = ["--size", str(a.size), "--lora-last-k", "1", "--no-augment", "--train-fraction", str(a.train_fraction),
+              "--quiet", "--device", "cpu"]
     res = {"machine": f"{platform.node()}: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
                       f"Python {platform.python_version()}", "nproc": a.nproc, "args": vars(a) | {"data": str(a.data),
                                                                                                    "out": str(out)},
@@ -101,6 +113,12 @@ def main() -> int:
     import torch
 
     res["torch"] = torch.__version__
+    done = out / "scale_speed.json"
+    if done.is_file():  # a rerun continues: finished rounds and seeds are kept
+        old = json.loads(done.read_text())
+        res.update({k: old[k] for k in ("train_epoch", "predict", "auc") if k in old})
+    rounds_done = {m["round"] for m in res["predict"]}
+    seeds_done = {(m["seed"], m["arm"]) for m in res["auc"]}
     vols = export_volumes(a.data, out / "volumes", a.volumes)
     plugin = out / "predict_plugin"
     if not (plugin / "plugin.json").is_file():  # the plugin both arms predict with (not timed)
@@ -108,6 +126,8 @@ def main() -> int:
             logs / "predict_plugin.log")
 
     for r in range(a.rounds):
+        if r in rounds_done:
+            continue
         order = ["ddp", "single"] if r % 2 == 0 else ["single", "ddp"]
         for arm in order:
             o = out / f"train_{arm}_r{r}"
@@ -135,8 +155,12 @@ def main() -> int:
         for seed in [int(s) for s in a.seeds.split(",")]:
             order = ["ddp", "single"] if seed % 2 == 0 else ["single", "ddp"]
             for arm in order:
+                if (seed, arm) in seeds_done:
+                    continue
                 o = out / f"auc_{arm}_s{seed}"
-                m = run(arm, a.nproc, ["train", str(a.data), "--out", str(o), "--epochs", str(a.auc_epochs),
+                m = run(arm, a.nproc if arm == "ddp" else a.auc_single_threads,
+                        ["train", str(a.data), "--out", str(o), "--epochs", str(a.auc_epochs),
+                         "--lr-head", a.auc_lr_head, "--lr-lora", a.auc_lr_lora,
                                        "--seed", str(seed), "--cache", str(cache), "--overwrite", *common],
                         logs / f"auc_{arm}_s{seed}.log")
                 met = json.loads((o / "metrics.json").read_text())
@@ -173,7 +197,9 @@ def summary(res: dict) -> str:
     if loads:
         lines.append(f"\nload average (1 min) around the measurements: {min(loads):.2f} - {max(loads):.2f}")
     if res["auc"]:
-        lines += ["", "| seed | DDP test AUC | 1-process test AUC | DDP - 1 process |", "|---|---|---|---|"]
+        th = sorted({m.get("omp_threads") for m in res["auc"] if m["arm"] == "single"})
+        lines += ["", f"| seed | DDP test AUC ({n} x 1 thread) | 1-process test AUC ({th} thread(s)) | DDP - 1 process |",
+                  "|---|---|---|---|"]
         by = {(m["seed"], m["arm"]): m for m in res["auc"]}
         diffs = []
         for seed in sorted({m["seed"] for m in res["auc"]}):

@@ -156,15 +156,21 @@ def _read_json(path: Path) -> dict | None:
 
 def check_inputs(job, entries: list[tuple[int, str, object]]) -> tuple[int, str] | None:
     """Read every volume of ``entries`` (index, case id, item) once with the project's reader; the first
-    problem as (index, message), or None. Nothing is kept in memory."""
+    problem as (index, message), or None. Nothing is kept in memory; reader warnings are not printed
+    here (the prediction of that volume prints them)."""
+    import contextlib
+    import io
+
     from .io import read_volume
     from .volume import Volume
 
     for i, _cid, item in entries:
         try:
-            for img in job.images(item):
-                if not isinstance(img, Volume):
-                    read_volume(img)
+            # silent: a questionable volume's warning line comes once, from its prediction
+            with contextlib.redirect_stderr(io.StringIO()):
+                for img in job.images(item):
+                    if not isinstance(img, Volume):
+                        read_volume(img)
         except InputError as exc:
             return i, str(exc)
     return None
