@@ -5,7 +5,6 @@ Input problems (``InputError``) become one line on stderr and exit code 2, no tr
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -79,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_weights_arg(pr)
     pr.add_argument("--heatmaps", action="store_true",
                     help="also write heatmaps (<id>_heatmap.nii.gz in the input's space + PNG), as `anymc3d explain`")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="predict every volume again (default: a rerun skips volumes whose output is complete)")
+    pr.add_argument("--no-input-check", action="store_true",
+                    help="skip reading every input before the first output (a bad input then stops the run "
+                         "after the volumes before it were written; a rerun resumes)")
 
     d = sub.add_parser("demo", help="the whole job on a built-in synthetic dataset (no download)")
     d.add_argument("--out", type=Path, default=Path("anymc3d-demo"))
@@ -122,10 +126,22 @@ def _extensions():
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    """Single-process, or data-parallel under torchrun (``anymc3d.training.distributed``, docs/scale.md)."""
+    from .runtime import distributed as dist
+
+    dist.init_from_env(a.device)
+    rc = _train(a, dist)
+    dist.barrier()  # no rank returns before rank 0 has written the plugin
+    return rc
+
+
+def _train(a: argparse.Namespace, dist) -> int:
     from .io import check_output_folder
     from .plugins import LoraSpec
 
     check_output_folder(a.out, resume=a.resume, overwrite=a.overwrite)  # no silent overwrite, no resume from nothing
+    dist.barrier()  # every rank has checked --out before rank 0 writes anything into it
+    main_rank = dist.is_main()
     from .data import load_data
     from .planning.cli import settings_for_training
     from .training.run import PreprocessOptions, train_plugin
@@ -135,17 +151,21 @@ def cmd_train(a: argparse.Namespace) -> int:
     if windows and ":" in windows:
         windows = [tuple(float(x) for x in w.split(":")) for w in windows.split(",")]
     task = load_data(a.data, **data_kwargs(a))
-    st = settings_for_training(a, task)  # the plan (or --no-plan's fixed defaults) with the flags applied
+    st = settings_for_training(a, task, log=main_rank)  # the plan (or --no-plan's defaults) with the flags applied
     pre = PreprocessOptions(views=st["views"], size=st["size"], intensity=a.intensity or ("ct" if windows else None),
                             windows=windows, spacing=_spacing(a.spacing), max_slices=st["max_slices"])
     cfg = TrainConfig(epochs=st["epochs"], batch_size=st["batch_size"], seed=a.seed, loss=a.loss, lr_lora=a.lr_lora,
                       lr_head=a.lr_head, class_weighting=a.class_weighting, patience=st["patience"],
-                      augment=st["augment"], amp=not a.no_amp, progress=not a.quiet, seg_weight=a.seg_weight,
-                      device=a.device, workers=st["workers"], slice_subset=st["slice_subset"], threshold=a.threshold)
+                      augment=st["augment"], amp=not a.no_amp, progress=not a.quiet and main_rank,
+                      seg_weight=a.seg_weight, device=dist.rank_device(a.device), workers=st["workers"],
+                      slice_subset=st["slice_subset"], threshold=a.threshold)
     cfg.cache_dir = str(a.cache) if getattr(a, "cache", None) else st.get("cache_dir")
     m = train_plugin(task, a.backbone, a.out, weights=a.weights, preprocess=pre,
                      lora=LoraSpec(r=a.lora_rank, alpha=a.lora_alpha, last_k=st["lora_last_k"]), config=cfg,
-                     task_name=a.task_name, train_fraction=a.train_fraction, resume=a.resume, plan=st.get("plan"))
+                     task_name=a.task_name, train_fraction=a.train_fraction, resume=a.resume, plan=st.get("plan"),
+                     log=print if main_rank else (lambda *_a, **_k: None))
+    if not main_rank:  # torchrun: rank 0 reports and writes
+        return 0
     line = f"{m.get('split', 'val')} AUC {m['auc']:.4f}  ACC {m['acc']:.4f}  (n={m['n']})" if m.get("auc") is not None else "no AUC"
     thr = f"; threshold {m['threshold']:.3f} ({a.threshold if isinstance(a.threshold, str) else 'fixed'})" \
         if m.get("task_type") == "binary" else ""
@@ -170,37 +190,28 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
+    """One JSON per volume, written as each is done; sharded over the ranks under torchrun; a rerun
+    skips finished volumes (``anymc3d.batch_predict``, docs/scale.md)."""
+    from .runtime import distributed as dist
+
+    dist.init_from_env(a.device)
     if getattr(a, "plugins", None) is not None:
         from .store.cli import cmd_predict_all
         return cmd_predict_all(a, [a.plugin, *a.images])
     if not a.images:
         raise InputError("predict: give PLUGIN and at least one IMAGE (or --plugins DIR IMAGE...)")
+    from .batch_predict import PluginJob, predict_to_folder
     from .inputs import expand_inputs
-    from .predict import case_id_from, load, write_json
-    from .runtime.results import decision_text
+    from .predict import load
 
-    predictor = load(a.plugin, weights=a.weights, device=a.device, workers=a.workers)
+    predictor = load(a.plugin, weights=a.weights, device=dist.rank_device(a.device), workers=a.workers)
     items = expand_inputs(a.images, predictor.spec.inputs)
-    # Predict everything first: a bad input fails before any output is written (no half-filled --out).
-    rows = [predictor.predict(item, case_id=cid or case_id_from(item)) for cid, item in items]
-    a.out.mkdir(parents=True, exist_ok=True)
-    for res in rows:
-        write_json(res, a.out / f"{res['id']}.json")
-        print(f"{res['id']}: {decision_text(res)}")
-    if len(rows) > 1:
-        from .io import atomic_write
-        names = list(rows[0]["probabilities"])
-        with atomic_write(a.out / "predictions.csv") as tmp:
-            with open(tmp, "w", newline="") as fh:
-                w = csv.writer(fh)
-                w.writerow(["id", *[f"p_{n}" for n in names], "predicted"])
-                for r in rows:
-                    w.writerow([r["id"], *[f"{r['probabilities'][n]:.6f}" for n in names], ";".join(r["predicted"])])
-    print(f"wrote {len(rows)} JSON file(s) to {a.out}")
-    if getattr(a, "heatmaps", False):
-        from .explain.cli import write_heatmaps
-
-        write_heatmaps(predictor, items, a.out)
+    job = PluginJob(predictor, heatmaps=getattr(a, "heatmaps", False))
+    s = predict_to_folder(job, items, a.out, overwrite=a.overwrite, input_check=not a.no_input_check)
+    if dist.is_main():
+        print(f"wrote {s['n'] - s['skipped']} JSON file(s) to {a.out}" +
+              (f" ({s['skipped']} already done)" if s["skipped"] else "") +
+              (f"; {s['world']} ranks" if s["world"] > 1 else ""))
     return 0
 
 

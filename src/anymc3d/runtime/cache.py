@@ -25,6 +25,13 @@ Each entry is one safetensors file ``DIR/ab/<key>.safetensors`` written atomical
 a sha256 of the tensor bytes in its metadata. An entry that cannot be parsed, has another key or
 fails its checksum is reported (``warnings``), deleted and recomputed.
 
+Several processes may share one cache folder (the ranks of a ``torchrun`` job, several jobs on one
+disk): every entry is written to a temporary file and renamed into place, so a reader sees a whole
+entry or none, and the process that misses an entry first takes ``DIR/ab/<key>.lock`` (created
+with ``O_CREAT | O_EXCL``, which exactly one process wins) while it computes it; another process
+that misses the same entry meanwhile waits for the entry instead of computing it twice (up to
+``LOCK_WAIT_S``; a lock older than ``STALE_LOCK_S`` - its owner died - is taken over).
+
 With augmentation on, training batches are augmented 3D volumes that differ every step, so they
 always run the full backbone and are never cached; only un-augmented passes (validation every
 epoch, the final validation/test predictions, and ``--no-augment`` training) read and fill the cache.
@@ -33,7 +40,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
 import time
 import warnings
 from collections import Counter
@@ -43,6 +52,10 @@ import torch
 from ..io import atomic_write
 
 CACHE_FORMAT = "anymc3d-activations/1"
+#: seconds a process waits for an entry that another process is computing, before computing it itself
+LOCK_WAIT_S = 120.0
+#: a lock file older than this is left over by a process that died: it is taken over
+STALE_LOCK_S = 600.0
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -120,6 +133,52 @@ class ActivationCache:
             save_file({"act": t}, str(tmp), metadata=meta)
         self.stats["writes"] += 1
         return p
+
+    # ---- several processes on one folder ---------------------------------------------------------
+    def lock_path(self, key: str) -> Path:
+        return self.path(key).with_suffix(".lock")
+
+    def try_lock(self, key: str) -> bool:
+        """Take the entry's lock file (True), or learn that another live process holds it (False).
+        A memory-only cache needs no lock (True)."""
+        if self.root is None:
+            return True
+        lock = self.lock_path(key)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    age = time.time() - lock.stat().st_mtime
+                except FileNotFoundError:  # released meanwhile: try again
+                    continue
+                if age > STALE_LOCK_S:
+                    lock.unlink(missing_ok=True)
+                    self.stats["stale_locks"] += 1
+                    continue
+                return False
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+            return True
+        return False
+
+    def unlock(self, key: str) -> None:
+        if self.root is not None:
+            self.lock_path(key).unlink(missing_ok=True)
+
+    def wait_for(self, key: str, timeout: float = LOCK_WAIT_S, poll: float = 0.05):
+        """The entry once another process has written it (None after ``timeout``, or when its lock goes
+        away without an entry)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.path(key).is_file():
+                self.stats["waited"] += 1
+                return self.get(key, with_meta=True)
+            if not self.lock_path(key).exists():
+                return self.get(key, with_meta=True) if self.path(key).is_file() else None
+            time.sleep(poll)
+        return None
 
     def clear_memory(self) -> None:
         if self.memory is not None:
@@ -199,11 +258,21 @@ class PluginActivations:
         if hit is not None:
             t, meta = hit
             return (t, float(meta.get("compute_s", 0.0))) if with_seconds else t
-        t0 = time.perf_counter()
-        t = frozen_activations(self.model, stream, x if device is None else x.to(device)).to("cpu")
-        secs = time.perf_counter() - t0
-        self.cache.put(key, t, {"backbone": self.model.backbone.name, "cut": self.cut, "stream": stream,
-                                "compute_s": f"{secs:.6f}"})
+        locked = self.cache.try_lock(key)
+        if not locked:  # another process (a torchrun rank) is computing this entry: wait for it
+            hit = self.cache.wait_for(key)
+            if hit is not None:
+                t, meta = hit
+                return (t, float(meta.get("compute_s", 0.0))) if with_seconds else t
+        try:
+            t0 = time.perf_counter()
+            t = frozen_activations(self.model, stream, x if device is None else x.to(device)).to("cpu")
+            secs = time.perf_counter() - t0
+            self.cache.put(key, t, {"backbone": self.model.backbone.name, "cut": self.cut, "stream": stream,
+                                    "compute_s": f"{secs:.6f}"})
+        finally:
+            if locked:
+                self.cache.unlock(key)
         return (t, secs) if with_seconds else t
 
 

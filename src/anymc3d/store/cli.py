@@ -3,7 +3,6 @@ and the ``anymc3d predict --plugins DIR IMAGE...`` hand-off (``cmd_predict_all``
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -130,44 +129,31 @@ def _expand(images: list[str], inputs: list[str]):
 
 
 def cmd_predict_all(a: argparse.Namespace, images: list[str]) -> int:
-    """``anymc3d predict --plugins DIR IMAGE... --out OUT``: one JSON per volume with every task."""
-    from ..io import atomic_write
-    from ..predict import case_id_from, write_json
-    from ..runtime.results import decision_text
+    """``anymc3d predict --plugins DIR IMAGE... --out OUT``: one JSON per volume with every task, written
+    as each volume is done, sharded over the ranks under torchrun, resumable (``anymc3d.batch_predict``)."""
+    from ..batch_predict import StoreJob, predict_to_folder
+    from ..runtime import distributed as dist
     from .multi import MultiPredictor
 
     if getattr(a, "heatmaps", False):
         raise InputError("predict: --heatmaps works with one PLUGIN, not with --plugins DIR (run `anymc3d explain` per task)")
-    mp = MultiPredictor.from_store(a.plugins, weights=getattr(a, "weights", None), device=getattr(a, "device", "auto"))
-    for s in mp.skipped:
-        print(f"anymc3d: skipped plugin {s['name']}: {s['reason']}", file=sys.stderr)
-    print(f"backbone {mp.backbone.name} ({mp.backbone.fingerprint}) loaded once; tasks: {', '.join(mp.tasks)}")
+    mp = MultiPredictor.from_store(a.plugins, weights=getattr(a, "weights", None),
+                                   device=dist.rank_device(getattr(a, "device", "auto")))
+    if dist.is_main():
+        for s in mp.skipped:
+            print(f"anymc3d: skipped plugin {s['name']}: {s['reason']}", file=sys.stderr)
+        print(f"backbone {mp.backbone.name} ({mp.backbone.fingerprint}) loaded once; tasks: {', '.join(mp.tasks)}")
     inputs = sorted({i for at in mp.attached for i in at.model.spec.inputs})
     items = _expand(images, inputs)
-    rows = [mp.predict(item, case_id=cid or case_id_from(item)) for cid, item in items]  # all before writing
-    a.out.mkdir(parents=True, exist_ok=True)
-    for r in rows:
-        write_json(r, a.out / f"{r['id']}.json")
-        print(f"{r['id']}: " + "; ".join(f"{t}: {decision_text(res)}" for t, res in r["tasks"].items())
-              + f"  ({r['seconds']:.2f} s)")
+
+    def failed(r: dict) -> None:
         for f in r["tasks_failed"]:
             print(f"  {f['name']}: not run ({f['reason']})", file=sys.stderr)
-    if len(rows) > 1:
-        cols = [(t, n) for at in mp.attached for t in [at.name] for n in _label_names(rows, t)]
-        with atomic_write(a.out / "predictions.csv") as tmp:
-            with open(tmp, "w", newline="") as fh:
-                w = csv.writer(fh)
-                w.writerow(["id", *[f"{t}:p_{n}" for t, n in cols], *[f"{at.name}:predicted" for at in mp.attached]])
-                for r in rows:
-                    probs = [r["tasks"].get(t, {}).get("probabilities", {}).get(n) for t, n in cols]
-                    w.writerow([r["id"], *["" if p is None else f"{p:.6f}" for p in probs],
-                                *[";".join(r["tasks"].get(at.name, {}).get("predicted", [])) for at in mp.attached]])
-    print(f"wrote {len(rows)} JSON file(s) to {a.out}")
+
+    s = predict_to_folder(StoreJob(mp), items, a.out, overwrite=getattr(a, "overwrite", False),
+                          input_check=not getattr(a, "no_input_check", False), warn=failed)
+    if dist.is_main():
+        print(f"wrote {s['n'] - s['skipped']} JSON file(s) to {a.out}" +
+              (f" ({s['skipped']} already done)" if s["skipped"] else "") +
+              (f"; {s['world']} ranks" if s["world"] > 1 else ""))
     return 0
-
-
-def _label_names(rows: list[dict], task: str) -> list[str]:
-    for r in rows:
-        if task in r["tasks"]:
-            return list(r["tasks"][task]["probabilities"])
-    return []

@@ -20,6 +20,7 @@ from ..plugins.model import AnyMC3D
 from ..preprocess import PreprocessOptions, PreprocessSpec
 from ..runtime.batching import PreparedCase, prepare_case
 from ..runtime.engine import Runtime
+from .distributed import is_main
 from .trainer import TrainConfig, fit, make_runtime, metric_scores, seed_everything
 
 __all__ = ["PreprocessOptions", "assign_splits", "score_splits", "train_plugin", "youden_threshold"]
@@ -148,6 +149,8 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
     log(f"device {runtime.device} ({'bf16 autocast' if model.autocast else 'fp32'}"
         f"{', channels_last' if model.channels_last else ''}; {cfg.workers} loader worker(s))")
     summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out, resume=resume, runtime=runtime)
+    if not is_main():  # torchrun: rank 0 alone scores the splits and writes the plugin and metrics
+        return {"rank_summary": summary}
     if cfg.cache_dir is None:  # the in-memory trunk cache served training; score with the whole backbone as before
         runtime = Runtime(model, specs, device=runtime.device)
     spec.threshold, results = score_splits(model, runtime, prepared, splits, task, cfg.batch_size,

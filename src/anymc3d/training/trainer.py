@@ -28,6 +28,7 @@ from ..plugins.model import AnyMC3D
 from ..preprocess import PreprocessSpec
 from ..runtime.batching import Batcher, BatchPlan, PreparedCase
 from ..runtime.engine import Runtime
+from . import distributed as ddp
 from .decoder import SegDecoder3D, dice_ce_loss
 from .losses import classification_loss
 
@@ -140,12 +141,13 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
     if lora:
         groups.insert(0, {"params": lora, "lr": cfg.lr_lora, "weight_decay": cfg.wd_lora})
     opt = torch.optim.AdamW(groups)
-    steps_per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
+    bs, steps_per_epoch = ddp.local_batch(len(train), cfg.batch_size)  # torchrun: batch_size is the global batch
     total = steps_per_epoch * cfg.epochs
     sched = warmup_cosine(opt, total, int(cfg.warmup_epochs * steps_per_epoch))
     labels_np = np.stack([c.label.numpy() for c in train])
     cw = class_weights(labels_np, task_type, cfg.class_weighting)
     cw = cw.to(device) if cw is not None else None
+    step_module = ddp.train_step(rt, decoder)  # DistributedDataParallel under torchrun, else the plain step
 
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.csv"
     start_epoch, best, best_state, bad, history = 0, -math.inf, None, 0, []
@@ -166,20 +168,20 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
     if not cfg.augment and start_epoch < cfg.epochs:
         # every epoch reads the same frozen trunk: compute it once, up front, with its own progress bar
         rt.fill_cache(list(train) + list(val), cfg.batch_size, cfg.progress)
-    bar = progress_bar(steps_per_epoch * (cfg.epochs - start_epoch), cfg.progress)
+    bar = progress_bar(steps_per_epoch * (cfg.epochs - start_epoch), cfg.progress and ddp.is_main())
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(cfg.seed * 1000 + epoch)  # dropout RNG per (seed, epoch): a resumed run matches
         model.train()
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        order = torch.randperm(len(train), generator=g).tolist()
+        order = ddp.epoch_order(len(train), cfg.seed * 1000, epoch)  # this rank's cases (DistributedSampler)
         losses, seg_losses = [], []
         if decoder is not None:
             decoder.train()
         plans = []
         for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            idx = order[step * bs:(step + 1) * bs]
             if idx:
-                aug_seed = (cfg.seed * 1_000_003 + epoch * 10_007 + step * 101) % (2**31) if cfg.augment else None
+                aug_seed = ((cfg.seed * 1_000_003 + epoch * 10_007 + step * 101) % (2**31) + ddp.rank_seed_offset(
+                    cfg.batch_size)) if cfg.augment else None
                 plans.append(BatchPlan(idx, aug_seed, with_masks=decoder is not None))
         bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
         subset = None
@@ -187,13 +189,14 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             subset = (int(cfg.slice_subset), torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 17))
         for batch, _meta in rt.loader(train, plans):
             slices, masks, present, y, from_trunk = batch[:5]
-            out = rt.forward(slices, masks, present, keep_patches=decoder is not None, from_trunk=from_trunk,
-                             subset=subset)
+            with_seg = decoder is not None and bool(batch[6].any())  # batches without any mask add no seg loss
+            targets = rt.to_device(batch[5]) if with_seg else None
+            out, seg_logits = step_module(slices, masks, present, from_trunk, targets, subset)
             y = y.to(device)
             loss = classification_loss(out.logits.float(), y, task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha, cw)
-            if decoder is not None and bool(batch[6].any()):  # batches without any mask add no seg loss
-                targets, has_mask = rt.to_device(batch[5]), batch[6].to(device)
-                seg = [dice_ce_loss(decoder(out.patches[s], t.shape[-2:]), t, has_mask) for s, t in targets.items()]
+            if with_seg:
+                has_mask = batch[6].to(device)
+                seg = [dice_ce_loss(seg_logits[s], t, has_mask) for s, t in targets.items()]
                 seg_losses.append(float(sum(seg).detach()) / max(1, len(seg)))
                 loss = loss + cfg.seg_weight * sum(seg) / max(1, len(seg))
             opt.zero_grad(set_to_none=True)
@@ -205,11 +208,11 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix_str(f"loss={np.mean(losses):.4f}", refresh=False)
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan")}
+        row = {"epoch": epoch + 1, "train_loss": ddp.mean_over_ranks(float(np.mean(losses)) if losses else float("nan"))}
         if seg_losses:
             row["train_seg_loss"] = float(np.mean(seg_losses))
         if val:
-            probs, _ = rt.predict(val, cfg.batch_size)
+            probs = ddp.gathered_predict(rt, val, cfg.batch_size)  # every rank gets every case's row
             yv = np.stack([c.label.numpy() for c in val])
             yv = yv[:, 0] if task_type != "multilabel" else yv
             sv = metric_scores(probs, task_type)
@@ -229,21 +232,23 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             bad += 1
         row["best"] = improved
         history.append(row)
-        if cfg.progress:
+        if cfg.progress and ddp.is_main():
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        with atomic_write(log_path) as tmp:
-            with open(tmp, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
-                w.writeheader()
-                w.writerows(history)
+        if ddp.is_main():  # torchrun: rank 0 alone writes the log and the checkpoint
+            with atomic_write(log_path) as tmp:
+                with open(tmp, "w", newline="") as fh:
+                    w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
+                    w.writeheader()
+                    w.writerows(history)
         ck = {"epoch": epoch, "trainable": {k: v.cpu() for k, v in model.trainable_state().items()},
               "optimizer": opt.state_dict(),
               "scheduler": sched.state_dict(), "best": best, "best_state": best_state, "bad_epochs": bad,
               "history": json.dumps(history), "config": json.dumps(asdict(cfg))}
         if decoder is not None:
             ck["decoder"] = decoder.state_dict()
-        with atomic_write(ckpt_path) as tmp:
-            torch.save(ck, tmp)
+        if ddp.is_main():
+            with atomic_write(ckpt_path) as tmp:
+                torch.save(ck, tmp)
         if val and bad >= cfg.patience:
             break
     bar.close()

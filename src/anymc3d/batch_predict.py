@@ -1,0 +1,264 @@
+"""``anymc3d predict ... --out DIR``: progressive, sharded, resumable prediction into a folder.
+
+The same for one plugin (``predict PLUGIN IMAGE...``) and for a store (``predict --plugins STORE
+IMAGE...``); single-process or under ``torchrun`` (one share of the volumes per rank):
+
+1. **Which volumes are left.** Rank 0 lists the inputs whose ``DIR/<id>.json`` is missing or not
+   complete (not valid JSON, another case id, written by another plugin - the plugin's tensor
+   sha256 is recorded in every JSON - or, with ``--heatmaps``, a heatmap file missing) and sends
+   the list to every rank; ``--overwrite`` redoes every volume. Leftover temporaries
+   (``.tmp-*``) of a killed run are removed.
+2. **Bad input fails before anything is written.** Every rank reads each of its volumes once
+   (the same reader and checks as prediction: corrupt files, NaN, dimensions, size limit, DICOM
+   gaps); the ranks compare notes, and if any volume is bad the run stops with the project's one
+   line ``anymc3d: error: <file>: <cause>`` and exit code 2, and nothing is written.
+   ``--no-input-check`` skips that read (outputs start at once; a bad volume then stops the run
+   with the same line after the volumes before it were written, and a rerun resumes).
+3. **Progressive output.** Each rank predicts its share (round robin over the pending volumes) and
+   writes every volume's outputs as soon as it is done, each file atomically (temporary file +
+   rename): heatmaps first, the JSON last, so an existing JSON means a finished volume. A rank that
+   dies loses only its volume in flight.
+4. **Merge.** After a barrier, rank 0 writes ``predictions.csv`` once (several inputs), sorted by case
+   id, one row per input volume, from the JSON files (so volumes finished by an earlier run are in it).
+
+A rerun with the same command finishes the job: finished volumes are skipped (their files are not
+touched), nothing is duplicated. Two inputs that would write the same ``<id>.json`` are refused
+up front.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import InputError
+from .io import atomic_write, write_json
+from .runtime import distributed as dist
+from .runtime.results import decision_text
+
+
+# ------------------------------------------------------------------------------------------ jobs
+class PluginJob:
+    """One plugin (``anymc3d.predict.Predictor``); with ``heatmaps`` also its heatmaps (``explain``)."""
+
+    def __init__(self, predictor, heatmaps: bool = False) -> None:
+        self.predictor = predictor
+        self.spec = predictor.spec
+        self.sha = self.spec.tensors_sha256 or ""
+        self.explainer = None
+        if heatmaps:
+            from .explain.heatmap import Explainer
+
+            self.explainer = Explainer(predictor, method="auto")
+            self.explainer.source = getattr(predictor, "source", "")
+
+    def images(self, item) -> list:
+        case = self.predictor.case(item)
+        return [v for v in case.images.values() if v is not None]
+
+    def predict(self, item, case_id: str, mask=None, out: Path | None = None) -> dict:
+        res = self.predictor.predict(item, case_id=case_id)
+        res["plugin_sha256"] = self.sha
+        if self.explainer is not None:
+            res["heatmaps"] = self._heatmaps(item, case_id, mask, out)
+        return res
+
+    def _heatmaps(self, item, case_id: str, mask, out: Path) -> dict:
+        from .explain.localization import load_mask
+
+        hm = self.explainer.explain(item, case_id=case_id)
+        m = load_mask(mask, hm.record) if mask is not None else None
+        files = self.explainer.write(hm, out, figure=True, top_k=6, mask=m)
+        return {"method": hm.method, "labels": hm.labels, "files": [p.name for p in files]}
+
+    def complete(self, res: dict, case_id: str, out: Path) -> bool:
+        if not (res.get("id") == case_id and isinstance(res.get("probabilities"), dict)
+                and res.get("plugin_sha256", None) == self.sha and res.get("task") == self.spec.task
+                and res.get("backbone_fingerprint") == self.spec.backbone_fingerprint):
+            return False
+        if self.explainer is not None:
+            files = (res.get("heatmaps") or {}).get("files")
+            return bool(files) and all((out / f).is_file() for f in files)
+        return True
+
+    def line(self, res: dict) -> str:
+        return f"{res['id']}: {decision_text(res)}"  # with the threshold that made the decision
+
+    def table(self, rows: list[dict]) -> tuple[list[str], list[list]]:
+        names = list(rows[0]["probabilities"])
+        body = [[r["id"], *[f"{r['probabilities'][n]:.6f}" for n in names], ";".join(r["predicted"])] for r in rows]
+        return ["id", *[f"p_{n}" for n in names], "predicted"], body
+
+    def finish(self, rows: list[dict], out: Path) -> None:
+        """With heatmaps: ``explain.json`` (which files belong to which case), as ``anymc3d explain`` writes."""
+        if self.explainer is None:
+            return
+        cases = [{"id": r["id"], "probabilities": r["probabilities"], **r["heatmaps"]} for r in rows]
+        write_json({"plugin": self.explainer.source, "backbone": self.spec.backbone, "method": self.explainer.method,
+                    "cases": cases}, out / "explain.json", default=float)
+
+
+class StoreJob:
+    """Every compatible plugin of a store (``anymc3d.store.multi.MultiPredictor``) on each volume."""
+
+    def __init__(self, mp) -> None:
+        self.mp = mp
+        self.shas = {a.name: a.model.spec.tensors_sha256 or "" for a in mp.attached}
+
+    def images(self, item) -> list:
+        seen = []
+        for a in self.mp.attached:
+            for v in a.predictor.case(item).images.values():
+                if v is not None and not any(v is s or str(v) == str(s) for s in seen):
+                    seen.append(v)
+        return seen
+
+    def predict(self, item, case_id: str, mask=None, out: Path | None = None) -> dict:
+        res = self.mp.predict(item, case_id=case_id)
+        res["plugins_sha256"] = self.shas
+        return res
+
+    def complete(self, res: dict, case_id: str, out: Path) -> bool:
+        return (res.get("id") == case_id and isinstance(res.get("tasks"), dict)
+                and res.get("plugins_sha256") == self.shas
+                and res.get("backbone_fingerprint") == self.mp.backbone.fingerprint)
+
+    def line(self, res: dict) -> str:
+        return (f"{res['id']}: " + "; ".join(f"{t}: {decision_text(r)}" for t, r in res["tasks"].items())
+                + f"  ({res['seconds']:.2f} s)")
+
+    def table(self, rows: list[dict]) -> tuple[list[str], list[list]]:
+        names = {t: next((list(r["tasks"][t]["probabilities"]) for r in rows if t in r["tasks"]), [])
+                 for t in self.mp.tasks}
+        cols = [(t, n) for t in self.mp.tasks for n in names[t]]
+        header = ["id", *[f"{t}:p_{n}" for t, n in cols], *[f"{t}:predicted" for t in self.mp.tasks]]
+        body = []
+        for r in rows:
+            probs = [r["tasks"].get(t, {}).get("probabilities", {}).get(n) for t, n in cols]
+            body.append([r["id"], *["" if p is None else f"{p:.6f}" for p in probs],
+                         *[";".join(r["tasks"].get(t, {}).get("predicted", [])) for t in self.mp.tasks]])
+        return header, body
+
+    def finish(self, rows: list[dict], out: Path) -> None:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _read_json(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def check_inputs(job, entries: list[tuple[int, str, object]]) -> tuple[int, str] | None:
+    """Read every volume of ``entries`` (index, case id, item) once with the project's reader; the first
+    problem as (index, message), or None. Nothing is kept in memory; reader warnings are not printed
+    here (the prediction of that volume prints them)."""
+    import contextlib
+    import io
+
+    from .io import read_volume
+    from .volume import Volume
+
+    for i, _cid, item in entries:
+        try:
+            # silent: a questionable volume's warning line comes once, from its prediction
+            with contextlib.redirect_stderr(io.StringIO()):
+                for img in job.images(item):
+                    if not isinstance(img, Volume):
+                        read_volume(img)
+        except InputError as exc:
+            return i, str(exc)
+    return None
+
+
+def _remove_temporaries(out: Path) -> int:
+    n = 0
+    for p in out.glob(".tmp-*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _write_table(job, rows: list[dict], out: Path) -> None:
+    header, body = job.table(rows)
+    with atomic_write(out / "predictions.csv") as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            w.writerows(body)
+
+
+# ------------------------------------------------------------------------------------------ the run
+def predict_to_folder(job, items: list, out: str | Path, overwrite: bool = False, input_check: bool = True,
+                      log: Callable = print, warn: Callable | None = None) -> dict:
+    """Predict ``items`` ((case id or None, item) pairs from :func:`anymc3d.inputs.expand_inputs`) into ``out``.
+
+    Returns ``{"n", "skipped", "predicted", "rank", "world"}`` (this rank's counts; ``n`` and
+    ``skipped`` are the whole job's)."""
+    from .predict import case_id_from
+
+    out = Path(out)
+    entries = []
+    for i, it in enumerate(items):
+        cid, item = it.id if hasattr(it, "id") else it[0], it.item if hasattr(it, "item") else it[1]
+        entries.append((i, cid or case_id_from(item), item, getattr(it, "mask", None)))
+    seen: dict[str, object] = {}
+    for _i, cid, item, _m in entries:
+        if cid in seen:
+            raise InputError(f"{item}: has the case id {cid!r} of another input ({seen[cid]}); both would write "
+                             f"{out / (cid + '.json')} (give a manifest with an id column)")
+        seen[cid] = item
+
+    # 1. what is left to do: decided once (rank 0), the same list on every rank
+    pending = None
+    if dist.is_main():
+        pending = [e[0] for e in entries if overwrite or not (
+            (res := _read_json(out / f"{e[1]}.json")) is not None and job.complete(res, e[1], out))]
+    pending = dist.broadcast_object(pending)
+    mine = [entries[i] for i in dist.shard(pending)]
+
+    # 2. bad input: every rank reads its share; any problem stops every rank before anything is written
+    if input_check:
+        bad = dist.all_gather_object(check_inputs(job, [(i, c, it) for i, c, it, _ in mine]))
+        bad = min((b for b in bad if b is not None), default=None)
+        if bad is not None:
+            if dist.is_main():
+                raise InputError(bad[1])
+            raise SystemExit(2)  # rank 0 reports it: one line for the whole job
+
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_temporaries(out)
+    dist.barrier()
+
+    # 3. this rank's volumes, each written as soon as it is done (JSON last: the completion mark)
+    t0 = time.perf_counter()
+    for _i, cid, item, mask in mine:
+        res = job.predict(item, cid, mask=mask, out=out)
+        write_json(res, out / f"{cid}.json")
+        log(job.line(res))
+        if warn is not None:
+            warn(res)
+    seconds = time.perf_counter() - t0
+    dist.barrier()
+
+    # 4. merge (rank 0): predictions.csv once, sorted by case id, from every input's JSON
+    summary = {"n": len(entries), "skipped": len(entries) - len(pending), "predicted": len(mine),
+               "rank": dist.rank(), "world": dist.world_size(), "seconds": round(seconds, 3)}
+    if dist.is_main():
+        rows = []
+        for _i, cid, _item, _m in sorted(entries, key=lambda e: e[1]):
+            res = _read_json(out / f"{cid}.json")
+            if res is None or not job.complete(res, cid, out):
+                raise RuntimeError(f"{out / (cid + '.json')}: missing or incomplete after every rank finished")
+            rows.append(res)
+        if len(rows) > 1:
+            _write_table(job, rows, out)
+        job.finish(rows, out)
+    return summary
