@@ -52,31 +52,38 @@ def hammer(base: str, body: bytes, clients: int, per_client: int, params: dict) 
 def loaded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("load")
     store = build_store(tmp)
-    return store, load_engines(serve_config(store)), write_scan(tmp / "scan.nii.gz").read_bytes()
+    # two engines: the first test runs --workers 2 (two threads, each with its own loaded store)
+    return store, load_engines(serve_config(store, workers=2)), write_scan(tmp / "scan.nii.gz").read_bytes()
 
 
 def test_load_every_request_answered_once(loaded):
     store, engines, body = loaded
-    clients, per_client = 4, 5
-    app = create_app(serve_config(store, queue=clients), engines=engines)
+    clients, per_client = 4, 4
+    app = create_app(serve_config(store, queue=clients, workers=2), engines=engines)
+    assert engines[0].predictor is not engines[1].predictor
     with running_server(app) as base:
         t0 = time.perf_counter()
         recs = hammer(base, body, clients, per_client, {})
         wall = time.perf_counter() - t0
+        # both workers hold the same plugins: a volume's probabilities do not depend on the thread that answered
+        with httpx.Client(base_url=base, timeout=120) as c:
+            probs = [c.post("/v1/predict", files={"file": ("x.nii.gz", body)}).json()["tasks"]["lesion"]["probabilities"]
+                     for _ in range(4)]
+    assert all(p == pytest.approx(probs[0], abs=1e-6) for p in probs)
     assert len(recs) == clients * per_client
     assert all(r["status"] == 200 for r in recs), [r for r in recs if r["status"] != 200]
     assert sorted((r["client"], r["i"]) for r in recs) == [(k, i) for k in range(clients) for i in range(per_client)]
     assert all(r["id"] == f"c{r['client']}_{r['i']}" for r in recs)  # each answer is for its own upload
-    assert app.state.workers.completed == clients * per_client and app.state.admission.in_flight == 0
+    assert app.state.workers.completed == clients * per_client + 4 and app.state.admission.in_flight == 0
     lat = np.array([r["s"] for r in recs])
-    print(f"\nload: {clients} clients x {per_client} requests, 5 tasks: p50 {np.percentile(lat, 50) * 1000:.0f} ms, "
+    print(f"\nload: {clients} clients x {per_client} requests, 5 tasks, 2 workers: p50 {np.percentile(lat, 50) * 1000:.0f} ms, "
           f"p95 {np.percentile(lat, 95) * 1000:.0f} ms, {len(recs) / wall:.2f} volumes/s")
 
 
 def test_load_over_capacity_gets_503_not_losses(loaded):
     store, engines, body = loaded
     clients, per_client, queue = 6, 3, 2
-    app = create_app(serve_config(store, queue=queue), engines=engines)
+    app = create_app(serve_config(store, queue=queue), engines=engines[:1])
     with running_server(app) as base:
         recs = hammer(base, body, clients, per_client, {"tasks": "lesion,trunk"})
     statuses = [r["status"] for r in recs]

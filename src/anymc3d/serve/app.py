@@ -107,7 +107,8 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
             workers.close()
             results.close()
 
-    app = FastAPI(title="anymc3d serve", version=__version__, lifespan=lifespan,
+    # docs_url / redoc_url off: those pages load Swagger UI / ReDoc from a CDN (the service works offline)
+    app = FastAPI(title="anymc3d serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="3D volume classification: every task of one plugin store on one loaded backbone.")
     app.state.config, app.state.engines, app.state.admission = config, engines, admission
     app.state.workers, app.state.results = workers, results

@@ -42,7 +42,7 @@ def register(sub) -> dict:
 def _require_extra():
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart)
+        import python_multipart  # noqa: F401  (python-multipart)
         import uvicorn  # noqa: F401
     except ModuleNotFoundError as exc:
         raise InputError(f"serve needs the serve extra ({exc.name} is missing): pip install \"anymc3d[serve]\"") from exc

@@ -223,12 +223,15 @@
     g.clearRect(0, 0, W, H);
     if (!state.task) return;
     const rows = curveStreams();
-    const n = Math.max(...rows.map((r) => r.w.length)), top = Math.max(...rows.map((r) => Math.max(...r.w))) || 1;
+    const n = Math.max(...rows.map((r) => r.w.length));
+    const hi = Math.max(...rows.map((r) => Math.max(...r.w))), lo0 = Math.min(...rows.map((r) => Math.min(...r.w)));
+    // y from just under the smallest weight to the largest: near-uniform weights still show their shape
+    const bottom = Math.max(0, lo0 - 0.1 * (hi - lo0 || hi || 1)), top = hi > bottom ? hi : bottom + 1;
     const x = (i, len) => PAD.l + (len > 1 ? i / (len - 1) : 0.5) * (W - PAD.l - PAD.r);
-    const y = (v) => H - PAD.b - (v / top) * (H - PAD.t - PAD.b);
+    const y = (v) => H - PAD.b - ((v - bottom) / (top - bottom)) * (H - PAD.t - PAD.b);
     g.strokeStyle = "#999"; g.beginPath(); g.moveTo(PAD.l, PAD.t); g.lineTo(PAD.l, H - PAD.b); g.lineTo(W - PAD.r, H - PAD.b); g.stroke();
     g.fillStyle = "#555"; g.font = "10px sans-serif";
-    g.fillText(top.toFixed(3), 2, PAD.t + 8); g.fillText("0", PAD.l - 10, H - PAD.b);
+    g.fillText(top.toFixed(3), 2, PAD.t + 8); g.fillText(bottom.toFixed(3), 2, H - PAD.b);
     g.fillText("slice 0", PAD.l, H - 8); g.fillText(String(n - 1), W - PAD.r - 14, H - 8);
     rows.forEach((r, k) => {
       g.strokeStyle = COLORS[k % COLORS.length]; g.lineWidth = 1.5; g.beginPath();
@@ -239,8 +242,9 @@
         g.moveTo(x(state.picked.index, r.w.length), PAD.t); g.lineTo(x(state.picked.index, r.w.length), H - PAD.b); g.stroke(); g.setLineDash([]);
       }
     });
-    $("curve-legend").textContent = rows.map((r, k) => "■ " + r.stream).join("  ");
-    $("curve-legend").style.color = COLORS[0];
+    const legend = $("curve-legend");
+    legend.textContent = "";
+    rows.forEach((r, k) => { const s = el("span", { text: "■ " + r.stream + "  " }); s.style.color = COLORS[k % COLORS.length]; legend.append(s); });
   }
 
   function curveClick(e) {
