@@ -13,7 +13,8 @@ axial; ``--mode full`` = full-depth LoRA, the training default, ``trunk`` = shar
   p50 / p95 of the client-side wall time (upload + queue + every task + JSON), and the
   server's own ``seconds`` (prediction only);
 * throughput: ``--clients`` concurrent clients sending ``--requests`` each; volumes per second
-  over the wall time, p50 / p95 latency under that load; every request must get a 200.
+  over the wall time, p50 / p95 latency under that load (and the server's own p50 then: on a shared
+  machine it shows whether a slower rate is compute or queueing); every request must get a 200.
 
 Plugins are untrained (random LoRA and head): the compute per volume is the same as a trained one's.
 Prints one JSON line per measurement and a markdown table at the end.
@@ -25,7 +26,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,24 +116,33 @@ def post(client, body: bytes, name: str, heatmaps: bool = False) -> tuple[float,
     return dt, r.json()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc): robust where the machine is shared."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs, q):
     return float(np.percentile(np.asarray(xs), q))
 
 
-def measure(base: str, body: bytes, requests: int, clients: int, heatmaps: bool) -> dict:
+def measure(base: str, pid: int, body: bytes, requests: int, clients: int, heatmaps: bool) -> dict:
     import httpx
 
     with httpx.Client(base_url=base, timeout=600) as c:
         for _ in range(2):
             post(c, body, "warm.nii.gz", heatmaps)
         lat, srv = [], []
+        cpu0 = cpu_seconds(pid)
         for i in range(requests):
             dt, d = post(c, body, f"v{i}.nii.gz", heatmaps)
             lat.append(dt)
             srv.append(d["seconds"])
-    out = {"p50_ms": pct(lat, 50) * 1e3, "p95_ms": pct(lat, 95) * 1e3, "server_p50_ms": pct(srv, 50) * 1e3}
+        cpu = (cpu_seconds(pid) - cpu0) / requests
+    out = {"p50_ms": pct(lat, 50) * 1e3, "p95_ms": pct(lat, 95) * 1e3, "server_p50_ms": pct(srv, 50) * 1e3,
+           "server_cpu_s_per_volume": cpu}
     if clients:
-        lat_c, errors = [], []
+        lat_c, srv_c, errors = [], [], []
         lock = threading.Lock()
         barrier = threading.Barrier(clients)
 
@@ -142,24 +151,27 @@ def measure(base: str, body: bytes, requests: int, clients: int, heatmaps: bool)
                 barrier.wait()
                 for i in range(requests):
                     try:
-                        dt, _ = post(c, body, f"c{k}_{i}.nii.gz", heatmaps)
+                        dt, d = post(c, body, f"c{k}_{i}.nii.gz", heatmaps)
                         with lock:
                             lat_c.append(dt)
+                            srv_c.append(d["seconds"])
                     except Exception as exc:
                         with lock:
                             errors.append(repr(exc))
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
         ts = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
         for t in ts:
             t.start()
         for t in ts:
             t.join()
         wall = time.perf_counter() - t0
+        cpu_loaded = (cpu_seconds(pid) - cpu0) / max(1, len(lat_c))
         if errors:
             raise RuntimeError(f"{len(errors)} failed requests under load: {errors[:3]}")
         out.update({"clients": clients, "throughput_vol_s": len(lat_c) / wall, "loaded_p50_ms": pct(lat_c, 50) * 1e3,
-                    "loaded_p95_ms": pct(lat_c, 95) * 1e3, "n_loaded": len(lat_c)})
+                    "loaded_p95_ms": pct(lat_c, 95) * 1e3, "n_loaded": len(lat_c),
+                    "loaded_server_p50_ms": pct(srv_c, 50) * 1e3, "loaded_server_cpu_s_per_volume": cpu_loaded})
     return out
 
 
@@ -185,7 +197,7 @@ def main() -> None:
             with Server(store, a.weights, a.threads) as srv:
                 for side, body in vols.items():
                     for hm in ([False, True] if a.heatmaps else [False]):
-                        r = measure(srv.base, body, a.requests, a.clients, hm)
+                        r = measure(srv.base, srv.proc.pid, body, a.requests, a.clients, hm)
                         r.update({"plugins": n_plugins, "mode": a.mode, "shape": f"{side}^3", "size": a.size,
                                   "heatmaps": hm, "startup_s": round(srv.startup_s, 1), "loadavg": os.getloadavg()[0]})
                         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}),
@@ -193,12 +205,13 @@ def main() -> None:
                         rows.append(r)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, server OMP threads "
           f"{a.threads}; load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f}")
-    print("\n| plugins | volume | heatmaps | p50 ms | p95 ms | server p50 ms | "
-          f"{a.clients} clients: vol/s | p50 ms | p95 ms |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| plugins | volume | heatmaps | p50 ms | p95 ms | server p50 ms | server CPU s / volume | "
+          f"{a.clients} clients: vol/s | p50 ms | p95 ms | server CPU s / volume |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['plugins']} ({r['mode']}) | {r['shape']} @ {r['size']}² | {'yes' if r['heatmaps'] else 'no'} | "
-              f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['server_p50_ms']:.0f} | {r.get('throughput_vol_s', 0):.2f} | "
-              f"{r.get('loaded_p50_ms', 0):.0f} | {r.get('loaded_p95_ms', 0):.0f} |")
+              f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['server_p50_ms']:.0f} | {r['server_cpu_s_per_volume']:.2f} | "
+              f"{r.get('throughput_vol_s', 0):.2f} | {r.get('loaded_p50_ms', 0):.0f} | {r.get('loaded_p95_ms', 0):.0f} | "
+              f"{r.get('loaded_server_cpu_s_per_volume', 0):.2f} |")
 
 
 if __name__ == "__main__":

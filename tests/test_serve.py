@@ -6,7 +6,6 @@ The helpers here (``build_store``, ``write_scan``, ``serve_config``) are shared 
 ``test_serve_*`` files (browser, schema, load)."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -165,6 +164,18 @@ def test_viewer_loads_nothing_from_the_network():
     assert digest in (vendor / "README.txt").read_text()  # the shipped file is the one the build script made
 
 
+def test_serve_never_imports_training():
+    """The service is inference: it imports the store, explain and runtime code, never training."""
+    import ast
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "src" / "anymc3d" / "serve").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                assert "training" not in (node.module or "").split("."), path.name
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("anymc3d.training") for a in node.names), path.name
+
+
 def test_predict_equals_cli_predict_plugins(client, store, scan, tmp_path, monkeypatch, capsys):
     r = client.post("/v1/predict", files=upload(scan))
     assert r.status_code == 200, r.text
@@ -199,6 +210,32 @@ def test_several_tasks_and_missing_views(client, scan):
     bad = client.post("/v1/predict", params={"tasks": "trunk,nope"}, files=upload(scan))
     assert bad.status_code == 400 and bad.json()["detail"] == (
         "tasks: unknown task(s) nope; this service runs frozen, grade, lesion, pair, trunk")
+
+
+def test_every_upload_format(client, scan, tmp_path):
+    """NIfTI, NRRD, MetaImage and NumPy uploads of one volume give the NIfTI's probabilities."""
+    import SimpleITK as sitk
+
+    ref = client.post("/v1/predict", params={"tasks": "lesion,grade"}, files=upload(scan)).json()
+    img = sitk.ReadImage(str(scan))
+    for suffix in (".nrrd", ".mha"):
+        sitk.WriteImage(img, str(tmp_path / f"vol{suffix}"))
+    nii = tmp_path / "vol.nii"
+    nib.save(nib.load(str(scan)), str(nii))
+    for path in (nii, tmp_path / "vol.nrrd", tmp_path / "vol.mha"):
+        r = client.post("/v1/predict", params={"tasks": "lesion,grade"}, files=upload(path))
+        assert r.status_code == 200, (path.name, r.text)
+        d = r.json()
+        assert d["id"] == "vol" and d["inputs"] == {"image": path.name}
+        for t in ("lesion", "grade"):
+            assert d["tasks"][t]["probabilities"] == pytest.approx(ref["tasks"][t]["probabilities"], abs=1e-5), path.name
+    np.save(tmp_path / "arr.npy", scan_array())  # no geometry: identity affine, so other spacing, other numbers
+    r = client.post("/v1/predict", params={"tasks": "lesion"}, files=upload(tmp_path / "arr.npy"))
+    assert r.status_code == 200 and r.json()["inputs"] == {"image": "arr.npy"}
+    pickled = tmp_path / "evil.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object))  # an object array needs unpickling: refused
+    r = client.post("/v1/predict", files=upload(pickled))
+    assert r.status_code == 422 and "evil.npy" in r.json()["detail"]
 
 
 def test_heatmaps_equal_explain_and_are_served(client, store, scan, tmp_path, monkeypatch):
@@ -369,6 +406,19 @@ def test_token(store, engines, scan):
         d = c.post("/v1/predict", headers=ok, params={"heatmaps": "true", "tasks": "frozen"}, files=upload(scan)).json()
         assert c.get(d["result"]["image"]).status_code == 401
         assert c.get(d["result"]["image"], headers=ok).status_code == 200
+
+
+def test_behind_a_proxy_prefix(store, engines, scan):
+    """--root-path: result URLs carry the prefix, and a proxy that forwards the prefix still needs the token."""
+    app = create_app(serve_config(store, token=TOKEN), engines=engines)
+    ok = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(app, root_path="/anymc3d") as c:
+        d = c.post("/anymc3d/v1/predict", headers=ok, params={"heatmaps": "true", "tasks": "frozen"},
+                   files=upload(scan)).json()
+        assert d["result"]["image"].startswith("/anymc3d/v1/results/")
+        assert c.get(d["result"]["image"], headers=ok).status_code == 200
+        assert c.get(d["result"]["image"]).status_code == 401
+        assert c.post("/anymc3d/v1/predict", files=upload(scan)).status_code == 401
 
 
 def test_queue_full_503(store, engines, scan):

@@ -30,7 +30,7 @@ def overlay_pixels(png: bytes) -> int:
     from PIL import Image
 
     a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
-    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    r, b = a[..., 0], a[..., 2]
     return int(((r - b > 60) & (r > 120)).sum())
 
 

@@ -31,7 +31,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import InputError
 from .config import ServeConfig
 from .guard import Guard, token_ok
 from .jobs import Admission, Workers
@@ -212,4 +211,4 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
     return app
 
 
-__all__ = ["create_app", "InputError"]
+__all__ = ["create_app"]

@@ -55,6 +55,9 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
+        root = scope.get("root_path", "").rstrip("/")
+        if root and path.startswith(root + "/"):  # a proxy that forwards the prefix (the router strips it too)
+            path = path[len(root):]
         if path.startswith("/v1/") and not token_ok(_header(scope, b"authorization"), self.token):
             return await _send_json(send, 401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                                     {"WWW-Authenticate": "Bearer"})
