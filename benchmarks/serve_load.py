@@ -74,13 +74,13 @@ def write_volume(path: Path, n: int) -> Path:
 
 
 class Server:
-    def __init__(self, store: Path, weights: str | None, threads: int) -> None:
+    def __init__(self, store: Path, weights: str | None, threads: int, device: str = "cpu") -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         cmd = [sys.executable, "-m", "anymc3d.cli", "serve", "--plugins", str(store), "--port", str(self.port),
-               "--device", "cpu", "--queue", "64"] + (["--weights", weights] if weights else [])
+               "--device", device, "--queue", "64"] + (["--weights", weights] if weights else [])
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.base = f"http://127.0.0.1:{self.port}"
@@ -186,6 +186,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="OMP threads of the server (default 2)")
     p.add_argument("--heatmaps", action="store_true", help="also time heatmaps=true")
+    p.add_argument("--device", default="cpu", help="the server's --device (default cpu)")
     a = p.parse_args()
     rows = []
     load0 = os.getloadavg()
@@ -194,7 +195,7 @@ def main() -> None:
         vols = {n: write_volume(tmp / f"vol{n}.nii.gz", n).read_bytes() for n in map(int, a.shapes.split(","))}
         for n_plugins in map(int, a.plugins.split(",")):
             store = make_store(tmp / f"s{n_plugins}", n_plugins, a.size, a.weights, a.mode)
-            with Server(store, a.weights, a.threads) as srv:
+            with Server(store, a.weights, a.threads, a.device) as srv:
                 for side, body in vols.items():
                     for hm in ([False, True] if a.heatmaps else [False]):
                         r = measure(srv.base, srv.proc.pid, body, a.requests, a.clients, hm)

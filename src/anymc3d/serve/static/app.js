@@ -231,7 +231,7 @@
     const y = (v) => H - PAD.b - ((v - bottom) / (top - bottom)) * (H - PAD.t - PAD.b);
     g.strokeStyle = "#999"; g.beginPath(); g.moveTo(PAD.l, PAD.t); g.lineTo(PAD.l, H - PAD.b); g.lineTo(W - PAD.r, H - PAD.b); g.stroke();
     g.fillStyle = "#555"; g.font = "10px sans-serif";
-    g.fillText(top.toFixed(3), 2, PAD.t + 8); g.fillText(bottom.toFixed(3), 2, H - PAD.b);
+    g.fillText(top.toPrecision(4), 2, PAD.t + 8); g.fillText(bottom.toPrecision(4), 2, H - PAD.b);
     g.fillText("slice 0", PAD.l, H - 8); g.fillText(String(n - 1), W - PAD.r - 14, H - 8);
     rows.forEach((r, k) => {
       g.strokeStyle = COLORS[k % COLORS.length]; g.lineWidth = 1.5; g.beginPath();
