@@ -154,14 +154,14 @@ def test_viewer_loads_nothing_from_the_network():
     from anymc3d.serve.app import STATIC
 
     for name in ("index.html", "app.js", "style.css"):
-        text = (STATIC / name).read_text()
+        text = (STATIC / name).read_text(encoding="utf-8")
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, name
     vendor = STATIC / "vendor"
-    assert (vendor / "LICENSE.niivue.txt").read_text().startswith("BSD 2-Clause License")
+    assert (vendor / "LICENSE.niivue.txt").read_text(encoding="utf-8").startswith("BSD 2-Clause License")
     import hashlib
 
     digest = hashlib.sha256((vendor / "niivue.umd.js").read_bytes()).hexdigest()
-    assert digest in (vendor / "README.txt").read_text()  # the shipped file is the one the build script made
+    assert digest in (vendor / "README.txt").read_text(encoding="utf-8")  # the shipped file is the one the build script made
 
 
 def test_serve_never_imports_training():

@@ -73,12 +73,12 @@ def build(vendor: Path = VENDOR) -> Path:
         sys.exit(f"build_viewer: {PACKAGE} {VERSION} declares licence {meta.get('license')!r}; check LICENSE before shipping")
     vendor.mkdir(parents=True, exist_ok=True)
     (vendor / "niivue.umd.js").write_bytes(data)
-    (vendor / "LICENSE.niivue.txt").write_text(LICENSE)
+    (vendor / "LICENSE.niivue.txt").write_text(LICENSE, encoding="utf-8")
     notes = [f"{PACKAGE} {VERSION} (npm, {INTEGRITY}): dist/niivue.umd.js, BSD-2-Clause (LICENSE.niivue.txt)",
              f"sha256 of niivue.umd.js: {hashlib.sha256(data).hexdigest()}",
              "bundled in it (licences from npm):", *[f"  {k}: {v}" for k, v in BUNDLED.items()],
              "rebuild: python -m anymc3d.serve.build_viewer"]
-    (vendor / "README.txt").write_text("\n".join(notes) + "\n")
+    (vendor / "README.txt").write_text("\n".join(notes) + "\n", encoding="utf-8")
     print(f"wrote {vendor / 'niivue.umd.js'} ({len(data) / 2**20:.1f} MiB) from {PACKAGE} {VERSION}")
     return vendor / "niivue.umd.js"
 

@@ -63,9 +63,11 @@ def read_token_file(path: str | Path) -> str:
 
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError(f"{p}: cannot read the token file ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{p}: the token file is not UTF-8 text") from exc
     token = text.strip().splitlines()[0].strip() if text.strip() else ""
     if len(token) < 16:
         raise InputError(f"{p}: the token must be at least 16 characters (e.g. `openssl rand -hex 32 > {p.name}`)")
