@@ -48,6 +48,7 @@ VERB_ARGS = {
     ("plugins", "info"): ["plugins", "info", "n", "--store", "s"],
     ("plugins", "add"): ["plugins", "add", "p", "--store", "s"],
     ("plugins", "remove"): ["plugins", "remove", "n", "--store", "s"],
+    ("serve",): ["serve", "--plugins", "s"],
 }
 
 

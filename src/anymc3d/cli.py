@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Verbs that live next to their feature (nnU-Net-style: one module per concern). Each module has
 # ``register(subparsers) -> {verb: handler}``; handlers take the parsed args and return an exit code.
-_EXTENSION_MODULES = ("anymc3d.planning.cli", "anymc3d.explain.cli", "anymc3d.store.cli", "anymc3d.bench.cli")
+_EXTENSION_MODULES = ("anymc3d.planning.cli", "anymc3d.explain.cli", "anymc3d.store.cli", "anymc3d.bench.cli",
+                      "anymc3d.serve.cli")
 _HANDLERS: dict = {}
 
 

@@ -1,0 +1,214 @@
+"""The FastAPI application: ``create_app(ServeConfig(...))``.
+
+Endpoints (all JSON errors are ``{"detail": "<the CLI's one-line message>"}``):
+
+* ``GET /healthz`` - liveness and queue state (public);
+* ``GET /v1/plugins`` - every task the service runs: labels, threshold, backbone, inputs, views;
+* ``POST /v1/predict`` - one volume upload (``file``), optional ``tasks=a,b`` and ``heatmaps=true``;
+  the JSON of ``anymc3d predict --plugins`` plus, with heatmaps, the URLs of each task's heatmap NIfTI
+  and PNG and of the volume the viewer shows;
+* ``GET /v1/results/{id}/{file}`` - those files, until the result expires;
+* ``GET /`` - the web viewer (static files shipped in the package; nothing from the network).
+
+Status codes: 400 unusable request (type, empty, unknown task), 401 token, 413 upload too large,
+422 the volume cannot be used (the reader's / predictor's message), 503 queue full (Retry-After).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+from typing import Optional
+
+from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from .config import ServeConfig
+from .guard import Guard, token_ok
+from .jobs import Admission, Workers
+from .results import ResultStore
+from .service import ServiceError, load_engines, parse_tasks, plugins_info, run_request
+from .uploads import BadUpload, UploadTooLarge, save_upload
+
+STATIC = Path(__file__).with_name("static")
+
+
+class Error(BaseModel):
+    detail: str
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    tasks: int
+    auth_required: bool
+    queue_capacity: int
+    in_flight: int
+
+
+class PluginRow(BaseModel):
+    task: str
+    task_name: str
+    task_type: str
+    labels: list[str]
+    threshold: float
+    backbone: str
+    backbone_fingerprint: str
+    inputs: list[str]
+    streams: list[str]
+    mode: str
+
+
+class Skipped(BaseModel):
+    name: str
+    reason: Optional[str] = None
+
+
+class Plugins(BaseModel):
+    backbone: str
+    backbone_fingerprint: str
+    plugins: list[PluginRow]
+    skipped: list[Skipped]
+
+
+_ERR = {"model": Error}
+_AUTH = {401: {**_ERR, "description": "missing or wrong bearer token"}}
+
+
+def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
+    """The service for ``config``. The store is loaded here, once (``engines``: already loaded ones)."""
+    engines = engines if engines is not None else load_engines(config)
+    admission = Admission(config.queue, len(engines))
+    workers = Workers(engines, admission)
+    results = ResultStore(config.results_ttl_s)
+    reader_args = config.reader_args()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def sweeper():
+            while True:
+                await asyncio.sleep(min(60.0, config.results_ttl_s / 2))
+                results.sweep()
+
+        task = asyncio.create_task(sweeper())
+        try:
+            yield
+        finally:
+            task.cancel()
+            workers.close()
+            results.close()
+
+    # docs_url / redoc_url off: those pages load Swagger UI / ReDoc from a CDN (the service works offline)
+    app = FastAPI(title="anymc3d serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="3D volume classification: every task of one plugin store on one loaded backbone.")
+    app.state.config, app.state.engines, app.state.admission = config, engines, admission
+    app.state.workers, app.state.results = workers, results
+    bearer = HTTPBearer(auto_error=False, description="the token of `anymc3d serve --token-file`")
+
+    def require_token(cred: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        # the Guard middleware has already checked this before the body was read; declared here for OpenAPI
+        header = f"Bearer {cred.credentials}" if cred is not None else None
+        if not token_ok(header, config.token):
+            raise ServiceError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                               {"WWW-Authenticate": "Bearer"})
+
+    # the schema declares the bearer scheme only when the service requires it (it documents this service)
+    secured = [Depends(require_token)] if config.token is not None else []
+    auth_doc = _AUTH if config.token is not None else {}
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError):
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
+            parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else str(e.get("msg", "invalid")))
+        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    def healthz() -> Health:
+        """Liveness: the store is loaded and the service answers. No token needed."""
+        return Health(status="ok", version=__version__, tasks=len(engines[0].tasks),
+                      auth_required=config.token is not None, queue_capacity=admission.capacity,
+                      in_flight=admission.in_flight)
+
+    @app.get("/v1/plugins", response_model=Plugins, responses=auth_doc, dependencies=secured,
+             tags=["predict"])
+    def plugins() -> dict:
+        """The tasks this service runs (one per compatible plugin of the store) and the plugins it skipped."""
+        return plugins_info(engines[0])
+
+    @app.post("/v1/predict", tags=["predict"], dependencies=secured,
+              responses={200: {"description": "the JSON of `anymc3d predict --plugins` (+ `heatmaps`, `result` "
+                                               "with heatmaps=true)",
+                               "content": {"application/json": {"schema": {"type": "object"}}}},
+                         400: {**_ERR, "description": "unusable request: file type, empty upload, bad zip, unknown task"},
+                         **auth_doc,
+                         413: {**_ERR, "description": "upload (or a zip's content) over the limit"},
+                         422: {**_ERR, "description": "the volume cannot be used (the CLI's message) or a bad parameter"},
+                         503: {**_ERR, "description": "request queue full; see Retry-After",
+                               "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                                           "description": "seconds"}}}})
+    async def predict(request: Request,
+                      file: UploadFile = File(..., description="one .nii/.nii.gz/.nrrd/.mha/.npy volume, or a "
+                                                               ".zip of one DICOM series"),
+                      tasks: Optional[str] = Query(None, description="comma list of tasks (default: all)"),
+                      heatmaps: bool = Query(False, description="also compute heatmaps (NIfTI + PNG URLs)")):
+        """Every task (or ``tasks``) on one uploaded volume."""
+        task_list = parse_tasks(tasks, engines[0])
+        try:
+            upload = await run_in_threadpool(save_upload, file.file, file.filename, config.max_upload_bytes,
+                                             config.max_unzipped_bytes, config.max_zip_members)
+        except UploadTooLarge as exc:
+            raise ServiceError(413, str(exc)) from exc
+        except BadUpload as exc:
+            raise ServiceError(400, str(exc)) from exc
+        rid = ""
+        try:
+            out = await workers.run(run_request, upload, task_list, heatmaps, results, reader_args,
+                                    request.scope.get("root_path", "").rstrip("/"))
+            rid = (out.get("result") or {}).get("id", "")
+        finally:
+            await run_in_threadpool(upload.discard, config.keep, rid)
+        results.sweep()
+        return Response(json.dumps(out, default=float), media_type="application/json")
+
+    @app.get("/v1/results/{result_id}/{name:path}", tags=["predict"], dependencies=secured,
+             responses={**auth_doc, 404: {**_ERR, "description": "unknown or expired result, or no such file"},
+                        200: {"description": "the file", "content": {"application/octet-stream": {}, "image/png": {}}}})
+    def result_file(result_id: str, name: str):
+        """A heatmap NIfTI / PNG (``<task>/<id>_heatmap.nii.gz``) or ``image.nii.gz`` of a result, until it expires."""
+        path = results.get(result_id, name)
+        if path is None or not path.is_file():
+            raise ServiceError(404, f"no file {name!r} in result {result_id!r} (unknown, or expired after "
+                                    f"{config.results_ttl_s:.0f} s)")
+        media = "image/png" if name.endswith(".png") else "application/octet-stream"
+        return FileResponse(path, media_type=media, filename=Path(name).name,
+                            headers={"Cache-Control": "private, no-store"})
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html",
+                            headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    app.add_middleware(Guard, token=config.token, max_body=config.max_upload_bytes, admission=admission)
+    return app
+
+
+__all__ = ["create_app"]
