@@ -15,22 +15,20 @@ FIXED_DEFAULTS = {"size": None, "views": ["axial"], "lora_last_k": None, "augmen
                   "max_slices": None, "epochs": 30, "batch_size": 8, "patience": 10}
 
 
-def _last_k(text: str) -> int:
-    if text == "all":
-        return 0
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError("--lora-last-k: a positive number of stages, or 'all'")
-    return v
+def _count_or_all(flag: str, unit: str):
+    """argparse type of ``FLAG N|all``: a positive count, or 0 for "all"."""
+    def parse(text: str) -> int:
+        if text == "all":
+            return 0
+        v = int(text)
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{flag}: a positive number of {unit}, or 'all'")
+        return v
+    return parse
 
 
-def _subset(text: str) -> int:
-    if text == "all":
-        return 0
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError("--slice-subset: a positive number of slices, or 'all'")
-    return v
+_last_k = _count_or_all("--lora-last-k", "stages")
+_subset = _count_or_all("--slice-subset", "slices")
 
 
 def _threshold(text: str):

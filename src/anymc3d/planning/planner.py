@@ -34,7 +34,6 @@ FIELDS = ("size", "views", "lora_last_k", "augment", "slice_subset", "max_slices
 MIN_SIZE = 64
 MIN_AXIS_FOR_VIEWS = 16
 MAX_ANISOTROPY_FOR_VIEWS = 3.0
-COLD_TIMING_VOLUMES = 16
 #: at least this many optimiser steps: small training sets get more epochs (measured on the synthetic
 #: suite's validation split: 15 epochs = 180 steps left `elongated` at val AUC 0.86, a 60-epoch
 #: schedule (720 steps) reached 1.0; docs/results.md issue 15)
@@ -148,31 +147,30 @@ def candidates(views: list[str], device_type: str) -> list[dict]:
     return cpu
 
 
-def n_train(fp: dict) -> int:
+def split_sizes(fp: dict) -> tuple[int, int, int]:
+    """(train, val, test) cases; without a split column as assign_splits carves them (15 % test,
+    15 % of the rest val)."""
     splits = fp["splits"]
+    n_va, n_te = splits.get("val", 0), splits.get("test", 0)
     if not splits.get("train") and splits.get("unassigned"):
         n = splits["unassigned"]
-        n_te = splits.get("test") or int(round(0.15 * n))
-        return n - n_te - (splits.get("val") or int(round(0.15 * (n - n_te))))
-    return splits.get("train", 0)
+        n_te = n_te or int(round(0.15 * n))
+        n_va = n_va or int(round(0.15 * (n - n_te)))
+        return n - n_te - n_va, n_va, n_te
+    return splits.get("train", 0), n_va, n_te
 
 
 def epochs_for(fp: dict, epochs: int, batch_size: int) -> int:
     """``epochs``, raised so the run makes at least MIN_STEPS optimiser steps (at most MAX_EPOCHS)."""
-    steps = max(1, math.ceil(n_train(fp) / batch_size))
+    steps = max(1, math.ceil(split_sizes(fp)[0] / batch_size))
     return int(max(epochs, min(MAX_EPOCHS, math.ceil(MIN_STEPS / steps))))
 
 
 def estimate(c: dict, fp: dict, t: dict, size: int) -> dict:
     """Seconds of each part of a run with candidate ``c`` (per-slice costs from the timing table ``t``)."""
-    splits = fp["splits"]
-    n_tr = splits.get("train", 0) or splits.get("unassigned", 0)
-    n_va, n_te = splits.get("val", 0), splits.get("test", 0)
-    if not splits.get("train") and splits.get("unassigned"):  # carved by assign_splits: 15 % test, 15 % of the rest val
-        n = splits["unassigned"]
-        n_te = n_te or int(round(0.15 * n))
-        n_va = n_va or int(round(0.15 * (n - n_te)))
-        n_tr = n - n_te - n_va
+    from ..training.run import COLD_TIMING_VOLUMES  # what score_splits times cold (lazy: keeps CLI start-up light)
+
+    n_tr, n_va, n_te = split_sizes(fp)
     spv = slices_per_view(fp, max_slices=c.get("max_slices"))
     per_case = sum(spv[v] for v in c["views"])
     per_case_train = sum(min(spv[v], c["slice_subset"] or spv[v]) for v in c["views"])

@@ -72,6 +72,19 @@ class Upload:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _copy_limited(src, out, total: int, max_bytes: int, too_large: str) -> int:
+    """Copy ``src`` to ``out`` in 1 MiB chunks; ``total`` (bytes so far) past ``max_bytes`` raises
+    UploadTooLarge(too_large) before that chunk is written. Returns the new total."""
+    while True:
+        chunk = src.read(1 << 20)
+        if not chunk:
+            return total
+        total += len(chunk)
+        if total > max_bytes:
+            raise UploadTooLarge(too_large)
+        out.write(chunk)
+
+
 def new_folder(parent: Path | None = None) -> Path:
     return Path(tempfile.mkdtemp(prefix="anymc3d-upload-", dir=None if parent is None else str(parent)))
 
@@ -83,17 +96,9 @@ def save_upload(stream, filename: str | None, max_bytes: int, max_unzipped: int,
     folder = new_folder(parent)
     try:
         target = folder / name
-        n = 0
         with open(target, "xb") as fh:
-            while True:
-                chunk = stream.read(1 << 20)
-                if not chunk:
-                    break
-                n += len(chunk)
-                if n > max_bytes:
-                    raise UploadTooLarge(f"{name}: upload larger than the service's limit of "
-                                         f"{max_bytes / 2**20:.3g} MiB (--max-upload-mb)")
-                fh.write(chunk)
+            n = _copy_limited(stream, fh, 0, max_bytes, f"{name}: upload larger than the service's limit of "
+                              f"{max_bytes / 2**20:.3g} MiB (--max-upload-mb)")
         if n == 0:
             raise BadUpload(f"{name}: the upload is empty")
         if name.lower().endswith(ZIP_SUFFIX):
@@ -152,15 +157,8 @@ def _extract_series(zpath: Path, dest: Path, max_bytes: int, max_members: int) -
             names.add(base)
             try:
                 with zf.open(m) as src, open(dest / base, "xb") as out:
-                    while True:
-                        chunk = src.read(1 << 20)
-                        if not chunk:
-                            break
-                        total += len(chunk)
-                        if total > max_bytes:
-                            raise UploadTooLarge(f"{zpath.name}: uncompressed content larger than the limit of "
-                                                 f"{max_bytes / 2**20:.3g} MiB")
-                        out.write(chunk)
+                    total = _copy_limited(src, out, total, max_bytes, f"{zpath.name}: uncompressed content larger "
+                                          f"than the limit of {max_bytes / 2**20:.3g} MiB")
             except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, OSError) as exc:
                 # RuntimeError: encrypted member; NotImplementedError: unknown compression
                 raise BadUpload(f"{zpath.name}: cannot extract {m.filename!r} ({exc})") from exc
