@@ -273,6 +273,16 @@ def test_explain_cli_multilabel_manifest_and_predict_heatmaps(lite0, tmp_path):
     assert set(loc["mean"]) == set(loc["random"]) == {"pointing_game", "energy_in_mask", "auroc"}
     assert loc["mean"]["auroc"] > loc["random"]["auroc"]
     assert (out / "localization.csv").is_file() and (out / "explain.json").is_file()
+    # predict --heatmaps over the same manifest scores the same maps per volume and merges the same table
+    out4 = tmp_path / "pred_manifest"
+    assert main(["predict", str(plugin), str(data / "manifest.csv"), "--out", str(out4), "--heatmaps"]) == 0
+    loc4 = json.loads((out4 / "localization.json").read_text())
+    assert (loc4["n_cases"], loc4["n_scored"]) == (2, 3)
+    for key in ("mean", "random"):
+        for score, value in loc[key].items():
+            assert abs(loc4[key][score] - value) < 1e-6, (key, score)
+    assert json.loads((out4 / "c1.json").read_text())["heatmaps"]["scores"][0]["id"] == "c1"
+    assert (out4 / "localization.csv").is_file()
 
     # a binary plugin, a folder of images with a mask folder; and predict --heatmaps
     bmodel = make_model(lite0, size=64)

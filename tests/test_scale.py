@@ -283,3 +283,100 @@ def test_cache_lock_one_process_computes_an_entry(tmp_path, monkeypatch):
     os.utime(a.lock_path(key2), (old, old))
     assert b.try_lock(key2) and b.stats["stale_locks"] == 1
     assert a.entries() == [a.path(key)]  # lock files are not entries
+
+
+# ------------------------------------------------------------------------------------------ bench
+BENCH_SUITE = """name: ddp-bench
+tasks:
+  - name: tiny
+    synthetic: {task: lesion_binary, n_cases: 24, seed: 0, knobs: {size: 24}}
+"""
+
+
+@pytest.mark.slow
+def test_bench_under_torchrun_trains_data_parallel_and_rank0_writes(tmp_path, capsys):
+    """``torchrun -m anymc3d bench``: rank 0 generates the synthetic task and writes every file; the
+    training cell runs on both ranks (DDP), the frozen-feature cell on rank 0 only; a later
+    single-process run finds both cells done."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(BENCH_SUITE)
+    out = tmp_path / "bench"
+    args = ["bench", str(suite), "--methods", "plugin_lastk1,linear_probe", "--out", str(out), "--size", SIZE,
+            "--epochs", "2", "--set", "augment=false", "--set", "batch_size=4", "--quiet", "--device", "cpu"]
+    r = _run(_torchrun("-m", "anymc3d", *args), timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cells = sorted((out / "cells").glob("*.json"))
+    assert [p.name for p in cells] == ["tiny__linear_probe__s0.json", "tiny__plugin_lastk1__s0.json"]
+    plugin = json.loads(cells[1].read_text())
+    assert plugin["status"] == "ok", plugin.get("error")
+    assert plugin["world_size"] == 2 and 0.0 <= plugin["result"]["auc"] <= 1.0
+    assert json.loads(cells[0].read_text())["status"] == "ok"
+    work = out / "runs" / "tiny" / "plugin_lastk1" / "s0"
+    log = _read_csv(work / "train_log.csv")
+    assert [row["epoch"] for row in log] == ["1", "2"]  # one writer: no row twice
+    assert (work / "plugin.safetensors").is_file() and (out / "results.md").is_file()
+    assert json.loads((out / "bench.json").read_text())["world_size"] == 2
+    assert r.stdout.count("cells: 2 ran") == 1  # rank 0 alone reports
+    assert not list(out.rglob(".tmp-*"))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "cells: 0 ran, 2 already done" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ several nodes
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_agents_meet_through_c10d_rendezvous_as_on_two_nodes(trained, volumes, tmp_path):
+    """What the Slurm / Kubernetes recipes of docs/scale.md run: one torchrun agent per node, ranks
+    assigned by a c10d rendezvous (here two agents on 127.0.0.1); the predict job is sharded over them."""
+    out = tmp_path / "pred"
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"t{port}",
+           "-m", "anymc3d", "predict", str(trained["ddp"]), str(volumes), "--out", str(out), "--device", "cpu"]
+    agents = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True) for _ in range(2)]
+    logs = []
+    try:
+        for p in agents:
+            logs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in agents:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in agents] == [0, 0], "\n".join(x[-2000:] for x in logs)
+    assert _json_files(out) == [f"v{i:03d}.json" for i in range(N_VOLUMES)]
+    assert sum("; 2 ranks" in x for x in logs) == 1  # rank 0's summary line, on one of the two "nodes"
+    rows = _read_csv(out / "predictions.csv")
+    assert len(rows) == N_VOLUMES and len({r["id"] for r in rows}) == N_VOLUMES
+
+
+def test_mean_over_ranks_leaves_out_ranks_without_a_value(monkeypatch):
+    """``train_seg_loss`` under DDP: the mean over the ranks that had masks in the epoch; every rank
+    joins the gather (a rank without masks passes None), so no rank waits alone in a collective."""
+    from anymc3d.training import distributed as ddp
+
+    gathered = {}
+
+    def fake_gather(obj):
+        gathered["mine"] = obj
+        return [obj, *gathered["others"]]
+
+    monkeypatch.setattr(ddp, "is_initialized", lambda: True)
+    monkeypatch.setattr(ddp, "world_size", lambda: 3)
+    monkeypatch.setattr(ddp, "all_gather_object", fake_gather)
+    gathered["others"] = [0.25, None]
+    assert ddp.mean_over_ranks(None) == 0.25 and gathered["mine"] is None
+    gathered["others"] = [0.2, 0.6]
+    assert abs(ddp.mean_over_ranks(0.4) - 0.4) < 1e-12
+    gathered["others"] = [None, None]
+    assert ddp.mean_over_ranks(None) is None
+    monkeypatch.setattr(ddp, "world_size", lambda: 1)
+    assert ddp.mean_over_ranks(0.7) == 0.7

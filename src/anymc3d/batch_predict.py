@@ -58,29 +58,37 @@ class PluginJob:
         case = self.predictor.case(item)
         return [v for v in case.images.values() if v is not None]
 
-    def predict(self, item, case_id: str, mask=None, out: Path | None = None) -> dict:
+    def predict(self, item, case_id: str, mask=None, out: Path | None = None, label=None) -> dict:
         res = self.predictor.predict(item, case_id=case_id)
         res["plugin_sha256"] = self.sha
         if self.explainer is not None:
-            res["heatmaps"] = self._heatmaps(item, case_id, mask, out)
+            res["heatmaps"] = self._heatmaps(item, case_id, mask, out, label)
         return res
 
-    def _heatmaps(self, item, case_id: str, mask, out: Path) -> dict:
-        from .explain.localization import load_mask
+    def _heatmaps(self, item, case_id: str, mask, out: Path, label=None) -> dict:
+        """Write this volume's maps and figure; with a mask (a manifest's mask column) also its
+        localisation scores, kept in the volume's JSON until the merge writes ``localization.json``."""
+        from .explain.localization import load_mask, score_case
 
         hm = self.explainer.explain(item, case_id=case_id)
         m = load_mask(mask, hm.record) if mask is not None else None
         files = self.explainer.write(hm, out, figure=True, top_k=6, mask=m)
-        return {"method": hm.method, "labels": hm.labels, "files": [p.name for p in files]}
+        entry = {"method": hm.method, "labels": hm.labels, "files": [p.name for p in files]}
+        if m is not None:
+            entry["mask"] = str(getattr(mask, "source", mask))
+            entry["scores"] = score_case(self.explainer, hm, m, case_id, label)  # None: empty mask
+        return entry
 
-    def complete(self, res: dict, case_id: str, out: Path) -> bool:
+    def complete(self, res: dict, case_id: str, out: Path, has_mask: bool = False) -> bool:
         if not (res.get("id") == case_id and isinstance(res.get("probabilities"), dict)
                 and res.get("plugin_sha256", None) == self.sha and res.get("task") == self.spec.task
                 and res.get("backbone_fingerprint") == self.spec.backbone_fingerprint):
             return False
         if self.explainer is not None:
-            files = (res.get("heatmaps") or {}).get("files")
-            return bool(files) and all((out / f).is_file() for f in files)
+            hm = res.get("heatmaps") or {}
+            files = hm.get("files")
+            # a volume that has a mask now but was explained without one lacks its localisation scores
+            return bool(files) and all((out / f).is_file() for f in files) and (not has_mask or "mask" in hm)
         return True
 
     def line(self, res: dict) -> str:
@@ -95,9 +103,15 @@ class PluginJob:
         """With heatmaps: ``explain.json`` (which files belong to which case), as ``anymc3d explain`` writes."""
         if self.explainer is None:
             return
+        from .explain.localization import localization_table
+
         cases = [{"id": r["id"], "probabilities": r["probabilities"], **r["heatmaps"]} for r in rows]
         write_json({"plugin": self.explainer.source, "backbone": self.spec.backbone, "method": self.explainer.method,
                     "cases": cases}, out / "explain.json", default=float)
+        masked = [c for c in cases if "mask" in c]
+        if masked:  # the same tables as ``anymc3d explain``, from every rank's per-volume scores
+            localization_table(self.explainer, [s for c in masked for s in (c["scores"] or [])],
+                               [c["id"] for c in masked if c["scores"] is None], out)
 
 
 class StoreJob:
@@ -115,12 +129,12 @@ class StoreJob:
                     seen.append(v)
         return seen
 
-    def predict(self, item, case_id: str, mask=None, out: Path | None = None) -> dict:
+    def predict(self, item, case_id: str, mask=None, out: Path | None = None, label=None) -> dict:
         res = self.mp.predict(item, case_id=case_id)
         res["plugins_sha256"] = self.shas
         return res
 
-    def complete(self, res: dict, case_id: str, out: Path) -> bool:
+    def complete(self, res: dict, case_id: str, out: Path, has_mask: bool = False) -> bool:
         return (res.get("id") == case_id and isinstance(res.get("tasks"), dict)
                 and res.get("plugins_sha256") == self.shas
                 and res.get("backbone_fingerprint") == self.mp.backbone.fingerprint)
@@ -207,9 +221,9 @@ def predict_to_folder(job, items: list, out: str | Path, overwrite: bool = False
     entries = []
     for i, it in enumerate(items):
         cid, item = it.id if hasattr(it, "id") else it[0], it.item if hasattr(it, "item") else it[1]
-        entries.append((i, cid or case_id_from(item), item, getattr(it, "mask", None)))
+        entries.append((i, cid or case_id_from(item), item, getattr(it, "mask", None), getattr(it, "label", None)))
     seen: dict[str, object] = {}
-    for _i, cid, item, _m in entries:
+    for _i, cid, item, *_ in entries:
         if cid in seen:
             raise InputError(f"{item}: has the case id {cid!r} of another input ({seen[cid]}); both would write "
                              f"{out / (cid + '.json')} (give a manifest with an id column)")
@@ -219,13 +233,13 @@ def predict_to_folder(job, items: list, out: str | Path, overwrite: bool = False
     pending = None
     if dist.is_main():
         pending = [e[0] for e in entries if overwrite or not (
-            (res := _read_json(out / f"{e[1]}.json")) is not None and job.complete(res, e[1], out))]
+            (res := _read_json(out / f"{e[1]}.json")) is not None and job.complete(res, e[1], out, e[3] is not None))]
     pending = dist.broadcast_object(pending)
     mine = [entries[i] for i in dist.shard(pending)]
 
     # 2. bad input: every rank reads its share; any problem stops every rank before anything is written
     if input_check:
-        bad = dist.all_gather_object(check_inputs(job, [(i, c, it) for i, c, it, _ in mine]))
+        bad = dist.all_gather_object(check_inputs(job, [(i, c, it) for i, c, it, *_ in mine]))
         bad = min((b for b in bad if b is not None), default=None)
         if bad is not None:
             if dist.is_main():
@@ -239,8 +253,8 @@ def predict_to_folder(job, items: list, out: str | Path, overwrite: bool = False
 
     # 3. this rank's volumes, each written as soon as it is done (JSON last: the completion mark)
     t0 = time.perf_counter()
-    for _i, cid, item, mask in mine:
-        res = job.predict(item, cid, mask=mask, out=out)
+    for _i, cid, item, mask, label in mine:
+        res = job.predict(item, cid, mask=mask, out=out, label=label)
         write_json(res, out / f"{cid}.json")
         log(job.line(res))
         if warn is not None:
@@ -253,9 +267,9 @@ def predict_to_folder(job, items: list, out: str | Path, overwrite: bool = False
                "rank": dist.rank(), "world": dist.world_size(), "seconds": round(seconds, 3)}
     if dist.is_main():
         rows = []
-        for _i, cid, _item, _m in sorted(entries, key=lambda e: e[1]):
+        for _i, cid, _item, mask, _label in sorted(entries, key=lambda e: e[1]):
             res = _read_json(out / f"{cid}.json")
-            if res is None or not job.complete(res, cid, out):
+            if res is None or not job.complete(res, cid, out, mask is not None):
                 raise RuntimeError(f"{out / (cid + '.json')}: missing or incomplete after every rank finished")
             rows.append(res)
         if len(rows) > 1:

@@ -21,6 +21,7 @@ from ..preprocess import PreprocessOptions
 from ..runtime.batching import prepare_case
 from ..runtime.engine import Runtime
 from ..training.run import assign_splits, headline, prepare_all, score_splits, subsample
+from ..training.distributed import is_main
 from ..training.trainer import TrainConfig, fit, seed_everything
 from .aggregators import AggregatorAnyMC3D
 from .cnn3d import Volume3DClassifier
@@ -49,6 +50,8 @@ def train_model(data, build: Callable, out: str | Path, config: TrainConfig | No
         f"test {len(splits['test'])}")
     prepared = {k: prepare_all(v, specs, k, cfg.progress) for k, v in splits.items()}
     summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out, resume=resume)
+    if not is_main():  # torchrun: rank 0 alone scores the splits and writes the metrics
+        return {"rank_summary": summary}
     thr, results = score_splits(model, Runtime(model, specs, device=cfg.device), prepared, splits, task,
                                 cfg.batch_size, threshold)
     metrics = {"task": task.name, "task_type": task.task_type, "threshold": thr, "trainable_params": n_params,

@@ -91,8 +91,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
             raise InputError(f"bench: unknown option {k!r} in --set; known: {', '.join(DEFAULT_OPTIONS)}")
         options[k] = _value(v)
     tasks = _csv(a.tasks)
+    from ..runtime import distributed as dist
+
+    dist.init_from_env(a.device or "auto")  # torchrun: training cells run data-parallel (docs/scale.md)
     summary = run_bench(suite, methods, a.seeds or suite.seeds or 1, a.out, tasks=tasks, options=options,
                         progress=not a.quiet, command=command_line(), retry_failed=a.retry_failed)
+    dist.barrier()
+    if not dist.is_main():
+        return 0
     print(f"cells: {summary['ran']} ran, {summary['skipped']} already done, {summary['failed']} failed "
           f"(of {summary['cells']}); wrote {summary['md']} and {summary['csv']}")
     return 0 if summary["failed"] == 0 else 1

@@ -97,6 +97,13 @@ def get_method(name: str) -> Method:
 # ---------------------------------------------------------------------------------- helpers
 # Training methods pass resume=True: fit() continues from OUT/checkpoint.pt when one exists, and the
 # runner (runner.prepare_workdir) has already deleted any checkpoint that other options wrote.
+def _device(o: dict) -> str:
+    """The option's device; under torchrun on CUDA, this rank's own GPU (``cuda:LOCAL_RANK``)."""
+    from ..runtime.distributed import rank_device
+
+    return rank_device(str(o.get("device", "auto")))
+
+
 def _train_config(o: dict, seed: int, cnn: bool = False):
     from ..training.trainer import TrainConfig
 
@@ -105,18 +112,21 @@ def _train_config(o: dict, seed: int, cnn: bool = False):
         return TrainConfig(epochs=int(o["epochs"]), batch_size=int(o["cnn_batch_size"]), seed=seed, loss=o["loss"],
                            lr_head=float(o["cnn_lr"]), wd_head=1e-4, patience=int(o["patience"]),
                            augment=bool(o["augment"]), amp=False, progress=bool(o.get("progress", False)),
-                           device=str(o.get("device", "auto")), workers=int(o.get("workers", 0)), **extra)
+                           device=_device(o), workers=int(o.get("workers", 0)), **extra)
     # the trunk cache only holds what the frozen part computes anyway (same bf16 tensors as the in-memory
     # cache), so it does not change a result and is not part of the cell fingerprint
     cache = o.get("trunk_cache") or (str(Path(o["cache_dir"]) / "trunk") if o.get("cache_dir") else None)
     return TrainConfig(epochs=int(o["epochs"]), batch_size=int(o["batch_size"]), seed=seed, loss=o["loss"],
                        lr_lora=float(o["lr_lora"]), lr_head=float(o["lr_head"]), patience=int(o["patience"]),
                        augment=bool(o["augment"]), amp=bool(o["amp"]), progress=bool(o.get("progress", False)),
-                       cache_dir=cache, device=str(o.get("device", "auto")), workers=int(o.get("workers", 0)))
+                       cache_dir=cache, device=_device(o), workers=int(o.get("workers", 0)))
 
 
 def normalise(m: dict, **extra) -> dict:
-    """Train-plugin-style metrics -> the bench cell schema."""
+    """Train-plugin-style metrics -> the bench cell schema. Under torchrun only rank 0 has metrics (the
+    other ranks' training returns ``{"rank_summary": ...}``); their cell is not written."""
+    if "rank_summary" in m:
+        return {"rank_summary": True}
     test = m.get("test") or {}
     ci = test.get("ci") or {}
     out = {
@@ -207,9 +217,14 @@ def m_plan(task, out: Path, seed: int, o: dict) -> dict:
     from ..training.run import PreprocessOptions, train_plugin
     from ..training.trainer import TrainConfig
 
+    from ..runtime.distributed import broadcast_object, is_main
+
     out = Path(out)
     saved = out / "plan.json"
-    if saved.is_file():  # a resumed cell keeps its plan
+    plan = None
+    if not is_main():
+        pass  # torchrun: rank 0 plans (it measures this machine) and sends the plan to the others
+    elif saved.is_file():  # a resumed cell keeps its plan
         plan = Plan.from_dict(json.loads(saved.read_text()))
     else:
         from ..planning.cli import read_timings
@@ -217,6 +232,7 @@ def m_plan(task, out: Path, seed: int, o: dict) -> dict:
         plan, _, _ = plan_for(task, o["backbone"], o.get("budget") or "30m", device=str(o.get("device", "auto")),
                               weights=o["weights"], out=out, timings=read_timings(o.get("timings")), log=_log(o),
                               overrides={"max_slices": o["max_slices"]} if o.get("max_slices") else None)
+    plan = Plan.from_dict(broadcast_object(plan.to_dict() if plan is not None else None))
     if plan.threads and plan.device == "cpu":
         import torch
 
@@ -224,7 +240,7 @@ def m_plan(task, out: Path, seed: int, o: dict) -> dict:
     pre = PreprocessOptions(views=list(plan.views), size=plan.size, max_slices=plan.max_slices)
     cfg = TrainConfig(epochs=plan.epochs, batch_size=plan.batch_size, seed=seed, patience=plan.patience,
                       augment=plan.augment, slice_subset=plan.slice_subset, threshold=plan.threshold,
-                      progress=bool(o.get("progress", False)), device=str(o.get("device", "auto")),
+                      progress=bool(o.get("progress", False)), device=_device(o),
                       workers=int(o.get("workers", 0)), cache_dir=o.get("trunk_cache"))
     m = train_plugin(task, o["backbone"], out, weights=o["weights"], preprocess=pre,
                      lora=LoraSpec(r=8, alpha=16.0, last_k=plan.lora_last_k), config=cfg, resume=True,

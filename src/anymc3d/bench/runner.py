@@ -137,10 +137,24 @@ class _Progress:
             self._p.stop()
 
 
+#: method kinds that train through ``training.trainer.fit``: under torchrun every rank runs such a cell
+#: (DistributedDataParallel); the other kinds (frozen features + a small head) run on rank 0 alone
+DDP_KINDS = ("plugin", "plan", "cnn3d")
+
+
 def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str | Path, tasks: list[str] | None = None,
               options: dict | None = None, progress: bool = True, command: str | None = None,
               retry_failed: bool = True, verbose: bool = True) -> dict:
-    """Run the missing cells, then rebuild ``results.csv`` / ``results.md``. Returns a summary dict."""
+    """Run the missing cells, then rebuild ``results.csv`` / ``results.md``. Returns a summary dict.
+
+    Under ``torchrun`` (docs/scale.md) the ranks walk the same cells in the same order: rank 0 decides
+    which cells are done, generates synthetic data and writes every file of ``out`` (cell JSONs,
+    tables, ``bench.json``); training cells run data-parallel on every rank, the others on rank 0
+    while the rest wait. A training cell that fails under torchrun stops the bench on every rank
+    (rank 0 has recorded it when it failed there): a rank left inside a collective cannot go on.
+    A rerun continues from the finished cells."""
+    from ..runtime import distributed as dist
+
     out = Path(out)
     for m in methods:
         get_method(m)
@@ -153,59 +167,86 @@ def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str
     if unknown:
         raise InputError(f"unknown option(s) {unknown}; known: {', '.join(DEFAULT_OPTIONS)}")
     cells = [(e, m, s) for e in entries for m in methods for s in seeds]
+    main, several = dist.is_main(), dist.world_size() > 1
     out.mkdir(parents=True, exist_ok=True)
-    ui = _Progress(len(cells), progress, verbose)
+    ui = _Progress(len(cells), progress and main, verbose and main)
     run_opts = {**opts, "cache_dir": str(out / "cache"), "progress": False, "log": ui.log}
     done = skipped = failed = 0
     loaded: dict[str, object] = {}
     state = {"suite": suite.name, "source": suite.source, "command": command, "machine": machine(),
              "methods": methods, "seeds": seeds, "tasks": [e.name for e in entries],
-             "options": {k: v for k, v in opts.items()}}
-    write_json(_json_safe(state), out / "bench.json")
+             "options": {k: v for k, v in opts.items()}, "world_size": dist.world_size()}
+    if main:
+        write_json(_json_safe(state), out / "bench.json")
     try:
         for i, (entry, method, seed) in enumerate(cells):
             path = cell_path(out, entry.name, method, seed)
             fp = fingerprint(method, opts, entry)
-            old = _read_cell(path) if path.is_file() else None
-            if old and old.get("fingerprint") == fp and (old.get("status") == "ok" or not retry_failed):
+            m = get_method(method)
+            decision = None
+            if main:
+                old = _read_cell(path) if path.is_file() else None
+                if old and old.get("fingerprint") == fp and (old.get("status") == "ok" or not retry_failed):
+                    decision = "skip"
+                elif old and old.get("fingerprint") != fp:
+                    decision = "changed"
+            decision = dist.broadcast_object(decision)  # every rank takes rank 0's view of the cells
+            if decision == "skip":
                 skipped += 1
                 ui.advance()
                 continue
-            if old and old.get("fingerprint") != fp:
+            if decision == "changed":
                 ui.log(f"{path.name}: options changed since it ran, recomputing")
             label = f"{entry.name} / {method} / seed {seed} (cell {i + 1}/{len(cells)})"
             ui.running(label)
             ui.log(f"-> {label}")
             t0 = time.time()
             cell = {"task": entry.name, "method": method, "seed": seed, "fingerprint": fp,
-                    "options": get_method(method).relevant_options(opts), "description": get_method(method).description,
+                    "options": m.relevant_options(opts), "description": m.description,
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": state["machine"],
-                    "command": command}
+                    "command": command, **({"world_size": dist.world_size()} if m.kind in DDP_KINDS else {})}
+            runs_here = main or m.kind in DDP_KINDS
             try:
-                if entry.name not in loaded:
+                if entry.name not in loaded and runs_here:
                     loaded.clear()  # keep one task in memory
-                    loaded[entry.name] = materialise(entry, out / "data", log=ui.log)
-                task = loaded[entry.name]
-                work = prepare_workdir(out / "runs" / entry.name / method / f"s{seed}", fp)
-                m = get_method(method)
-                res = m.run(task, work, seed, run_opts)
-                cell.update(status="ok", result=res, task_type=task.task_type)
-                done += 1
-                ui.log(f"   {entry.name} / {method} / seed {seed}: AUC {_f(res.get('auc'))}  ACC {_f(res.get('acc'))}  "
-                       f"({time.time() - t0:.0f} s)")
+                    if main:  # rank 0 generates a synthetic task; the others then read what it wrote
+                        loaded[entry.name] = materialise(entry, out / "data", log=ui.log)
+                work = out / "runs" / entry.name / method / f"s{seed}"
+                if main:
+                    prepare_workdir(work, fp)
+                if several:
+                    dist.barrier()
+                if runs_here:
+                    if entry.name not in loaded:
+                        loaded[entry.name] = materialise(entry, out / "data", log=ui.log)
+                    task = loaded[entry.name]
+                    res = m.run(task, work, seed, run_opts)
+                    cell.update(status="ok", result=res, task_type=task.task_type)
+                    done += 1
+                    ui.log(f"   {entry.name} / {method} / seed {seed}: AUC {_f(res.get('auc'))}  ACC {_f(res.get('acc'))}  "
+                           f"({time.time() - t0:.0f} s)")
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # a failing cell is recorded and the bench goes on
                 cell.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
                 failed += 1
                 ui.log(f"   FAILED {entry.name} / {method} / seed {seed}: {type(exc).__name__}: {exc}")
-            cell["wall_s"] = round(time.time() - t0, 2)
-            write_json(_json_safe(cell), path)
-            write_tables(out, suite, state)
+                if several and m.kind in DDP_KINDS:
+                    if main:
+                        cell["wall_s"] = round(time.time() - t0, 2)
+                        write_json(_json_safe(cell), path)
+                    raise
+            if main:
+                cell["wall_s"] = round(time.time() - t0, 2)
+                write_json(_json_safe(cell), path)
+                write_tables(out, suite, state)
+            if several:
+                dist.barrier()  # the rank-0-only cells: the others wait here
             ui.advance()
     finally:
         ui.stop()
-        write_tables(out, suite, state)
+        if main:
+            write_tables(out, suite, state)
     return {"ran": done, "skipped": skipped, "failed": failed, "cells": len(cells),
             "csv": str(out / "results.csv"), "md": str(out / "results.md")}
 

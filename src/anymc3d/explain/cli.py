@@ -1,4 +1,4 @@
-"""``anymc3d explain PLUGIN IMAGE... --out DIR [--masks MASK...]`` and ``predict --heatmaps``.
+"""``anymc3d explain PLUGIN IMAGE... --out DIR [--masks MASK...]`` (``predict --heatmaps``: ``anymc3d.batch_predict``).
 
 IMAGE is a file, a folder (of image files, or one DICOM series) or a manifest CSV (its mask
 column supplies masks). Per case: ``<id>_heatmap.nii.gz`` (binary) or ``<id>_<label>_heatmap.nii.gz``
@@ -9,11 +9,8 @@ and the same scores for a random map.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
-
-import numpy as np
 
 from ..cli_args import add_device_args, add_weights_arg
 from ..errors import InputError
@@ -77,28 +74,12 @@ def _attach_masks(items, masks: list[str] | None, ids: list[str]):
     return [(cid, item, Path(m), lab) for (cid, item, _, lab), m in zip(items, masks)]
 
 
-def _score_labels(explainer, hm, known_label) -> list[str]:
-    """Which label's map is scored against the mask: binary -> positive; else true (or predicted) labels."""
-    spec = explainer.spec
-    names = spec.label_names
-    if spec.task_type == "binary":
-        wanted = [names[1]]
-    elif known_label is not None:
-        lab = np.asarray(known_label).ravel()
-        wanted = [names[int(lab[0])]] if spec.task_type == "multiclass" else [n for n, v in zip(names, lab) if v]
-    elif spec.task_type == "multiclass":
-        wanted = [max(hm.probabilities, key=hm.probabilities.get)]
-    else:
-        wanted = [n for n in names if hm.probabilities[n] > spec.threshold]
-    return [w for w in wanted if w in hm.labels]
-
-
 # ---------------------------------------------------------------------------------------------- run
 def run_explain(explainer, items, out: Path, labels: list[str] | None = None, figure: bool = True, top_k: int = 6,
                 tolerance_mm: float = 0.0, seed: int = 0, log=print) -> dict:
     """Explain every item, write maps/figures, and (given masks) localisation tables. Returns the summary."""
     from ..predict import case_id_from
-    from .localization import SCORES, load_mask, localization_scores, random_map, summarise
+    from .localization import load_mask, localization_table, score_case
 
     out.mkdir(parents=True, exist_ok=True)
     cases, rows, skipped = [], [], []
@@ -113,20 +94,15 @@ def run_explain(explainer, items, out: Path, labels: list[str] | None = None, fi
         msg = ""
         if mask is not None:
             entry["mask"] = str(mask_path)
-            if not mask.any():
+            scores = score_case(explainer, hm, mask, case_id, known, tolerance_mm, seed)
+            if scores is None:
                 skipped.append(case_id)
                 msg = "  (empty mask: not scored)"
             else:
-                spacing = tuple(float(v) for v in np.sqrt((hm.affine[:3, :3] ** 2).sum(axis=0)))
-                rnd = localization_scores(random_map(mask.shape, case_id, seed), mask, tolerance_mm, spacing)
-                for lab in _score_labels(explainer, hm, known):
-                    sc = localization_scores(hm.maps[lab], mask, tolerance_mm, spacing)
-                    row = {"id": case_id, "label": lab, **sc, **{f"random_{k}": v for k, v in rnd.items()},
-                           "mask_fraction": float(mask.mean()), "probability": hm.probabilities.get(lab)}
-                    rows.append(row)
-                    msg += (f"  [{lab}: pointing {sc['pointing_game']:.0f}, energy {sc['energy_in_mask']:.3f}, "
-                            f"AUROC {sc['auroc']:.3f}]")
-                entry["scores"] = [r for r in rows if r["id"] == case_id]
+                rows.extend(scores)
+                msg = "".join(f"  [{r['label']}: pointing {r['pointing_game']:.0f}, energy {r['energy_in_mask']:.3f}, "
+                              f"AUROC {r['auroc']:.3f}]" for r in scores)
+                entry["scores"] = scores
         cases.append(entry)
         log(f"{case_id}: {', '.join(p.name for p in files if p.suffix != '.png')}{msg}  {hm.seconds:.2f} s")
 
@@ -134,22 +110,7 @@ def run_explain(explainer, items, out: Path, labels: list[str] | None = None, fi
                "method": explainer.method, "cases": cases}
     _write_json(summary, out / "explain.json")
     if rows or skipped:
-        loc = {"method": explainer.method, "cam_layers": explainer.resolved_cam_layers,
-               "smooth_mm": explainer.smooth_mm,
-               "backbone": explainer.spec.backbone, "task": explainer.spec.task, "n_scored": len(rows),
-               "n_cases": len({r["id"] for r in rows}), "skipped_empty_mask": skipped, "tolerance_mm": tolerance_mm,
-               "random_seed": seed, "mean": summarise(rows), "random": summarise(rows, "random_"),
-               "mean_mask_fraction": float(np.mean([r["mask_fraction"] for r in rows])) if rows else None,
-               "cases": rows}
-        _write_json(loc, out / "localization.json")
-        from ..io import atomic_write
-
-        with atomic_write(out / "localization.csv") as tmp:
-            with open(tmp, "w", newline="") as fh:
-                cols = ["id", "label", *SCORES, *[f"random_{s}" for s in SCORES], "mask_fraction", "probability"]
-                w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-                w.writeheader()
-                w.writerows(rows)
+        loc = localization_table(explainer, rows, skipped, out, tolerance_mm, seed)
         summary["localization"] = {k: loc[k] for k in ("n_scored", "mean", "random")}
         if rows:
             m, r = loc["mean"], loc["random"]
@@ -182,17 +143,3 @@ def cmd_explain(a: argparse.Namespace) -> int:
                 tolerance_mm=a.tolerance_mm, seed=a.seed)
     print(f"wrote heatmaps for {len(items)} volume(s) to {a.out} in {time.perf_counter() - t0:.1f} s")
     return 0
-
-
-def write_heatmaps(predictor, items, out: Path, method: str = "auto", log=print) -> dict:
-    """``predict --heatmaps``: heatmaps (NIfTI + PNG) next to the prediction JSONs; items as in cmd_predict."""
-    from ..predict import case_id_from
-    from .heatmap import Explainer
-
-    explainer = Explainer(predictor, method=method)
-    explainer.source = getattr(predictor, "source", "")
-    expanded = []
-    for cid, item in items:
-        mask = getattr(item, "mask", None)
-        expanded.append((cid or case_id_from(item), item, mask, None))
-    return run_explain(explainer, expanded, out, log=log)

@@ -14,7 +14,9 @@ expected pointing game and energy are the mask's volume fraction, its expected A
 """
 from __future__ import annotations
 
+import csv
 import zlib
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -111,3 +113,59 @@ def load_mask(path_or_volume, record: SpatialRecord) -> np.ndarray:
 def canonical_mask(mask: np.ndarray, record: SpatialRecord) -> np.ndarray:
     """An input-grid mask on the canonical grid (nearest neighbour), for figures."""
     return apply_spatial(mask.astype(np.uint8), record, order=0) > 0
+
+
+# ------------------------------------------------------------------------- one case, one table
+def score_labels(explainer, hm, known_label) -> list[str]:
+    """Which label's map is scored against the mask: binary -> positive; else true (or predicted) labels."""
+    spec = explainer.spec
+    names = spec.label_names
+    if spec.task_type == "binary":
+        wanted = [names[1]]
+    elif known_label is not None:
+        lab = np.asarray(known_label).ravel()
+        wanted = [names[int(lab[0])]] if spec.task_type == "multiclass" else [n for n, v in zip(names, lab) if v]
+    elif spec.task_type == "multiclass":
+        wanted = [max(hm.probabilities, key=hm.probabilities.get)]
+    else:
+        wanted = [n for n in names if hm.probabilities[n] > spec.threshold]
+    return [w for w in wanted if w in hm.labels]
+
+
+def score_case(explainer, hm, mask: np.ndarray, case_id: str, known_label=None, tolerance_mm: float = 0.0,
+               seed: int = 0) -> list[dict] | None:
+    """One explained case against its mask: a row per scored label (its scores, the random map's, the
+    mask fraction, the probability); ``None`` for an empty mask (nothing to point at)."""
+    if not mask.any():
+        return None
+    spacing = tuple(float(v) for v in np.sqrt((np.asarray(hm.affine)[:3, :3] ** 2).sum(axis=0)))
+    rnd = localization_scores(random_map(mask.shape, case_id, seed), mask, tolerance_mm, spacing)
+    rows = []
+    for lab in score_labels(explainer, hm, known_label):
+        sc = localization_scores(hm.maps[lab], mask, tolerance_mm, spacing)
+        rows.append({"id": case_id, "label": lab, **sc, **{f"random_{k}": v for k, v in rnd.items()},
+                     "mask_fraction": float(mask.mean()), "probability": hm.probabilities.get(lab)})
+    return rows
+
+
+def localization_table(explainer, rows: list[dict], skipped: list[str], out: Path, tolerance_mm: float = 0.0,
+                       seed: int = 0) -> dict:
+    """Write ``out/localization.json`` (means, the random baseline, every row) and ``localization.csv``
+    from the rows of :func:`score_case`; returns the JSON's content. ``explain`` and ``predict
+    --heatmaps`` (whose rows come from every rank's per-volume JSON) both write it."""
+    from ..io import atomic_write, write_json
+
+    loc = {"method": explainer.method, "cam_layers": explainer.resolved_cam_layers, "smooth_mm": explainer.smooth_mm,
+           "backbone": explainer.spec.backbone, "task": explainer.spec.task, "n_scored": len(rows),
+           "n_cases": len({r["id"] for r in rows}), "skipped_empty_mask": skipped, "tolerance_mm": tolerance_mm,
+           "random_seed": seed, "mean": summarise(rows), "random": summarise(rows, "random_"),
+           "mean_mask_fraction": float(np.mean([r["mask_fraction"] for r in rows])) if rows else None,
+           "cases": rows}
+    write_json(loc, Path(out) / "localization.json", default=float)
+    with atomic_write(Path(out) / "localization.csv") as tmp:
+        with open(tmp, "w", newline="") as fh:
+            cols = ["id", "label", *SCORES, *[f"random_{s}" for s in SCORES], "mask_fraction", "probability"]
+            w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    return loc

@@ -100,11 +100,14 @@ def train_step(runtime, decoder: nn.Module | None = None) -> nn.Module:
                find_unused_parameters=True)
 
 
-def mean_over_ranks(value: float) -> float:
-    """The mean of a per-rank number over the ranks (the epoch's training loss); the number itself with one process."""
+def mean_over_ranks(value: float | None) -> float | None:
+    """The mean of a per-rank number over the ranks (the epoch's training loss, its mask loss); the
+    number itself with one process. A rank with nothing to report passes ``None`` (it still joins the
+    collective) and is left out of the mean; ``None`` when no rank has a value."""
     if not is_initialized() or world_size() == 1:
         return value
-    return float(np.mean(all_gather_object(float(value))))
+    values = [float(v) for v in all_gather_object(None if value is None else float(value)) if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def gathered_predict(runtime, cases: list, batch_size: int) -> np.ndarray:

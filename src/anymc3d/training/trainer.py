@@ -209,8 +209,10 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             bar.update(1)
             bar.set_postfix_str(f"loss={np.mean(losses):.4f}", refresh=False)
         row = {"epoch": epoch + 1, "train_loss": ddp.mean_over_ranks(float(np.mean(losses)) if losses else float("nan"))}
-        if seg_losses:
-            row["train_seg_loss"] = float(np.mean(seg_losses))
+        # every rank joins the gather, also one whose batches carried no mask this epoch
+        seg_loss = ddp.mean_over_ranks(float(np.mean(seg_losses)) if seg_losses else None)
+        if seg_loss is not None:
+            row["train_seg_loss"] = seg_loss
         if val:
             probs = ddp.gathered_predict(rt, val, cfg.batch_size)  # every rank gets every case's row
             yv = np.stack([c.label.numpy() for c in val])
