@@ -137,6 +137,10 @@ class _Progress:
             self._p.stop()
 
 
+class _RankZeroFailed(Exception):
+    """Under torchrun: rank 0 could not set a cell up (it records why); the other ranks skip the cell."""
+
+
 #: method kinds that train through ``training.trainer.fit``: under torchrun every rank runs such a cell
 #: (DistributedDataParallel); the other kinds (frozen features + a small head) run on rank 0 alone
 DDP_KINDS = ("plugin", "plan", "cnn3d")
@@ -206,18 +210,23 @@ def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": state["machine"],
                     "command": command, **({"world_size": dist.world_size()} if m.kind in DDP_KINDS else {})}
             runs_here = main or m.kind in DDP_KINDS
+            work = out / "runs" / entry.name / method / f"s{seed}"
+            told = not several  # under torchrun: have the other ranks heard whether rank 0's set-up worked?
+            past_setup = False
             try:
-                if entry.name not in loaded and runs_here:
-                    loaded.clear()  # keep one task in memory
-                    if main:  # rank 0 generates a synthetic task; the others then read what it wrote
+                if main:  # rank 0 generates a synthetic task and prepares the folder; the others read them
+                    if entry.name not in loaded:
+                        loaded.clear()  # keep one task in memory
                         loaded[entry.name] = materialise(entry, out / "data", log=ui.log)
-                work = out / "runs" / entry.name / method / f"s{seed}"
-                if main:
                     prepare_workdir(work, fp)
-                if several:
-                    dist.barrier()
+                if not told:
+                    told = True
+                    if not dist.broadcast_object(True):  # False: rank 0 failed and records the cell
+                        raise _RankZeroFailed
+                past_setup = True
                 if runs_here:
                     if entry.name not in loaded:
+                        loaded.clear()
                         loaded[entry.name] = materialise(entry, out / "data", log=ui.log)
                     task = loaded[entry.name]
                     res = m.run(task, work, seed, run_opts)
@@ -227,11 +236,16 @@ def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str
                            f"({time.time() - t0:.0f} s)")
             except KeyboardInterrupt:
                 raise
+            except _RankZeroFailed:
+                failed += 1
             except Exception as exc:  # a failing cell is recorded and the bench goes on
+                if not told:  # rank 0's set-up failed before the others heard from it
+                    told = True
+                    dist.broadcast_object(False)
                 cell.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
                 failed += 1
                 ui.log(f"   FAILED {entry.name} / {method} / seed {seed}: {type(exc).__name__}: {exc}")
-                if several and m.kind in DDP_KINDS:
+                if several and m.kind in DDP_KINDS and past_setup:  # the others may wait in a collective
                     if main:
                         cell["wall_s"] = round(time.time() - t0, 2)
                         write_json(_json_safe(cell), path)
