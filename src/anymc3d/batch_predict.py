@@ -202,7 +202,7 @@ def _remove_temporaries(out: Path) -> int:
 def _write_table(job, rows: list[dict], out: Path) -> None:
     header, body = job.table(rows)
     with atomic_write(out / "predictions.csv") as tmp:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(header)
             w.writerows(body)

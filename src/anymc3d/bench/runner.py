@@ -325,14 +325,14 @@ def write_tables(out: Path, suite: Suite, state: dict | None = None) -> None:
     out = Path(out)
     rows, quoted = collect(out, suite)
     with atomic_write(out / "results.csv") as tmp:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             w.writeheader()
             for r in rows + quoted:
                 w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r[k]))
                             for k in CSV_COLUMNS})
     with atomic_write(out / "results.md") as tmp:
-        Path(tmp).write_text(render_markdown(rows, quoted, suite, state or {}, out))
+        Path(tmp).write_text(render_markdown(rows, quoted, suite, state or {}, out), encoding="utf-8")
 
 
 def _commands(out: Path) -> list[str]:

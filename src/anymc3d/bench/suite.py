@@ -232,7 +232,7 @@ def load_suite(spec: str) -> Suite:
     import yaml
 
     try:
-        d = json.loads(p.read_text()) if p.suffix.lower() == ".json" else yaml.safe_load(p.read_text())
+        d = json.loads(p.read_text(encoding="utf-8")) if p.suffix.lower() == ".json" else yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     return suite_from_dict(d, p.parent.resolve(), str(p), p.stem)

@@ -45,7 +45,7 @@ def evaluate_plugin(predictor, data: str | Path, split: str = "test", out: str |
                          extra={"plugin": predictor.source, "data": str(data), "split": split,
                                 "backbone": spec.backbone, "seconds_per_volume": dt / len(cases)})
     with atomic_write(out / "predictions.csv") as tmp:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["id", "label", *[f"p_{n}" for n in (spec.label_names[1:] if spec.task_type == "binary" else spec.label_names)]])
             for c, yy, p in zip(cases, y, probs):

@@ -163,7 +163,7 @@ def localization_table(explainer, rows: list[dict], skipped: list[str], out: Pat
            "cases": rows}
     write_json(loc, Path(out) / "localization.json", default=float)
     with atomic_write(Path(out) / "localization.csv") as tmp:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             cols = ["id", "label", *SCORES, *[f"random_{s}" for s in SCORES], "mask_fraction", "probability"]
             w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
             w.writeheader()

@@ -441,7 +441,7 @@ def _atomic_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 def _atomic_text(text: str, path: Path) -> None:
     with atomic_write(path) as tmp:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             f.write(text)
 
 

@@ -238,7 +238,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if ddp.is_main():  # torchrun: rank 0 alone writes the log and the checkpoint
             with atomic_write(log_path) as tmp:
-                with open(tmp, "w", newline="") as fh:
+                with open(tmp, "w", newline="", encoding="utf-8") as fh:
                     w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
                     w.writeheader()
                     w.writerows(history)
