@@ -24,6 +24,28 @@ BLOB_A = (4, 4, 3)
 BLOB_B = (8, 8, 7)
 
 
+def random_plugin(bb, out: Path, task: str, seed: int, r=4, last_k=None, views=("axial",), inputs=("image",),
+                  task_type="binary", labels=("neg", "pos"), size=64, intensity="minmax", prefix="rp",
+                  **spec_fields) -> Path:
+    """An untrained plugin with random (non-zero) LoRA, queries and head, saved like a trained one as
+    ``out/task`` (``spec_fields``: more PluginSpec fields, e.g. ``metrics``, ``training``)."""
+    from anymc3d.plugins import LoraSpec, PluginSpec, save_plugin
+    from anymc3d.plugins.model import AnyMC3D
+    from anymc3d.preprocess import PreprocessSpec
+
+    pre = PreprocessSpec(size=size, views=list(views), intensity=intensity).to_dict()
+    spec = PluginSpec(task=task, task_type=task_type, label_names=list(labels), inputs=list(inputs),
+                      preprocess={k: pre for k in inputs}, backbone=bb.name, backbone_fingerprint=bb.fingerprint,
+                      input_size=bb.input_size, lora=LoraSpec(r=r, last_k=last_k), **spec_fields)
+    torch.manual_seed(seed)
+    model = AnyMC3D(bb, spec, adapter_prefix=f"{prefix}{seed}_")
+    with torch.no_grad():
+        for p in {**model.lora_parameters(), **model.head_parameters()}.values():
+            p.copy_(torch.randn_like(p) * 0.2)
+    save_plugin(model, out / task)
+    return out / task
+
+
 def make_volume(rng: np.random.Generator, blobs=(), shape=SHAPE) -> np.ndarray:
     """Dim noisy background + one bright 3x3x3 cube per blob centre."""
     a = (rng.random(shape) * 0.2).astype(np.float32)

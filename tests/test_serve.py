@@ -15,20 +15,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 pytest.importorskip("python_multipart", reason="the serve extra is not installed (python-multipart)")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from anymc3d.backbones import create_backbone  # noqa: E402
 from anymc3d.cli import main  # noqa: E402
-from anymc3d.plugins import LoraSpec, PluginSpec, save_plugin  # noqa: E402
-from anymc3d.plugins.model import AnyMC3D  # noqa: E402
-from anymc3d.preprocess import PreprocessSpec  # noqa: E402
 from anymc3d.serve import ServeConfig, create_app  # noqa: E402
 from anymc3d.serve.service import load_engines  # noqa: E402
 from anymc3d.store import PluginStore  # noqa: E402
+
+from conftest import random_plugin  # noqa: E402
 
 SIZE = 32
 AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
@@ -36,22 +33,6 @@ TOKEN = "s3cret-token-0123456789"
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def serve_plugin(bb, out: Path, task: str, seed: int, r=4, last_k=None, views=("axial",), inputs=("image",),
-                 task_type="binary", labels=("neg", "pos"), size=SIZE) -> Path:
-    """An untrained plugin with random (non-zero) LoRA, queries and head, saved like a trained one."""
-    pre = PreprocessSpec(size=size, views=list(views), intensity="minmax").to_dict()
-    spec = PluginSpec(task=task, task_type=task_type, label_names=list(labels), inputs=list(inputs),
-                      preprocess={k: pre for k in inputs}, backbone=bb.name, backbone_fingerprint=bb.fingerprint,
-                      input_size=bb.input_size, lora=LoraSpec(r=r, last_k=last_k))
-    torch.manual_seed(seed)
-    model = AnyMC3D(bb, spec, adapter_prefix=f"sv{seed}_")
-    with torch.no_grad():
-        for p in {**model.lora_parameters(), **model.head_parameters()}.values():
-            p.copy_(torch.randn_like(p) * 0.2)
-    save_plugin(model, out / task)
-    return out / task
-
-
 def build_store(root: Path, n_extra: int = 0, size: int = SIZE, weights: str = "random") -> Path:
     """lesion (full LoRA), trunk (shared trunk, 2 views), frozen (pooling only), grade (multi-class),
     pair (two inputs: one upload leaves t2 missing) + ``n_extra`` more binary tasks."""
@@ -62,7 +43,7 @@ def build_store(root: Path, n_extra: int = 0, size: int = SIZE, weights: str = "
              ("pair", {"inputs": ("image", "t2"), "last_k": 1})]
     kinds += [(f"extra{i}", {"last_k": 1}) for i in range(n_extra)]
     for seed, (name, kw) in enumerate(kinds, start=1):
-        store.add(serve_plugin(bb, src, name, seed, size=size, **kw))
+        store.add(random_plugin(bb, src, name, seed, size=size, prefix="sv", **kw))
     return root / "store"
 
 

@@ -13,12 +13,14 @@ from anymc3d.backbones import create_backbone
 from anymc3d.cli import main
 from anymc3d.errors import InputError
 from anymc3d.plugins.model import AnyMC3D
-from anymc3d.plugins import LoraSpec, PluginSpec, load_plugin, save_plugin
+from anymc3d.plugins import LoraSpec, PluginSpec, load_plugin
 from anymc3d.predict import Predictor
 from anymc3d.preprocess import PreprocessSpec
 from anymc3d.store import MultiPredictor, PluginStore
 from anymc3d.runtime.cache import ActivationCache, TrunkDiskCache
 from anymc3d.volume import Volume
+
+from conftest import random_plugin
 
 SIZE = 32
 AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
@@ -30,20 +32,10 @@ def lite0(weights="random"):
 
 def make_plugin(bb, out: Path, task: str, seed: int, r=4, last_k=None, views=("axial",), size=SIZE,
                 intensity="minmax") -> Path:
-    """An untrained plugin with random (non-zero) LoRA, queries and head, saved like a trained one."""
-    pre = PreprocessSpec(size=size, views=list(views), intensity=intensity).to_dict()
-    spec = PluginSpec(task=task, task_type="binary", label_names=["neg", "pos"], inputs=["image"],
-                      preprocess={"image": pre}, backbone=bb.name, backbone_fingerprint=bb.fingerprint,
-                      input_size=bb.input_size, lora=LoraSpec(r=r, last_k=last_k),
-                      metrics={"test": {"auc": 0.5 + seed / 100, "acc": 0.5, "n": 10}},
-                      training={"epochs_run": 1, "train_wall_s": 1.0, "n_train": 8})
-    torch.manual_seed(seed)
-    model = AnyMC3D(bb, spec, adapter_prefix=f"mk{seed}_")
-    with torch.no_grad():
-        for p in {**model.lora_parameters(), **model.head_parameters()}.values():
-            p.copy_(torch.randn_like(p) * 0.2)
-    save_plugin(model, out / task)
-    return out / task
+    """A random binary plugin (conftest.random_plugin) with test metrics and a training record, as a store lists them."""
+    return random_plugin(bb, out, task, seed, r=r, last_k=last_k, views=views, size=size, intensity=intensity,
+                         prefix="mk", metrics={"test": {"auc": 0.5 + seed / 100, "acc": 0.5, "n": 10}},
+                         training={"epochs_run": 1, "train_wall_s": 1.0, "n_train": 8})
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ import csv
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .errors import InputError
 from .io import atomic_write, write_json
@@ -168,8 +168,17 @@ def _read_json(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def check_inputs(job, entries: list[tuple[int, str, object]]) -> tuple[int, str] | None:
-    """Read every volume of ``entries`` (index, case id, item) once with the project's reader; the first
+class _Entry(NamedTuple):
+    """One input of the job: its position in the input list, case id, item, and a manifest's mask and label."""
+    index: int
+    id: str
+    item: object
+    mask: object = None
+    label: object = None
+
+
+def check_inputs(job, entries: list[_Entry]) -> tuple[int, str] | None:
+    """Read every volume of ``entries`` once with the project's reader; the first
     problem as (index, message), or None. Nothing is kept in memory; reader warnings are not printed
     here (the prediction of that volume prints them)."""
     import contextlib
@@ -178,15 +187,15 @@ def check_inputs(job, entries: list[tuple[int, str, object]]) -> tuple[int, str]
     from .io import read_volume
     from .volume import Volume
 
-    for i, _cid, item in entries:
+    for e in entries:
         try:
             # silent: a questionable volume's warning line comes once, from its prediction
             with contextlib.redirect_stderr(io.StringIO()):
-                for img in job.images(item):
+                for img in job.images(e.item):
                     if not isinstance(img, Volume):
                         read_volume(img)
         except InputError as exc:
-            return i, str(exc)
+            return e.index, str(exc)
     return None
 
 
@@ -221,25 +230,25 @@ def predict_to_folder(job, items: list, out: str | Path, overwrite: bool = False
     entries = []
     for i, it in enumerate(items):
         cid, item = it.id if hasattr(it, "id") else it[0], it.item if hasattr(it, "item") else it[1]
-        entries.append((i, cid or case_id_from(item), item, getattr(it, "mask", None), getattr(it, "label", None)))
+        entries.append(_Entry(i, cid or case_id_from(item), item, getattr(it, "mask", None), getattr(it, "label", None)))
     seen: dict[str, object] = {}
-    for _i, cid, item, *_ in entries:
-        if cid in seen:
-            raise InputError(f"{item}: has the case id {cid!r} of another input ({seen[cid]}); both would write "
-                             f"{out / (cid + '.json')} (give a manifest with an id column)")
-        seen[cid] = item
+    for e in entries:
+        if e.id in seen:
+            raise InputError(f"{e.item}: has the case id {e.id!r} of another input ({seen[e.id]}); both would write "
+                             f"{out / (e.id + '.json')} (give a manifest with an id column)")
+        seen[e.id] = e.item
 
     # 1. what is left to do: decided once (rank 0), the same list on every rank
     pending = None
     if dist.is_main():
-        pending = [e[0] for e in entries if overwrite or not (
-            (res := _read_json(out / f"{e[1]}.json")) is not None and job.complete(res, e[1], out, e[3] is not None))]
+        pending = [e.index for e in entries if overwrite or not (
+            (res := _read_json(out / f"{e.id}.json")) is not None and job.complete(res, e.id, out, e.mask is not None))]
     pending = dist.broadcast_object(pending)
     mine = [entries[i] for i in dist.shard(pending)]
 
     # 2. bad input: every rank reads its share; any problem stops every rank before anything is written
     if input_check:
-        bad = dist.all_gather_object(check_inputs(job, [(i, c, it) for i, c, it, *_ in mine]))
+        bad = dist.all_gather_object(check_inputs(job, mine))
         bad = min((b for b in bad if b is not None), default=None)
         if bad is not None:
             if dist.is_main():
@@ -253,9 +262,9 @@ def predict_to_folder(job, items: list, out: str | Path, overwrite: bool = False
 
     # 3. this rank's volumes, each written as soon as it is done (JSON last: the completion mark)
     t0 = time.perf_counter()
-    for _i, cid, item, mask, label in mine:
-        res = job.predict(item, cid, mask=mask, out=out, label=label)
-        write_json(res, out / f"{cid}.json")
+    for e in mine:
+        res = job.predict(e.item, e.id, mask=e.mask, out=out, label=e.label)
+        write_json(res, out / f"{e.id}.json")
         log(job.line(res))
         if warn is not None:
             warn(res)
@@ -267,10 +276,10 @@ def predict_to_folder(job, items: list, out: str | Path, overwrite: bool = False
                "rank": dist.rank(), "world": dist.world_size(), "seconds": round(seconds, 3)}
     if dist.is_main():
         rows = []
-        for _i, cid, _item, mask, _label in sorted(entries, key=lambda e: e[1]):
-            res = _read_json(out / f"{cid}.json")
-            if res is None or not job.complete(res, cid, out, mask is not None):
-                raise RuntimeError(f"{out / (cid + '.json')}: missing or incomplete after every rank finished")
+        for e in sorted(entries, key=lambda e: e.id):
+            res = _read_json(out / f"{e.id}.json")
+            if res is None or not job.complete(res, e.id, out, e.mask is not None):
+                raise RuntimeError(f"{out / (e.id + '.json')}: missing or incomplete after every rank finished")
             rows.append(res)
         if len(rows) > 1:
             _write_table(job, rows, out)

@@ -213,30 +213,23 @@ def m_plan(task, out: Path, seed: int, o: dict) -> dict:
     import json
 
     from ..planning import Plan, plan_for
+    from ..planning.cli import plan_on_rank0, read_timings
     from ..plugins import LoraSpec
     from ..training.run import PreprocessOptions, train_plugin
     from ..training.trainer import TrainConfig
 
-    from ..runtime.distributed import broadcast_object, is_main
-
     out = Path(out)
     saved = out / "plan.json"
-    plan = None
-    if not is_main():
-        pass  # torchrun: rank 0 plans (it measures this machine) and sends the plan to the others
-    elif saved.is_file():  # a resumed cell keeps its plan
-        plan = Plan.from_dict(json.loads(saved.read_text()))
-    else:
-        from ..planning.cli import read_timings
 
+    def make() -> Plan:
+        if saved.is_file():  # a resumed cell keeps its plan
+            return Plan.from_dict(json.loads(saved.read_text()))
         plan, _, _ = plan_for(task, o["backbone"], o.get("budget") or "30m", device=str(o.get("device", "auto")),
                               weights=o["weights"], out=out, timings=read_timings(o.get("timings")), log=_log(o),
                               overrides={"max_slices": o["max_slices"]} if o.get("max_slices") else None)
-    plan = Plan.from_dict(broadcast_object(plan.to_dict() if plan is not None else None))
-    if plan.threads and plan.device == "cpu":
-        import torch
+        return plan
 
-        torch.set_num_threads(int(plan.threads))
+    plan = plan_on_rank0(make)  # torchrun: rank 0 plans (it times this machine) and sends the plan on
     pre = PreprocessOptions(views=list(plan.views), size=plan.size, max_slices=plan.max_slices)
     cfg = TrainConfig(epochs=plan.epochs, batch_size=plan.batch_size, seed=seed, patience=plan.patience,
                       augment=plan.augment, slice_subset=plan.slice_subset, threshold=plan.threshold,

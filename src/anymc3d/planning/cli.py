@@ -104,40 +104,51 @@ def _apply(plan_or_fixed: dict, overrides: dict) -> dict:
     return d
 
 
-def settings_for_training(a: argparse.Namespace, task, log: bool = True) -> dict:
-    """The settings ``anymc3d train`` runs with: the plan (made now, or OUT/plan.json on --resume)
-    with the user's flags applied; under ``--no-plan`` the fixed defaults with the flags applied.
-    Under torchrun rank 0 plans (and writes the plan files) and every rank trains with its plan."""
+def plan_on_rank0(make) -> Plan:
+    """The plan every rank trains with: ``make()`` (plan now, timing this machine, or read a saved
+    plan) runs on rank 0 only and, under torchrun, its plan is sent to the others; then the plan's
+    CPU thread count is applied. ``train`` and the bench's ``plan`` cell both get their plan here."""
     from ..runtime import distributed as dist
 
-    overrides = overrides_from(a)
-    if getattr(a, "no_plan", False):
-        st = _apply(FIXED_DEFAULTS, overrides)
-        st["workers"] = a.workers
-        return st
-    quiet = a.quiet or not log
-    plan = None
-    if dist.is_main():
-        saved = Path(a.out) / "plan.json"
-        if a.resume and saved.is_file():
-            plan = Plan.from_dict(json.loads(saved.read_text()))
-            if not quiet:
-                print(plan_table(plan) + "\n  (from " + str(saved) + ")")
-        else:
-            from . import plan_for
-
-            plan, _, _ = plan_for(task, a.backbone, a.budget, device=a.device, weights=a.weights,
-                                  overrides=overrides, out=a.out,
-                                  threshold=a.threshold if isinstance(a.threshold, str) else "fixed",
-                                  timings=read_timings(a.timings), log=(lambda *_: None) if quiet else print)
-            if not quiet:
-                print(plan_table(plan))
+    plan = make() if dist.is_main() else None
     if dist.is_initialized() and dist.world_size() > 1:
         plan = Plan.from_dict(dist.broadcast_object(plan.to_dict() if plan is not None else None))
     if plan.threads and plan.device == "cpu":
         import torch
 
         torch.set_num_threads(int(plan.threads))  # what the plan measured fastest on this machine now
+    return plan
+
+
+def settings_for_training(a: argparse.Namespace, task, log: bool = True) -> dict:
+    """The settings ``anymc3d train`` runs with: the plan (made now, or OUT/plan.json on --resume)
+    with the user's flags applied; under ``--no-plan`` the fixed defaults with the flags applied.
+    Under torchrun rank 0 plans (and writes the plan files) and every rank trains with its plan."""
+    overrides = overrides_from(a)
+    if getattr(a, "no_plan", False):
+        st = _apply(FIXED_DEFAULTS, overrides)
+        st["workers"] = a.workers
+        return st
+    quiet = a.quiet or not log
+
+    def make() -> Plan:
+        saved = Path(a.out) / "plan.json"
+        if a.resume and saved.is_file():
+            plan = Plan.from_dict(json.loads(saved.read_text()))
+            if not quiet:
+                print(plan_table(plan) + "\n  (from " + str(saved) + ")")
+            return plan
+        from . import plan_for
+
+        plan, _, _ = plan_for(task, a.backbone, a.budget, device=a.device, weights=a.weights,
+                              overrides=overrides, out=a.out,
+                              threshold=a.threshold if isinstance(a.threshold, str) else "fixed",
+                              timings=read_timings(a.timings), log=(lambda *_: None) if quiet else print)
+        if not quiet:
+            print(plan_table(plan))
+        return plan
+
+    plan = plan_on_rank0(make)
     st = _apply({k: getattr(plan, k) for k in FIELDS}, {})
     st["workers"] = a.workers or plan.workers
     st["plan"] = plan.to_dict()
