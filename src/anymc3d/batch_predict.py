@@ -218,6 +218,13 @@ def _write_table(job, rows: list[dict], out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the run
+def summary_line(summary: dict, out: Path) -> str:
+    """The one line ``predict --out`` ends with (rank 0): how many JSONs it wrote, skipped, on how many ranks."""
+    return (f"wrote {summary['n'] - summary['skipped']} JSON file(s) to {out}"
+            + (f" ({summary['skipped']} already done)" if summary["skipped"] else "")
+            + (f"; {summary['world']} ranks" if summary["world"] > 1 else ""))
+
+
 def predict_to_folder(job, items: list, out: str | Path, overwrite: bool = False, input_check: bool = True,
                       log: Callable = print, warn: Callable | None = None) -> dict:
     """Predict ``items`` ((case id or None, item) pairs from :func:`anymc3d.inputs.expand_inputs`) into ``out``.

@@ -201,7 +201,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         return cmd_predict_all(a, [a.plugin, *a.images])
     if not a.images:
         raise InputError("predict: give PLUGIN and at least one IMAGE (or --plugins DIR IMAGE...)")
-    from .batch_predict import PluginJob, predict_to_folder
+    from .batch_predict import PluginJob, predict_to_folder, summary_line
     from .inputs import expand_inputs
     from .predict import load
 
@@ -210,9 +210,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     job = PluginJob(predictor, heatmaps=getattr(a, "heatmaps", False))
     s = predict_to_folder(job, items, a.out, overwrite=a.overwrite, input_check=not a.no_input_check)
     if dist.is_main():
-        print(f"wrote {s['n'] - s['skipped']} JSON file(s) to {a.out}" +
-              (f" ({s['skipped']} already done)" if s["skipped"] else "") +
-              (f"; {s['world']} ranks" if s["world"] > 1 else ""))
+        print(summary_line(s, a.out))
     return 0
 
 

@@ -131,7 +131,7 @@ def _expand(images: list[str], inputs: list[str]):
 def cmd_predict_all(a: argparse.Namespace, images: list[str]) -> int:
     """``anymc3d predict --plugins DIR IMAGE... --out OUT``: one JSON per volume with every task, written
     as each volume is done, sharded over the ranks under torchrun, resumable (``anymc3d.batch_predict``)."""
-    from ..batch_predict import StoreJob, predict_to_folder
+    from ..batch_predict import StoreJob, predict_to_folder, summary_line
     from ..runtime import distributed as dist
     from .multi import MultiPredictor
 
@@ -153,7 +153,5 @@ def cmd_predict_all(a: argparse.Namespace, images: list[str]) -> int:
     s = predict_to_folder(StoreJob(mp), items, a.out, overwrite=getattr(a, "overwrite", False),
                           input_check=not getattr(a, "no_input_check", False), warn=failed)
     if dist.is_main():
-        print(f"wrote {s['n'] - s['skipped']} JSON file(s) to {a.out}" +
-              (f" ({s['skipped']} already done)" if s["skipped"] else "") +
-              (f"; {s['world']} ranks" if s["world"] > 1 else ""))
+        print(summary_line(s, a.out))
     return 0
