@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-amp", action="store_true", help="disable bf16 autocast")
     t.add_argument("--seg-weight", type=float, default=0.5,
                    help="λ of the auxiliary mask loss (Dice + BCE) when the manifest has a mask column; 0 disables")
+    t.add_argument("--embed-norm", choices=["auto", "none", "center_scale"], default="auto",
+                   help="slice-embedding normalisation before the task query, fitted on the training set "
+                        "(auto: the backbone's default; center_scale for litemedsam_tinyvit, none otherwise)")
     t.add_argument("--train-fraction", type=float, default=1.0)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (with OUT/plan.json)")
     t.add_argument("--overwrite", action="store_true", help="replace the plugin already in OUT (default: refuse)")
@@ -159,7 +162,7 @@ def _train(a: argparse.Namespace, dist) -> int:
                       lr_head=a.lr_head, class_weighting=a.class_weighting, patience=st["patience"],
                       augment=st["augment"], amp=not a.no_amp, progress=not a.quiet and main_rank,
                       seg_weight=a.seg_weight, device=dist.rank_device(a.device), workers=st["workers"],
-                      slice_subset=st["slice_subset"], threshold=a.threshold)
+                      slice_subset=st["slice_subset"], threshold=a.threshold, embed_norm=a.embed_norm)
     cfg.cache_dir = str(a.cache) if getattr(a, "cache", None) else st.get("cache_dir")
     m = train_plugin(task, a.backbone, a.out, weights=a.weights, preprocess=pre,
                      lora=LoraSpec(r=a.lora_rank, alpha=a.lora_alpha, last_k=st["lora_last_k"]), config=cfg,

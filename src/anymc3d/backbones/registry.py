@@ -20,20 +20,23 @@ class BackboneEntry:
     default_size: int = 224
     #: () -> (weights available on this machine, where they come from); None: not known
     weights_status: Callable[[], tuple[bool, str]] | None = None
+    #: the plugins' default slice-embedding normalisation (anymc3d.plugins.embed_norm)
+    embed_norm: str = "none"
 
 
 _ENTRIES: dict[str, BackboneEntry] = {}
 
 
 def register_backbone(name: str, builder: Callable[..., Backbone] | None = None, default_size: int = 224,
-                      weights_status: Callable[[], tuple[bool, str]] | None = None):
+                      weights_status: Callable[[], tuple[bool, str]] | None = None, embed_norm: str = "none"):
     """Register ``builder(weights=None, input_size=...) -> Backbone`` under ``name``.
 
     As a decorator: ``@register_backbone("name", default_size=256)`` above the builder function
     (returned unchanged). As a call: ``register_backbone("name", builder)``. A name registered twice
-    is replaced (the last import wins), as in timm."""
+    is replaced (the last import wins), as in timm. ``embed_norm="center_scale"`` for a backbone whose
+    class embedding has no head norm (plugins then centre and scale it; ``none`` otherwise)."""
     def add(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
-        _ENTRIES[name] = BackboneEntry(name, fn, int(default_size), weights_status)
+        _ENTRIES[name] = BackboneEntry(name, fn, int(default_size), weights_status, embed_norm)
         return fn
 
     if builder is None:
@@ -56,6 +59,10 @@ def default_input_size(name: str) -> int:
     return backbone_entry(name).default_size
 
 
+def default_embed_norm(name: str) -> str:
+    return backbone_entry(name).embed_norm
+
+
 def weights_status(name: str) -> tuple[bool | None, str]:
     """(available here: True / False / None = unknown, where the weights come from), never raises."""
     entry = backbone_entry(name)
@@ -70,4 +77,6 @@ def weights_status(name: str) -> tuple[bool | None, str]:
 def create_backbone(name: str, weights: str | None = None, input_size: int | None = None) -> Backbone:
     """Build a frozen backbone. ``weights``: a local file, ``"random"`` (tests/benchmarks), or None (default source)."""
     entry = backbone_entry(name)
-    return entry.builder(weights=weights, input_size=input_size or entry.default_size)
+    bb = entry.builder(weights=weights, input_size=input_size or entry.default_size)
+    bb.embed_norm = entry.embed_norm
+    return bb

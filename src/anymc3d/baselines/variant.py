@@ -17,6 +17,7 @@ from ..backbones import create_backbone
 from ..data import TaskData, load_data
 from ..io import write_json
 from ..plugins import LoraSpec, PluginSpec
+from ..plugins.embed_norm import resolve_embed_norm
 from ..preprocess import PreprocessOptions
 from ..runtime.batching import prepare_case
 from ..runtime.engine import Runtime
@@ -65,10 +66,11 @@ def train_model(data, build: Callable, out: str | Path, config: TrainConfig | No
 
 
 def _spec(task: TaskData, specs: dict, backbone_name: str, fingerprint: str, input_size: int,
-          lora: LoraSpec, head_dropout: float = 0.2) -> PluginSpec:
+          lora: LoraSpec, head_dropout: float = 0.2, embed_norm: str = "none") -> PluginSpec:
     return PluginSpec(task=task.name, task_type=task.task_type, label_names=task.label_names, inputs=task.inputs,
                       preprocess={k: v.to_dict() for k, v in specs.items()}, backbone=backbone_name,
-                      backbone_fingerprint=fingerprint, input_size=input_size, lora=lora, head_dropout=head_dropout)
+                      backbone_fingerprint=fingerprint, input_size=input_size, lora=lora, head_dropout=head_dropout,
+                      embed_norm=embed_norm)
 
 
 def train_aggregator_plugin(data, backbone: str, out, pooling: str = "attention", weights: str | None = None,
@@ -85,7 +87,8 @@ def train_aggregator_plugin(data, backbone: str, out, pooling: str = "attention"
         return {inp: pre.spec_for(task, bb.input_size) for inp in task.inputs}
 
     def build(task, specs):
-        spec = _spec(task, specs, bb.name, bb.fingerprint, bb.input_size, lora)
+        spec = _spec(task, specs, bb.name, bb.fingerprint, bb.input_size, lora,
+                     embed_norm=resolve_embed_norm((config or TrainConfig()).embed_norm, bb))
         return AggregatorAnyMC3D(bb, spec, pooling=pooling, pool_kw=pool_kw, finetune_backbone=finetune_backbone)
 
     return train_model(data, build, out, config, train_fraction, specs_for=specs_for, resume=resume, log=log)

@@ -44,6 +44,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "workers": 0,            # DataLoader worker processes
     "budget": "30m",         # method `plan`: the time budget of `anymc3d train` (the plan fits it)
     "timings": None,         # method `plan`: a timings.json to plan from (default: time this machine now)
+    "embed_norm": "auto",    # plugin methods: slice-embedding normalisation (auto: the backbone's; none | center_scale)
 }
 
 # which general options change a method's result (the cell fingerprint uses only these)
@@ -66,7 +67,13 @@ class Method:
 
     def relevant_options(self, options: dict) -> dict:
         keys = _USES.get(self.kind, tuple(options))
-        return {**{k: options.get(k) for k in keys}, **self.fixed}
+        out = {**{k: options.get(k) for k in keys}, **self.fixed}
+        if self.kind in ("plugin", "plan"):
+            # the resolved normalisation, named only where there is one: cells from before it keep their fingerprint
+            norm = _embed_norm(options)
+            if norm != "none":
+                out["embed_norm"] = norm
+        return out
 
     def run(self, task, out: Path, seed: int, options: dict) -> dict:
         """Call ``fn``: fixed values that name a general option (e.g. ``size``) override it, the rest are kwargs."""
@@ -104,6 +111,19 @@ def _device(o: dict) -> str:
     return rank_device(str(o.get("device", "auto")))
 
 
+def _embed_norm(o: dict) -> str:
+    """The method's slice-embedding normalisation, with ``auto`` resolved for its backbone."""
+    from ..backbones import default_embed_norm
+    from ..plugins.embed_norm import EMBED_NORMS
+
+    norm = str(o.get("embed_norm") or "auto")
+    if norm == "auto":
+        return default_embed_norm(str(o.get("backbone") or DEFAULT_OPTIONS["backbone"]))
+    if norm not in EMBED_NORMS:
+        raise InputError(f"bench: embed_norm must be auto, {' or '.join(EMBED_NORMS)}, got {norm!r}")
+    return norm
+
+
 def _train_config(o: dict, seed: int, cnn: bool = False):
     from ..training.trainer import TrainConfig
 
@@ -119,7 +139,7 @@ def _train_config(o: dict, seed: int, cnn: bool = False):
     return TrainConfig(epochs=int(o["epochs"]), batch_size=int(o["batch_size"]), seed=seed, loss=o["loss"],
                        lr_lora=float(o["lr_lora"]), lr_head=float(o["lr_head"]), patience=int(o["patience"]),
                        augment=bool(o["augment"]), amp=bool(o["amp"]), progress=bool(o.get("progress", False)),
-                       cache_dir=cache, device=_device(o), workers=int(o.get("workers", 0)))
+                       cache_dir=cache, device=_device(o), workers=int(o.get("workers", 0)), embed_norm=_embed_norm(o))
 
 
 def normalise(m: dict, **extra) -> dict:
@@ -234,7 +254,7 @@ def m_plan(task, out: Path, seed: int, o: dict) -> dict:
     cfg = TrainConfig(epochs=plan.epochs, batch_size=plan.batch_size, seed=seed, patience=plan.patience,
                       augment=plan.augment, slice_subset=plan.slice_subset, threshold=plan.threshold,
                       progress=bool(o.get("progress", False)), device=_device(o),
-                      workers=int(o.get("workers", 0)), cache_dir=o.get("trunk_cache"))
+                      workers=int(o.get("workers", 0)), cache_dir=o.get("trunk_cache"), embed_norm=_embed_norm(o))
     m = train_plugin(task, o["backbone"], out, weights=o["weights"], preprocess=pre,
                      lora=LoraSpec(r=8, alpha=16.0, last_k=plan.lora_last_k), config=cfg, resume=True,
                      plan=plan.to_dict(), log=_log(o))

@@ -1,4 +1,4 @@
-"""Plugin file = ``plugin.safetensors`` (LoRA, queries, head) + ``plugin.json`` (PluginSpec).
+"""Plugin file = ``plugin.safetensors`` (LoRA, queries, head, embedding-norm statistics) + ``plugin.json`` (PluginSpec).
 
 Tensors go through safetensors (no pickle); both files are written atomically. Loading checks
 the backbone fingerprint so a plugin never runs silently on other weights than it was trained on.

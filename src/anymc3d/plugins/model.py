@@ -12,12 +12,14 @@ reaches them through :mod:`anymc3d.runtime`, which calls these two methods.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..backbones import Backbone
+from .embed_norm import EmbedNorm
 from .lora import activate, add_adapter, adapter_parameters
 from .pooling import TaskQueryPool
 from .spec import PluginSpec
@@ -57,6 +59,9 @@ class AnyMC3D(nn.Module):
                 self.adapters[s] = name
         self.slice_pool = nn.ModuleDict({s.replace(":", "__"): TaskQueryPool(d) for s in self.streams})
         self.view_pool = TaskQueryPool(d)
+        # fitted statistics (buffers, saved with the plugin), not trained parameters
+        self.embed_norm = nn.ModuleDict({s.replace(":", "__"): EmbedNorm(d) for s in self.streams}
+                                        if spec.embed_norm == "center_scale" else {})
         self.head = nn.Sequential(nn.Dropout(spec.head_dropout), nn.Linear(d, spec.n_outputs))
 
     # ---- parameters -------------------------------------------------------------------------
@@ -76,12 +81,24 @@ class AnyMC3D(nn.Module):
             out[f"head.{k}"] = p
         return out
 
+    def norm_buffers(self) -> dict[str, torch.Tensor]:
+        """The embedding normalisation's fitted statistics per stream (empty without ``embed_norm``)."""
+        out = {}
+        for s in self.streams:
+            key = s.replace(":", "__")
+            if key in self.embed_norm:
+                out[f"norm.{s}.mean"] = self.embed_norm[key].mean
+                out[f"norm.{s}.scale"] = self.embed_norm[key].scale
+        return out
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Everything a plugin file stores: LoRA A/B per stream, queries, head (on the CPU: device-independent)."""
-        return {k: p.detach().to("cpu", copy=True) for k, p in {**self.lora_parameters(), **self.head_parameters()}.items()}
+        """Everything a plugin file stores: LoRA A/B per stream, queries, head, and the embedding
+        normalisation's statistics (on the CPU: device-independent)."""
+        own = {**self.lora_parameters(), **self.head_parameters(), **self.norm_buffers()}
+        return {k: p.detach().to("cpu", copy=True) for k, p in own.items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = {**self.lora_parameters(), **self.head_parameters()}
+        own = {**self.lora_parameters(), **self.head_parameters(), **self.norm_buffers()}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
@@ -98,6 +115,22 @@ class AnyMC3D(nn.Module):
     def set_trainable(self, flag: bool = True) -> None:
         for p in {**self.lora_parameters(), **self.head_parameters()}.values():
             p.requires_grad_(flag)
+
+    @contextmanager
+    def fitting_embed_norm(self):
+        """Within: every forward accumulates the raw slice embeddings (normalisation = identity);
+        on leaving, the statistics are set from them (anymc3d.plugins.embed_norm)."""
+        norms = list(self.embed_norm.values())
+        for n in norms:
+            n.start_fit()
+        try:
+            yield
+        except BaseException:
+            for n in norms:
+                n.cancel_fit()
+            raise
+        for n in norms:
+            n.finish_fit()
 
     # ---- forward ----------------------------------------------------------------------------
     @property
@@ -191,7 +224,11 @@ class AnyMC3D(nn.Module):
                 sw[s] = torch.zeros(batch, 0, device=dev)
                 continue
             mask = slice_mask.get(s) if slice_mask else None
-            v, w = self.slice_pool[s.replace(":", "__")](embeddings[s].float(), mask)
+            key = s.replace(":", "__")
+            h = embeddings[s].float()
+            if key in self.embed_norm:
+                h = self.embed_norm[key](h, mask)
+            v, w = self.slice_pool[key](h, mask)
             pooled.append(v)
             sw[s] = w
         views = torch.stack(pooled, dim=1)  # (B, V, D)

@@ -28,6 +28,8 @@ class PluginSpec:
     input_size: int
     lora: LoraSpec = field(default_factory=LoraSpec)
     head_dropout: float = 0.2
+    #: slice-embedding normalisation before the task query (anymc3d.plugins.embed_norm); "none" in older files
+    embed_norm: str = "none"
     threshold: float = 0.5
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -41,6 +43,10 @@ class PluginSpec:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
         if self.task_type == "binary" and len(self.label_names) != 2:
             raise ValueError("a binary task has exactly two label names (negative, positive)")
+        from .embed_norm import EMBED_NORMS
+
+        if self.embed_norm not in EMBED_NORMS:
+            raise ValueError(f"embed_norm must be one of {EMBED_NORMS}, got {self.embed_norm!r}")
 
     @property
     def streams(self) -> list[str]:
@@ -138,6 +144,10 @@ def validate_spec_dict(d: Any) -> None:
             raise ValueError(f"'{k}' must be a number in [{lo}, {hi}], got {d[k]!r:.40}")
     if d.get("head_dropout", 0.0) >= 1.0:
         raise ValueError("'head_dropout' must be below 1")
+    from .embed_norm import EMBED_NORMS
+
+    if d.get("embed_norm", "none") not in EMBED_NORMS:
+        raise ValueError(f"'embed_norm' must be one of {EMBED_NORMS}, got {d.get('embed_norm')!r:.40}")
     for k in ("training", "metrics"):
         if k in d and not isinstance(d[k], dict):
             raise ValueError(f"'{k}' must be an object, got {type(d[k]).__name__}")

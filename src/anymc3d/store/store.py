@@ -67,7 +67,7 @@ def tensor_summary(path: Path) -> dict[str, Any]:
                 for s in fh.get_slice(k).get_shape():
                     numel *= int(s)
                 n += 1
-                total += numel
+                total += 0 if k.startswith("norm.") else numel  # fitted statistics, not parameters
                 lora += numel if k.startswith("lora.") else 0
     except InputError:
         raise

@@ -16,6 +16,7 @@ from ..evaluation import compute_metrics
 from ..evaluation.threshold import choose_threshold, youden_threshold  # noqa: F401  (re-exported)
 from ..io import write_json
 from ..plugins import LoraSpec, PluginSpec, save_plugin
+from ..plugins.embed_norm import resolve_embed_norm
 from ..plugins.model import AnyMC3D
 from ..preprocess import PreprocessOptions, PreprocessSpec
 from ..runtime.batching import PreparedCase, prepare_case
@@ -130,7 +131,8 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
     spec = PluginSpec(task=task_name or task.name, task_type=task.task_type, label_names=task.label_names,
                       inputs=task.inputs, preprocess={k: v.to_dict() for k, v in specs.items()},
                       backbone=bb.name, backbone_fingerprint=bb.fingerprint, input_size=bb.input_size,
-                      lora=lora or LoraSpec(), head_dropout=head_dropout, version=__version__)
+                      lora=lora or LoraSpec(), head_dropout=head_dropout,
+                      embed_norm=resolve_embed_norm(cfg.embed_norm, bb), version=__version__)
     seed_everything(cfg.seed)  # LoRA A matrices are drawn from the global RNG: same seed, same plugin
     model = AnyMC3D(bb, spec)
     n_params = model.n_trainable()

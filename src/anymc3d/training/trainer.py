@@ -24,6 +24,7 @@ from ..evaluation import compute_metrics
 from ..evaluation.run import metric_scores
 from ..evaluation.threshold import choose_threshold
 from ..io import atomic_write
+from ..plugins.embed_norm import FIT_CASES
 from ..plugins.model import AnyMC3D
 from ..preprocess import PreprocessSpec
 from ..runtime.batching import Batcher, BatchPlan, PreparedCase
@@ -62,6 +63,7 @@ class TrainConfig:
     workers: int = 0               # DataLoader worker processes (augmentation, slicing); 0 = in the main process
     slice_subset: int | None = None  # train on at most this many random slices per volume and view (None: all)
     threshold: str | float = "platt"  # decision-threshold policy on validation (anymc3d.evaluation.threshold)
+    embed_norm: str = "auto"       # auto | none | center_scale (anymc3d.plugins.embed_norm; auto: the backbone's)
 
 
 #: settings that do not change what training computes, so a run may resume with them changed
@@ -119,6 +121,17 @@ def make_runtime(model: AnyMC3D, specs: dict[str, PreprocessSpec], cfg: TrainCon
                    workers=cfg.workers)
 
 
+def fit_embed_norm(model: AnyMC3D, rt: Runtime, train: list[PreparedCase], cfg: TrainConfig) -> None:
+    """Set the plugin's slice-embedding normalisation from the un-augmented slices of up to
+    ``FIT_CASES`` training cases (the same cases on every torchrun rank, so every rank gets the
+    same statistics); nothing to do for a plugin without one."""
+    if not len(getattr(model, "embed_norm", ())):  # e.g. a 3D CNN, or a plugin without one
+        return
+    pick = sorted(np.random.default_rng(cfg.seed).permutation(len(train))[:FIT_CASES].tolist())
+    with model.fitting_embed_norm():
+        rt.predict([train[i] for i in pick], cfg.batch_size)
+
+
 def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCase], val: list[PreparedCase],
         cfg: TrainConfig, out_dir: Path, resume: bool = False, runtime: Runtime | None = None) -> dict:
     """Train ``model``'s plugin parameters; returns a summary. The best state is left loaded in ``model``.
@@ -168,6 +181,8 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
     if not cfg.augment and start_epoch < cfg.epochs:
         # every epoch reads the same frozen trunk: compute it once, up front, with its own progress bar
         rt.fill_cache(list(train) + list(val), cfg.batch_size, cfg.progress)
+    if start_epoch == 0:  # a resumed run has its statistics back from the checkpoint
+        fit_embed_norm(model, rt, train, cfg)
     bar = progress_bar(steps_per_epoch * (cfg.epochs - start_epoch), cfg.progress and ddp.is_main())
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(cfg.seed * 1000 + epoch)  # dropout RNG per (seed, epoch): a resumed run matches
