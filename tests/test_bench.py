@@ -164,6 +164,14 @@ def test_method_fixed_size_overrides_the_run_option(tmp_path):
     assert fingerprint("plugin_lastk1", {"size": 32}, entry) != fingerprint("plugin_lastk1", {"size": 64}, entry)
 
 
+def test_medmnist_task_names_carry_the_release_size(tmp_path):
+    """A file whose name does not end in its size (e.g. a training subset) is named from its arrays."""
+    a = load_suite(f"medmnist3d:{fake_medmnist(tmp_path / 'sub_train300.npz', n=(2, 2, 2), side=64)}").tasks[0]
+    b = load_suite(f"medmnist3d:{fake_medmnist(tmp_path / 'small.npz', n=(2, 2, 2))}").tasks[0]
+    c = load_suite(f"medmnist3d:{fake_medmnist(tmp_path / 'organ_64.npz', n=(2, 2, 2))}").tasks[0]
+    assert (a.name, b.name, c.name) == ("sub_train300_64", "small_28", "organ_64")
+
+
 def write_yaml(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
