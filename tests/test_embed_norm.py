@@ -170,6 +170,8 @@ def test_defaults_per_backbone_and_spec_validation():
     assert default_embed_norm("efficientnet_lite0") == "none"
     bb = lite0()
     assert resolve_embed_norm("auto", bb) == "none" and resolve_embed_norm("center_scale", bb) == "center_scale"
+    tv = create_backbone("litemedsam_tinyvit", weights="random", input_size=32)  # the registered default
+    assert resolve_embed_norm("auto", tv) == "center_scale" and resolve_embed_norm("none", tv) == "none"
     with pytest.raises(ValueError):
         resolve_embed_norm("batchnorm", bb)
     d = spec_for(bb).to_dict()

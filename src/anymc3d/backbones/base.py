@@ -45,9 +45,6 @@ class Backbone(nn.Module):
     """
 
     kind: str = "cnn"
-    #: the plugins' default slice-embedding normalisation (anymc3d.plugins.embed_norm); set by
-    #: ``create_backbone`` from the registration ("center_scale" where the embedding has no head norm)
-    embed_norm: str = "none"
 
     def __init__(self, name: str, model: nn.Module, embed_dim: int, input_size: int,
                  mean: tuple[float, ...], std: tuple[float, ...], weights_source: str) -> None:

@@ -77,6 +77,4 @@ def weights_status(name: str) -> tuple[bool | None, str]:
 def create_backbone(name: str, weights: str | None = None, input_size: int | None = None) -> Backbone:
     """Build a frozen backbone. ``weights``: a local file, ``"random"`` (tests/benchmarks), or None (default source)."""
     entry = backbone_entry(name)
-    bb = entry.builder(weights=weights, input_size=input_size or entry.default_size)
-    bb.embed_norm = entry.embed_norm
-    return bb
+    return entry.builder(weights=weights, input_size=input_size or entry.default_size)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backbones import default_embed_norm, list_backbones
+
 #: the choices of ``TrainConfig.embed_norm`` / ``PluginSpec.embed_norm`` ("auto": the backbone's default)
 EMBED_NORMS = ("none", "center_scale")
 #: at most this many training cases (all their slices) give the statistics
@@ -28,9 +30,10 @@ FIT_CASES = 64
 
 
 def resolve_embed_norm(requested: str, backbone) -> str:
-    """``auto`` -> the backbone's ``embed_norm`` (``center_scale`` for backbones without a head norm)."""
+    """``auto`` -> the default registered with the backbone (``register_backbone(..., embed_norm=)``:
+    ``center_scale`` for backbones without a head norm); ``none`` for a backbone built outside the registry."""
     if requested == "auto":
-        return getattr(backbone, "embed_norm", "none")
+        return default_embed_norm(backbone.name) if backbone.name in list_backbones() else "none"
     if requested not in EMBED_NORMS:
         raise ValueError(f"embed_norm must be auto or one of {EMBED_NORMS}, got {requested!r}")
     return requested
