@@ -6,6 +6,8 @@
 #    the trunk cache), 8 epochs; TinyViT's slice embeddings get the backbone's default normalisation
 #    (embed_norm auto = center_scale, docs/method.md). TinyViT ~1 h 45 min (trunk pass ~1 h), Lite0 ~5 min.
 #  * 64³: the axial frozen `linear_probe` (64 slices per volume). TinyViT ~25 min, Lite0 ~2 min.
+#  * 64³: `plugin_lastk1_3view` as at 28³ with each view's 64 slices resampled to 16 (max_slices=16,
+#    the cheapest three-view cell: 48 slices per volume). TinyViT ~1 h, Lite0 ~10 min.
 #   R=runs/litemedsam_adrenal bash benchmarks/litemedsam/adrenal.sh
 set -e
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -19,4 +21,6 @@ for bb in litemedsam_tinyvit efficientnet_lite0; do
       --epochs 8 --set augment=false --seeds 1 --quiet --out $R/adr300_$bb
   anymc3d bench medmnist3d:$R/adrenalmnist3d_64_train300.npz --methods linear_probe --backbone $bb --size 32 \
       --seeds 1 --quiet --out $R/adr64_300_$bb
+  anymc3d bench medmnist3d:$R/adrenalmnist3d_64_train300.npz --methods plugin_lastk1_3view --backbone $bb --size 32 \
+      --epochs 8 --set augment=false --set max_slices=16 --seeds 1 --quiet --out $R/adr64_300_3v_$bb
 done
