@@ -213,13 +213,11 @@ def _npz_side(path: Path) -> int:
     cannot tell (loading reports the error)."""
     import zipfile
 
-    import numpy as np
+    from ..io.readers import read_npy_header
 
     try:
         with zipfile.ZipFile(path) as z, z.open("train_images.npy") as fh:
-            major, _ = np.lib.format.read_magic(fh)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape = read(fh)[0]
+            shape = read_npy_header(fh)[0]
         return 64 if len(shape) == 4 and int(shape[-1]) == 64 else 28
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return 28

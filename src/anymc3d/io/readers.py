@@ -714,21 +714,26 @@ def read_dicom_series(path: Path) -> Volume:
 
 
 # --------------------------------------------------------------------------- NumPy
+def read_npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from the header of a .npy stream (a file or an .npz member),
+    leaving ``fh`` at the array data; nothing is unpickled. ValueError for an unknown format version."""
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    if version == (1, 0):
+        return fmt.read_array_header_1_0(fh)
+    if version in ((2, 0), (3, 0)):
+        return fmt.read_array_header_2_0(fh)
+    raise ValueError(f"unsupported .npy format version {version}")
+
+
 def read_npy(path: Path) -> Volume:
     """A .npy array, 3D (X,Y,Z) or 4D channels-first; identity affine (1 mm, index = world).
 
     The header (shape, dtype, data length) is checked before the array is read; never unpickled.
     """
-    fmt = np.lib.format
     try:
         with open(path, "rb") as fh:
-            version = fmt.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, dtype = fmt.read_array_header_1_0(fh)
-            elif version in ((2, 0), (3, 0)):
-                shape, fortran, dtype = fmt.read_array_header_2_0(fh)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
+            shape, fortran, dtype = read_npy_header(fh)
             offset = fh.tell()
     except InputError:
         raise
