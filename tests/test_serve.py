@@ -173,8 +173,10 @@ def test_predict_equals_cli_predict_plugins(client, store, scan, tmp_path, monke
     for name in got["tasks"]:
         g, w = got["tasks"][name], want["tasks"][name]
         assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-6)
-        for k in ("predicted", "threshold", "views_used", "views_missing", "inputs", "plugin", "task_type", "warnings"):
+        for k in ("predicted", "threshold", "views_used", "views_missing", "inputs", "task_type", "warnings"):
             assert g[k] == w[k], (name, k)
+        # the CLI names the plugin folder it was given; the service names the plugin only (no server paths)
+        assert g["plugin"] == name and w["plugin"] == str(store / name)
     assert {k: v for k, v in got.items() if k != "tasks"} == {k: v for k, v in want.items() if k != "tasks"}
     # a multi-class task: probabilities over its labels, arg-max decision
     grade = got["tasks"]["grade"]
@@ -296,9 +298,9 @@ def test_unusable_requests(client, tmp_path, private_tmp):
         ("empty.nii.gz", b""): (400, "empty.nii.gz: the upload is empty"),
         ("series.zip", b"PK not really"): (400, "series.zip: not a readable zip file"),
         ("ext.nrrd", b"NRRD0004\ntype: float\ndimension: 3\nsizes: 2 2 2\nencoding: raw\ndata file: /etc/passwd\n\n"):
-            (400, "ext.nrrd: NRRD header names a separate data file"),
+            (422, "ext.nrrd: NRRD header names a separate data file"),
         ("ext.mha", b"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_FLOAT\n"
-                    b"ElementDataFile = /etc/passwd\n"): (400, "ext.mha: MetaImage header names a separate data file"),
+                    b"ElementDataFile = /etc/passwd\n"): (422, "ext.mha: MetaImage header names a separate data file"),
     }
     for (name, body), (status, start) in cases.items():
         r = client.post("/v1/predict", files={"file": (name, body, "application/octet-stream")})
@@ -309,7 +311,7 @@ def test_unusable_requests(client, tmp_path, private_tmp):
     assert r.status_code == 422 and r.json() == {"detail": "file: Field required"}
     r = client.post("/v1/predict", params={"heatmaps": "maybe"}, files=upload(write_scan(tmp_path / "s.nii.gz")))
     assert r.status_code == 422 and r.json()["detail"].startswith("heatmaps:")
-    assert not list(private_tmp.glob("anymc3d-upload-*"))  # every refused upload was removed
+    assert not list(private_tmp.rglob("anymc3d-upload-*"))  # every refused upload was removed
 
 
 def test_upload_limit_413(store, engines, tmp_path, private_tmp):
@@ -331,7 +333,7 @@ def test_upload_limit_413(store, engines, tmp_path, private_tmp):
         assert r.status_code == 413 and "--max-upload-mb" in r.json()["detail"]
         small = write_scan(tmp_path / "small.nii.gz")
         assert c.post("/v1/predict", files=upload(small), params={"tasks": "frozen"}).status_code == 200
-    assert not list(private_tmp.glob("anymc3d-upload-*"))
+    assert not list(private_tmp.rglob("anymc3d-upload-*"))
 
 
 def _zip(path: Path, files: dict[str, bytes]) -> Path:
@@ -424,10 +426,12 @@ def test_upload_folder_removed_or_kept(store, engines, scan, tmp_path, private_t
         assert c.post("/v1/predict", files=upload(scan), params={"tasks": "frozen"}).status_code == 200
         (tmp_path / "bad.nii.gz").write_bytes(b"junk")
         assert c.post("/v1/predict", files=upload(tmp_path / "bad.nii.gz")).status_code == 422
-        assert not list(private_tmp.glob("anymc3d-upload-*"))
+        assert not list(private_tmp.rglob("anymc3d-upload-*"))
         results_root = c.app.state.results.root
-        assert results_root.parent == private_tmp and oct(results_root.stat().st_mode & 0o777) == "0o700"
-    assert not results_root.exists()  # results removed at shutdown
+        service_root = c.app.state.workspace.root  # $TMPDIR/anymc3d-serve-<pid>-*/{uploads,results,owner}
+        assert results_root.parent == service_root and service_root.parent == private_tmp
+        assert oct(results_root.stat().st_mode & 0o777) == oct(service_root.stat().st_mode & 0o777) == "0o700"
+    assert not results_root.exists() and not service_root.exists()  # removed at shutdown
     keep = tmp_path / "kept"
     with TestClient(create_app(serve_config(store, keep=keep), engines=engines)) as c:
         assert c.post("/v1/predict", files=upload(scan), params={"tasks": "frozen"}).status_code == 200

@@ -1,6 +1,10 @@
 """Long fuzz run of issue 17: mutated NIfTI/NRRD/MHA/npy/DICOM/manifest/task.json/plugin files, >= 10,000 cases.
 
     OMP_NUM_THREADS=1 python benchmarks/fuzz/run.py --cases 10000 [--seed 0] [--out fuzz.json]
+    OMP_NUM_THREADS=1 python benchmarks/fuzz/run.py --serve-uploads --cases 10000   # the service's upload path
+
+``--serve-uploads``: seed kinds for MHA / NRRD headers and zips through ``anymc3d serve``'s upload
+path (``benchmarks/fuzz/serve_uploads.py``: crashes and reads outside the upload must both be 0).
 
 Same targets, mutations and contract as ``tests/test_fuzz.py`` (``tests/badinput_corpus.py``), driven by
 hypothesis without derandomisation. Every case must end in ``InputError`` ("refused") or in a success
@@ -41,7 +45,14 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="also write the summary JSON here")
+    ap.add_argument("--serve-uploads", action="store_true",
+                    help="fuzz the service's upload path instead (NRRD / MHA headers, zips; serve_uploads.py)")
     a = ap.parse_args(argv)
+    if a.serve_uploads:
+        sys.path.insert(0, str(HERE.parent))
+        import serve_uploads
+
+        return serve_uploads.main(a.cases, a.seed, a.out)
 
     import torch
     from hypothesis import HealthCheck, given, seed, settings

@@ -10,8 +10,14 @@ Endpoints (all JSON errors are ``{"detail": "<the CLI's one-line message>"}``):
 * ``GET /v1/results/{id}/{file}`` - those files, until the result expires;
 * ``GET /`` - the web viewer (static files shipped in the package; nothing from the network).
 
-Status codes: 400 unusable request (type, empty, unknown task), 401 token, 413 upload too large,
-422 the volume cannot be used (the reader's / predictor's message), 503 queue full (Retry-After).
+Status codes: 400 unusable request (type, empty, unknown task, a Host header not allowed), 401 token,
+403 cross-origin request, 408 upload too slow / past its deadline, 413 upload too large, 422 the volume
+cannot be used (the reader's / predictor's message, a header that points outside the upload), 503 queue
+full (Retry-After), 507 one result larger than the results disk cap.
+
+Middleware, outermost first: security headers on every response, ``TrustedHostMiddleware`` (the Host
+header must be one of ``config.allowed_hosts``: no DNS rebinding), then :class:`.guard.Guard` (Origin,
+token, size, admission, upload deadline). Answers never carry server paths (plugin names only).
 """
 from __future__ import annotations
 
@@ -31,12 +37,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
 from .config import ServeConfig
-from .guard import Guard, token_ok
+from .guard import Guard, SecurityHeaders, token_ok
 from .jobs import Admission, Workers
-from .results import ResultStore
-from .service import ServiceError, load_engines, parse_tasks, plugins_info, run_request
-from .uploads import BadUpload, UploadTooLarge, save_upload
+from .results import ResultsFull, ResultStore
+from .service import Redactor, ServiceError, load_engines, parse_tasks, plugins_info, run_request
+from .uploads import BadUpload, NotInline, UploadTooLarge, save_upload
+from .workspace import Workspace
 
 STATIC = Path(__file__).with_name("static")
 
@@ -88,8 +97,10 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
     engines = engines if engines is not None else load_engines(config)
     admission = Admission(config.queue, len(engines))
     workers = Workers(engines, admission)
-    results = ResultStore(config.results_ttl_s)
+    workspace = Workspace()
+    results = ResultStore(config.results_ttl_s, root=workspace.results, max_bytes=config.max_results_bytes)
     reader_args = config.reader_args()
+    redact = Redactor(config.plugins, workspace.root)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -105,12 +116,13 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
             task.cancel()
             workers.close()
             results.close()
+            workspace.close()
 
     # docs_url / redoc_url off: those pages load Swagger UI / ReDoc from a CDN (the service works offline)
     app = FastAPI(title="anymc3d serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="3D volume classification: every task of one plugin store on one loaded backbone.")
     app.state.config, app.state.engines, app.state.admission = config, engines, admission
-    app.state.workers, app.state.results = workers, results
+    app.state.workers, app.state.results, app.state.workspace = workers, results, workspace
     bearer = HTTPBearer(auto_error=False, description="the token of `anymc3d serve --token-file`")
 
     def require_token(cred: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
@@ -126,7 +138,7 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError):
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+        return JSONResponse({"detail": redact(exc.detail)}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError):
@@ -134,11 +146,11 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
         for e in exc.errors():
             loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
             parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else str(e.get("msg", "invalid")))
-        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+        return JSONResponse({"detail": redact("; ".join(parts) or "invalid request")}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
-        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse({"detail": redact(str(exc.detail))}, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     def healthz() -> Health:
@@ -151,7 +163,7 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
              tags=["predict"])
     def plugins() -> dict:
         """The tasks this service runs (one per compatible plugin of the store) and the plugins it skipped."""
-        return plugins_info(engines[0])
+        return redact.json(plugins_info(engines[0]))
 
     @app.post("/v1/predict", tags=["predict"], dependencies=secured,
               responses={200: {"description": "the JSON of `anymc3d predict --plugins` (+ `heatmaps`, `result` "
@@ -159,11 +171,16 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
                                "content": {"application/json": {"schema": {"type": "object"}}}},
                          400: {**_ERR, "description": "unusable request: file type, empty upload, bad zip, unknown task"},
                          **auth_doc,
-                         413: {**_ERR, "description": "upload (or a zip's content) over the limit"},
-                         422: {**_ERR, "description": "the volume cannot be used (the CLI's message) or a bad parameter"},
+                         403: {**_ERR, "description": "cross-origin request (an Origin that is not this service's)"},
+                         408: {**_ERR, "description": "the upload did not arrive within --upload-timeout / above "
+                                                      "--min-upload-rate"},
+                         413: {**_ERR, "description": "upload (or a zip's content or member count) over the limit"},
+                         422: {**_ERR, "description": "the volume cannot be used (the CLI's message), its header "
+                                                      "points outside the upload, or a bad parameter"},
                          503: {**_ERR, "description": "request queue full; see Retry-After",
                                "headers": {"Retry-After": {"schema": {"type": "integer"},
-                                                           "description": "seconds"}}}})
+                                                           "description": "seconds"}}},
+                         507: {**_ERR, "description": "this request's heatmap files alone exceed --max-results-mb"}})
     async def predict(request: Request,
                       file: UploadFile = File(..., description="one .nii/.nii.gz/.nrrd/.mha/.npy volume, or a "
                                                                ".zip of one DICOM series"),
@@ -173,9 +190,11 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
         task_list = parse_tasks(tasks, engines[0])
         try:
             upload = await run_in_threadpool(save_upload, file.file, file.filename, config.max_upload_bytes,
-                                             config.max_unzipped_bytes, config.max_zip_members)
+                                             config.max_unzipped_bytes, config.max_zip_members, workspace.uploads)
         except UploadTooLarge as exc:
             raise ServiceError(413, str(exc)) from exc
+        except NotInline as exc:
+            raise ServiceError(422, str(exc)) from exc
         except BadUpload as exc:
             raise ServiceError(400, str(exc)) from exc
         rid = ""
@@ -183,10 +202,15 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
             out = await workers.run(run_request, upload, task_list, heatmaps, results, reader_args,
                                     request.scope.get("root_path", "").rstrip("/"))
             rid = (out.get("result") or {}).get("id", "")
+        except ResultsFull as exc:
+            raise ServiceError(507, str(exc)) from exc
         finally:
             await run_in_threadpool(upload.discard, config.keep, rid)
         results.sweep()
-        return Response(json.dumps(out, default=float), media_type="application/json")
+        for name, t in (out.get("tasks") or {}).items():  # plugin names only, never the store's paths
+            if isinstance(t, dict) and "plugin" in t:
+                t["plugin"] = name
+        return Response(json.dumps(redact.json(out), default=float), media_type="application/json")
 
     @app.get("/v1/results/{result_id}/{name:path}", tags=["predict"], dependencies=secured,
              responses={**auth_doc, 404: {**_ERR, "description": "unknown or expired result, or no such file"},
@@ -207,7 +231,11 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
                             headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    app.add_middleware(Guard, token=config.token, max_body=config.max_upload_bytes, admission=admission)
+    app.add_middleware(Guard, token=config.token, max_body=config.max_upload_bytes, admission=admission,
+                       allowed_origins=config.allowed_origins, upload_timeout_s=config.upload_timeout_s,
+                       min_rate_bps=config.min_upload_rate_kib * 1024)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=config.allowed_hosts, www_redirect=False)
+    app.add_middleware(SecurityHeaders)  # outermost: also on the 400 of TrustedHost and the Guard's answers
     return app
 
 

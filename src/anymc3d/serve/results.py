@@ -4,6 +4,10 @@ Each request with ``heatmaps=true`` gets an unguessable id (128 random bits) and
 service's private results folder. Only the files the service wrote and registered are served (no path
 from a URL ever reaches the file system); a result expires ``ttl`` seconds after it was returned and is
 deleted at the next sweep (every request, and a background thread).
+
+The disk they use is capped (``max_bytes``, ``--max-results-mb``): when a new result is published and the
+total is over the cap, the oldest published results are deleted first (their URLs answer 404 as if
+expired); a single result larger than the cap is refused (:class:`ResultsFull`, HTTP 507).
 """
 from __future__ import annotations
 
@@ -14,12 +18,31 @@ import threading
 import time
 from pathlib import Path
 
+from ..errors import InputError
 from ..io import atomic_write
 
 
+class ResultsFull(InputError):
+    """One result is larger than the whole results cap: HTTP 507."""
+
+
+def _size(folder: Path) -> int:
+    total = 0
+    for p in folder.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
 class ResultStore:
-    def __init__(self, ttl_s: float, root: Path | None = None) -> None:
+    def __init__(self, ttl_s: float, root: Path | None = None, max_bytes: int | None = None) -> None:
         self.ttl_s = float(ttl_s)
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
+        self._sizes: dict[str, tuple[float, int]] = {}  # published id -> (publish time, bytes)
+        self.evicted = 0
         self.root = Path(tempfile.mkdtemp(prefix="anymc3d-results-")) if root is None else Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -34,10 +57,39 @@ class ResultStore:
         return rid, folder
 
     def publish(self, rid: str) -> None:
-        """The result is complete: its files expire ``ttl`` seconds from now."""
+        """The result is complete: its files expire ``ttl`` seconds from now. Over the disk cap, the oldest
+        other results are deleted; a result alone over the cap raises ResultsFull (and is deleted)."""
+        size = _size(self.root / rid)
+        if self.max_bytes is not None and size > self.max_bytes:
+            self.discard(rid)
+            raise ResultsFull(f"the heatmap files of this request ({size / 2**20:.3g} MiB) are larger than the "
+                              f"service's results limit of {self.max_bytes / 2**20:.3g} MiB (--max-results-mb)")
+        now = time.monotonic()
+        evict = []
         with self._lock:
             _, files = self._entries[rid]
-            self._entries[rid] = (time.monotonic() + self.ttl_s, files)
+            self._entries[rid] = (now + self.ttl_s, files)
+            self._sizes[rid] = (now, size)
+            if self.max_bytes is not None:
+                total = sum(s for _, s in self._sizes.values())
+                for old, (_, s) in sorted(self._sizes.items(), key=lambda kv: kv[1][0]):
+                    if total <= self.max_bytes:
+                        break
+                    if old == rid:
+                        continue
+                    evict.append(old)
+                    total -= s
+                for old in evict:
+                    self._entries.pop(old, None)
+                    self._sizes.pop(old, None)
+                self.evicted += len(evict)
+        for old in evict:
+            shutil.rmtree(self.root / old, ignore_errors=True)
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(s for _, s in self._sizes.values())
 
     def register(self, rid: str, path: Path) -> str:
         """Make ``path`` (inside the result's folder) downloadable; returns its name in URLs."""
@@ -70,6 +122,7 @@ class ResultStore:
     def discard(self, rid: str) -> None:
         with self._lock:
             self._entries.pop(rid, None)
+            self._sizes.pop(rid, None)
         shutil.rmtree(self.root / rid, ignore_errors=True)
 
     def sweep(self) -> int:
@@ -78,6 +131,7 @@ class ResultStore:
             gone = [rid for rid, (exp, _) in self._entries.items() if exp <= now]
             for rid in gone:
                 del self._entries[rid]
+                self._sizes.pop(rid, None)
         for rid in gone:
             shutil.rmtree(self.root / rid, ignore_errors=True)
         return len(gone)
@@ -85,4 +139,5 @@ class ResultStore:
     def close(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._sizes.clear()
         shutil.rmtree(self.root, ignore_errors=True)

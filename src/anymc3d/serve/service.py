@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
-from .results import ResultStore
+from .results import ResultsFull, ResultStore
 from .uploads import Upload
 
 
@@ -24,6 +24,42 @@ class ServiceError(Exception):
     def __init__(self, status: int, detail: str, headers: dict | None = None) -> None:
         super().__init__(detail)
         self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+class Redactor:
+    """Server paths out of answers: the plugin store (``<store>/lesion`` -> ``lesion``), the service's
+    own folder and the temporary directory (-> ``<server>``)."""
+
+    def __init__(self, store, *folders) -> None:
+        import os
+        import tempfile
+        from pathlib import Path
+
+        pairs = {}
+        for p in {str(Path(store).resolve()), os.path.abspath(str(store)), os.path.realpath(str(store))}:
+            pairs[p.rstrip("/") + "/"] = ""
+            pairs[p.rstrip("/")] = "<store>"
+        for f in [*folders, tempfile.gettempdir()]:
+            for p in {os.path.abspath(str(f)), os.path.realpath(str(f))}:
+                if len(p) > 1:
+                    pairs[p.rstrip("/")] = "<server>"
+        self.pairs = sorted(pairs.items(), key=lambda kv: -len(kv[0]))
+
+    def __call__(self, text: str) -> str:
+        for old, new in self.pairs:
+            if old in text:
+                text = text.replace(old, new)
+        return text
+
+    def json(self, obj):
+        """``obj`` (JSON data) with every string redacted."""
+        if isinstance(obj, str):
+            return self(obj)
+        if isinstance(obj, dict):
+            return {self(k) if isinstance(k, str) else k: self.json(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self.json(v) for v in obj]
+        return obj
 
 
 # ---- reader options (process-wide in anymc3d.io.options): on while any request reads ----------------
@@ -84,7 +120,7 @@ class Engine:
 
             at = next(a for a in self.predictor.attached if a.name == name)
             ex = Explainer(at.predictor, method="auto")
-            ex.source = str(at.path)
+            ex.source = name  # the plugin's name: its server path never reaches an answer or a file
             self.explainers[name] = ex
         return self.explainers[name]
 
@@ -159,6 +195,8 @@ def run_request(engine: Engine, upload: Upload, tasks: list[str] | None, heatmap
         with reader_scope(reader_args):
             result = mp.predict(str(upload.path), case_id=case_id)
             extra = _heatmaps(engine, upload, case_id, result, results, url_prefix) if heatmaps else None
+    except ResultsFull:
+        raise
     except InputError as exc:
         raise ServiceError(422, upload.public(" ".join(str(exc).split()))) from exc
     out = json.loads(upload.public(json.dumps(result, default=float)))

@@ -4,14 +4,20 @@ Accepted: one NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, header and data in
 (``.mha``, data in the file) or NumPy (``.npy``, never unpickled) volume, or a ``.zip`` of one DICOM
 series. Everything else is refused before any reader sees it, as are headers that point at other files
 (an NRRD ``data file:`` field, a MetaImage ``ElementDataFile`` other than ``LOCAL``): an upload can only
-ever make the service read the bytes that were uploaded.
+ever make the service read the bytes that were uploaded: NRRD and MetaImage uploads are parsed and
+rewritten with a header written by :mod:`.inline` (refused with :class:`NotInline`, HTTP 422, when the
+data is not inline).
 
-Zips are extracted flat (member folders dropped, no path leaves the upload folder), with limits on the
-number of members and on the uncompressed size counted while extracting (headers can lie).
+Zips: the member count is read from the End Of Central Directory record (zip64 too) and every central
+directory entry is counted, directories included, before :mod:`zipfile` parses the directory; members
+are extracted flat (member folders dropped, no path leaves the upload folder; a repeated name gets a
+counter, ``a.dcm``, ``a_1.dcm``, ...), with the uncompressed size counted while extracting (headers can
+lie). The upload folder holds only the upload (the zip is deleted after extraction).
 """
 from __future__ import annotations
 
 import re
+import struct
 import shutil
 import tempfile
 import zipfile
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from .inline import NotInline, rewrite_inline
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".npy")
 ZIP_SUFFIX = ".zip"
@@ -105,63 +112,141 @@ def save_upload(stream, filename: str | None, max_bytes: int, max_unzipped: int,
             path = _extract_series(target, folder / name[: -len(ZIP_SUFFIX)], max_unzipped, max_members)
             target.unlink()
         else:
-            _check_header(target)
-            path = target
+            path = rewrite_inline(target)  # .nrrd / .mha: a header written here, the data inline
         return Upload(folder, name, path)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
 
 
-def _header_text(path: Path, limit: int = 65536) -> str:
-    with open(path, "rb") as fh:
-        head = fh.read(limit)
-    return head.decode("latin-1")
+_EOCD = b"PK\x05\x06"
+_EOCD64_LOCATOR = b"PK\x06\x07"
+_EOCD64 = b"PK\x06\x06"
+_CENTRAL = b"PK\x01\x02"
 
 
-def _check_header(path: Path) -> None:
-    low = path.name.lower()
-    if low.endswith(".nrrd"):
-        head = _header_text(path)
-        header = re.split(r"\r?\n\r?\n", head, maxsplit=1)[0]
-        if re.search(r"^\s*data\s*file\s*:", header, flags=re.I | re.M):
-            raise BadUpload(f"{path.name}: NRRD header names a separate data file; upload an NRRD with the "
-                            f"data in the file (attached header), or NIfTI")
-    elif low.endswith(".mha"):
-        head = _header_text(path)
-        m = re.search(r"^\s*ElementDataFile\s*=\s*(\S+)", head, flags=re.M)
-        if m and m.group(1).upper() != "LOCAL":
-            raise BadUpload(f"{path.name}: MetaImage header names a separate data file ({m.group(1)}); "
-                            f"upload an .mha with ElementDataFile = LOCAL, or NIfTI")
+def _central_directory(fh, size: int, name: str) -> tuple[int, int, int]:
+    """(entries, directory size, directory offset) from the End Of Central Directory record (zip64 too),
+    found as :mod:`zipfile` finds it; the offset is corrected for data prepended to the zip."""
+    tail = min(size, 22 + 65535)
+    fh.seek(size - tail)
+    data = fh.read(tail)
+    at = len(data) - 22 if data[-22:-18] == _EOCD and data[-2:] == b"\0\0" else data.rfind(_EOCD)
+    if at < 0 or len(data) - at < 22:
+        raise BadUpload(f"{name}: not a readable zip file (no end of central directory record)")
+    _, _, _, _, entries, cd_size, cd_offset, _ = struct.unpack("<4s4H2LH", data[at:at + 22])
+    eocd_pos = size - tail + at
+    if (entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF) and eocd_pos >= 20:
+        fh.seek(eocd_pos - 20)
+        loc = fh.read(20)
+        if loc[:4] == _EOCD64_LOCATOR:
+            _, _, rec_offset, _ = struct.unpack("<4sLQL", loc)
+            fh.seek(eocd_pos - 20 - 56)
+            rec = fh.read(56)
+            if len(rec) == 56 and rec[:4] == _EOCD64:
+                _, _, _, _, _, _, _, entries, cd_size, cd_offset = struct.unpack("<4sQ2H2L4Q", rec)
+                eocd_pos -= 20 + 56
+    if cd_size > eocd_pos:
+        raise BadUpload(f"{name}: not a readable zip file (its central directory of {cd_size} bytes is larger "
+                        f"than the file)")
+    return entries, cd_size, eocd_pos - cd_size
+
+
+def _check_directory(zpath: Path, max_members: int) -> None:
+    """Refuse (413) a zip with more than ``max_members`` entries, from its EOCD count and by walking the
+    central directory (without building anything in memory), before :mod:`zipfile` reads it."""
+    name = zpath.name
+    size = zpath.stat().st_size
+
+    def too_many(n: int | str) -> UploadTooLarge:
+        return UploadTooLarge(f"{name}: {n} entries in the zip, more than the limit of {max_members} "
+                              f"(files and folders)")
+
+    with open(zpath, "rb") as fh:
+        entries, cd_size, cd_start = _central_directory(fh, size, name)
+        if entries > max_members:
+            raise too_many(entries)
+        cap = max(1 << 20, 2048 * max_members)
+        if cd_size > cap:
+            raise UploadTooLarge(f"{name}: the zip's central directory of {cd_size / 2**20:.3g} MiB is over the "
+                                 f"limit of {cap / 2**20:.3g} MiB (2 KiB per allowed member)")
+        fh.seek(cd_start)
+        count, pos, buf = 0, 0, b""
+        while pos < cd_size:
+            if len(buf) < 46:
+                buf += fh.read(min(1 << 20, cd_size - pos + 46))
+                if len(buf) < 46:
+                    break
+            if buf[:4] != _CENTRAL:
+                break                                   # zipfile decides what a broken directory is
+            n, m, k = struct.unpack("<3H", buf[28:34])
+            step = 46 + n + m + k
+            count += 1
+            if count > max_members:
+                raise too_many(f"more than {count - 1}")
+            pos += step
+            if step <= len(buf):
+                buf = buf[step:]
+            else:
+                fh.seek(cd_start + pos)
+                buf = b""
+
+
+def _unique(base: str, names: set[str]) -> str:
+    if base not in names:
+        return base
+    stem, dot, ext = base.rpartition(".")
+    if not dot or not stem:
+        stem, ext = base, ""
+    k = 1
+    while True:
+        cand = f"{stem}_{k}" + (f".{ext}" if ext else "")
+        if cand not in names:
+            return cand
+        k += 1
 
 
 def _extract_series(zpath: Path, dest: Path, max_bytes: int, max_members: int) -> Path:
     """Extract a zip of one DICOM series into ``dest`` (flat); returns ``dest``."""
+    _check_directory(zpath, max_members)
     try:
         zf = zipfile.ZipFile(zpath)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error, EOFError) as exc:
         raise BadUpload(f"{zpath.name}: not a readable zip file ({exc})") from exc
     dest.mkdir()
     total, names = 0, set()
     with zf:
-        members = [m for m in zf.infolist() if not m.is_dir()]
-        if len(members) > max_members:
-            raise UploadTooLarge(f"{zpath.name}: {len(members)} files in the zip, more than the limit of {max_members}")
-        for m in members:
+        entries = zf.infolist()
+        if len(entries) > max_members:
+            raise UploadTooLarge(f"{zpath.name}: {len(entries)} entries in the zip, more than the limit of "
+                                 f"{max_members} (files and folders)")
+        for m in entries:
+            if m.is_dir():
+                continue
             base = re.split(r"[\\/]", m.filename)[-1]
             if not base or base.startswith(".") or "__MACOSX" in m.filename:
                 continue
-            base = re.sub(r"[^A-Za-z0-9_.-]+", "_", base)[:120]
-            while base in names:
-                base = "_" + base
+            base = _unique(re.sub(r"[^A-Za-z0-9_.-]+", "_", base)[:120], names)
             names.add(base)
             try:
                 with zf.open(m) as src, open(dest / base, "xb") as out:
                     total = _copy_limited(src, out, total, max_bytes, f"{zpath.name}: uncompressed content larger "
                                           f"than the limit of {max_bytes / 2**20:.3g} MiB")
-            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, OSError) as exc:
+            except InputError:
+                raise
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, OSError, ValueError,
+                    struct.error, zlib_error()) as exc:
                 # RuntimeError: encrypted member; NotImplementedError: unknown compression
                 raise BadUpload(f"{zpath.name}: cannot extract {m.filename!r} ({exc})") from exc
     if not names:
         raise BadUpload(f"{zpath.name}: the zip holds no files (send a zip of one DICOM series)")
     return dest
+
+
+def zlib_error():
+    import zlib
+
+    return zlib.error
+
+
+__all__ = ["ACCEPTED", "BadUpload", "NotInline", "Upload", "UploadTooLarge", "safe_filename", "save_upload"]

@@ -28,6 +28,7 @@
   async function start() {
     const t = sessionStorage.getItem("anymc3d-token");
     if (t) $("token").value = t;
+    $("token-box").addEventListener("submit", (e) => e.preventDefault()); // no inline handlers: the CSP forbids them
     $("token").addEventListener("change", () => { sessionStorage.setItem("anymc3d-token", $("token").value); loadPlugins(); });
     try {
       const h = await (await fetch("healthz")).json();
