@@ -44,7 +44,7 @@ class Run:
 @dataclass
 class Entry:
     name: str
-    group: str                     # nifti | itk | dicom | npy | manifest | mask | plugin | store | output
+    group: str                     # nifti | itk | dicom | npy | manifest | mask | plugin | store | output | guard | geometry
     kind: str                      # error | warning
     build: Callable[[Path, dict], Run]
     from_issue: bool = False
@@ -158,8 +158,11 @@ def binary_dataset(root: Path, n: int = 8, labels=None, masks: bool = False) -> 
     return write_manifest(root / "manifest.csv", header, rows)
 
 
-def make_plugin(out: Path, task: str = "tiny", inputs=("image",), fingerprint: Optional[str] = None) -> Path:
-    """An untrained plugin on randomly initialised EfficientNet-Lite0 (32-pixel slices): predict with --weights random."""
+def make_plugin(out: Path, task: str = "tiny", inputs=("image",), fingerprint: Optional[str] = None,
+                spacing=None, views=("axial",), size: int = 32) -> Path:
+    """An untrained plugin on randomly initialised EfficientNet-Lite0 (32-pixel slices): predict with --weights random.
+
+    ``spacing`` (mm, 3 numbers): the plugin resamples to it; ``views``/``size``: its slices."""
     import torch
 
     from anymc3d.backbones import create_backbone
@@ -167,11 +170,11 @@ def make_plugin(out: Path, task: str = "tiny", inputs=("image",), fingerprint: O
     from anymc3d.plugins.model import AnyMC3D
     from anymc3d.preprocess import PreprocessSpec
 
-    bb = create_backbone("efficientnet_lite0", weights="random", input_size=32)
-    pre = PreprocessSpec(size=32, views=["axial"], intensity="minmax").to_dict()
+    bb = create_backbone("efficientnet_lite0", weights="random", input_size=size)
+    pre = PreprocessSpec(size=size, views=list(views), intensity="minmax", spacing=spacing).to_dict()
     spec = PluginSpec(task=task, task_type="binary", label_names=["absent", "present"], inputs=list(inputs),
                       preprocess={i: pre for i in inputs}, backbone=bb.name,
-                      backbone_fingerprint=fingerprint or bb.fingerprint, input_size=32, lora=LoraSpec(r=2))
+                      backbone_fingerprint=fingerprint or bb.fingerprint, input_size=size, lora=LoraSpec(r=2))
     torch.manual_seed(0)
     save_plugin(AnyMC3D(bb, spec, adapter_prefix="corpus_"), out)
     return out
@@ -764,6 +767,170 @@ def _(tmp, env):
                  unchanged=[out / "checkpoint.pt"])
 
 
+# ------------------------------------------------------------------------------------------ allocation guard
+def thin_nifti(path: Path, depth: int = 500000) -> Path:
+    """4 x 4 x ``depth`` voxels (NIfTI-2: a NIfTI-1 dim holds at most 32767): 8 M voxels, ~100 KB as .nii.gz."""
+    a = np.zeros((4, 4, depth), np.uint8)
+    a[1:3, 1:3, ::7] = 9
+    nib.save(nib.Nifti2Image(a, np.eye(4)), str(path))
+    return path
+
+
+def resampling_plugin(env: dict) -> Path:
+    """A tiny plugin that resamples to 1 mm (made once per env)."""
+    if "plugin_1mm" not in env:
+        env["plugin_1mm"] = make_plugin(Path(env["plugin"]).parent / "plugin_1mm", spacing=(1.0, 1.0, 1.0))
+    return env["plugin_1mm"]
+
+
+@case("resampling_40mm_voxels_to_1mm", "guard")
+def _(tmp, env):
+    p = nifti(tmp / "coarse.nii.gz", volume(0, shape=(64, 64, 64)), affine=np.diag([40.0, 40.0, 40.0, 1.0]))
+    out = tmp / "out"
+    return Run(["predict", str(resampling_plugin(env)), str(p), "--out", str(out), "--weights", "random"], str(p),
+               ("2560x2560x2560", "62.5 GiB", "--max-voxels"), out)
+
+
+@case("thin_volume_4x4x500000", "guard")
+def _(tmp, env):
+    return predict(env, tmp, thin_nifti(tmp / "thin.nii.gz"), words=("4x4x500000", "125,000 times", "256x"))
+
+
+@case("slice_stack_over_the_max_voxels_flag", "guard")
+def _(tmp, env):
+    # 1,440 voxels pass --max-voxels 5000; its 10 axial slices of 32x32 (10,240 values) do not
+    return predict(env, tmp, nifti(tmp / "small.nii.gz", volume(1)),
+                   words=("axial slices", "10x1x32x32", "--max-voxels"), extra=("--max-voxels", "5000"))
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def nifti_with_header(path: Path, arr: np.ndarray, **fields) -> Path:
+    """A NIfTI-1 file whose header fields are set afterwards, as written (nibabel's own checks bypassed)."""
+    import io as _io
+
+    nifti(path, arr, affine=np.eye(4))
+    raw = bytearray(path.read_bytes())
+    h = nib.Nifti1Header.from_fileobj(_io.BytesIO(bytes(raw[:348])), check=False)
+    for k, v in fields.items():
+        if k == "pixdim":
+            h["pixdim"][1:4] = v
+        else:
+            h[k] = v
+    raw[:348] = h.binaryblock
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@case("nifti_pixdim_zero_without_qform_or_sform", "geometry")
+def _(tmp, env):
+    p = nifti_with_header(tmp / "nospacing.nii", volume(5), pixdim=(0, 0, 0), qform_code=0, sform_code=0)
+    return predict(env, tmp, p, words=("zero voxel size", "0x0x0", "1 mm", "--assume-spacing"))
+
+
+@case("nifti_qform_with_negative_pixdim", "geometry")
+def _(tmp, env):
+    p = nifti_with_header(tmp / "negative.nii", volume(5), pixdim=(1.5, -1.5, 2), qform_code=1, sform_code=0)
+    return predict(env, tmp, p, words=("negative voxel size", "qform", "--assume-spacing"))
+
+
+@case("mha_zero_spacing", "geometry")
+def _(tmp, env):
+    import SimpleITK as sitk
+
+    p = tmp / "flat.mha"
+    sitk.WriteImage(itk_image(volume(6)), str(p))
+    p.write_bytes(p.read_bytes().replace(b"ElementSpacing = 1.5 1.5 2", b"ElementSpacing = 1.5 0 2"))
+    return predict(env, tmp, p, words=("zero voxel size", "1.5x0x2"))
+
+
+@case("dicom_pixel_spacing_zero", "geometry")
+def _(tmp, env):
+    import pydicom
+
+    d = dicom_series(tmp / "series", n=6)
+    for f in sorted(d.iterdir()):
+        ds = pydicom.dcmread(str(f))
+        ds.PixelSpacing = [0, 0]
+        ds.save_as(str(f))
+    return predict(env, tmp, d, words=("PixelSpacing", "zero voxel size", "--assume-spacing"))
+
+
+# ------------------------------------------------------------------------------------------ manifest ids and paths
+def _edited_manifest(tmp: Path, edit) -> Path:
+    m = binary_dataset(tmp / "data", n=8)
+    rows = list(csv.reader(m.open()))
+    edit(rows)
+    write_manifest(m, rows[0], rows[1:])
+    return m
+
+
+def _predict_manifest(env: dict, tmp: Path, m: Path, words, row) -> Run:
+    out = tmp / "out"
+    return Run(["predict", str(env["plugin"]), str(m), "--out", str(out), "--weights", "random"], str(m),
+               tuple(words), out, row=row)
+
+
+@case("manifest_id_climbs_out_of_the_output_folder", "manifest", from_issue=True)
+def _(tmp, env):
+    m = _edited_manifest(tmp, lambda r: r[2].__setitem__(0, "../escaped"))
+    return _predict_manifest(env, tmp, m, ("'../escaped'", "path separator"), row=3)
+
+
+@case("manifest_id_with_a_control_character", "manifest")
+def _(tmp, env):
+    m = _edited_manifest(tmp, lambda r: r[1].__setitem__(0, "c\x01x"))
+    return _predict_manifest(env, tmp, m, ("control character",), row=2)
+
+
+@case("manifest_ids_differ_only_in_case", "manifest")
+def _(tmp, env):
+    m = _edited_manifest(tmp, lambda r: r[3].__setitem__(0, "C00"))
+    return _predict_manifest(env, tmp, m, ("'C00'", "'c00'", "case-insensitive"), row=4)
+
+
+@case("manifest_image_cell_empty", "manifest")
+def _(tmp, env):
+    m = _edited_manifest(tmp, lambda r: r[4].__setitem__(1, ""))
+    return train(tmp, m, words=("no image", "'image'"), row=5)
+
+
+@case("manifest_image_is_a_folder_of_niftis", "manifest")
+def _(tmp, env):
+    m = _edited_manifest(tmp, lambda r: r[2].__setitem__(1, "images"))
+    return train(tmp, m, words=("folder of image files", "c00.nii.gz"), row=3)
+
+
+@case("manifest_image_is_the_manifest_itself", "manifest")
+def _(tmp, env):
+    m = _edited_manifest(tmp, lambda r: r[1].__setitem__(1, "manifest.csv"))
+    return train(tmp, m, words=("the manifest itself",), row=2)
+
+
+@case("manifest_image_path_with_tilde", "manifest")
+def _(tmp, env):
+    m = _edited_manifest(tmp, lambda r: r[1].__setitem__(1, "~/scans/c00.nii.gz"))
+    return train(tmp, m, words=("not found", "not expanded"), row=2)
+
+
+@case("manifest_semicolon_separated", "manifest")
+def _(tmp, env):
+    m = binary_dataset(tmp / "data", n=8)
+    m.write_text(m.read_text().replace(",", ";"))
+    return train(tmp, m, words=("missing column 'id'", "';'-separated"))
+
+
+@case("manifest_training_split_has_one_class", "manifest")
+def _(tmp, env):
+    m = _labels_manifest(tmp, [0, 0, 0, 0, 0, 1, 0, 1])  # train rows 0-3: all 0
+    return train(tmp, m, words=("every one of the 4 training cases", "both labels"))
+
+
+@case("manifest_class_only_in_the_test_split", "manifest")
+def _(tmp, env):
+    m = _labels_manifest(tmp, ["low", "high", "low", "high", "low", "high", "mid", "low"])
+    return train(tmp, m, words=("'mid'", "test split", "none of the 4 training cases"))
+
+
 # ------------------------------------------------------------------------------------------ warnings
 @case("constant_volume", "nifti", kind="warning", from_issue=True)
 def _(tmp, env):
@@ -784,6 +951,13 @@ def _(tmp, env):
     dicom_series(d, n=4, uid=OTHER_UID, prefix="loc", seed=5)
     return predict(env, tmp, d, words=("2 DICOM series", f"reading {SERIES_UID} (8 files)", OTHER_UID, "--series"),
                    json_warning=True)
+
+
+@case("nifti_zero_spacing_read_with_assume_spacing", "geometry", kind="warning")
+def _(tmp, env):
+    p = nifti_with_header(tmp / "nospacing.nii", volume(5), pixdim=(0, 0, 0), qform_code=0, sform_code=0)
+    return predict(env, tmp, p, words=("zero voxel size", "assumed spacing 1x1x2 mm", "--assume-spacing"),
+                   extra=("--assume-spacing", "1,1,2"), json_warning=True)
 
 
 @case("dicom_gap_read_with_allow_gaps", "dicom", kind="warning")

@@ -58,6 +58,12 @@ class PluginJob:
         case = self.predictor.case(item)
         return [v for v in case.images.values() if v is not None]
 
+    def plans(self, item) -> list:
+        """(image, preprocessing spec, heatmap labels) for every input of ``item``: what the input check plans."""
+        case = self.predictor.case(item)
+        n = len(self.explainer.default_labels()) if self.explainer is not None else 0
+        return [(v, self.predictor.specs[k], n) for k, v in case.images.items() if v is not None]
+
     def predict(self, item, case_id: str, mask=None, out: Path | None = None, label=None) -> dict:
         res = self.predictor.predict(item, case_id=case_id)
         res["plugin_sha256"] = self.sha
@@ -129,6 +135,10 @@ class StoreJob:
                     seen.append(v)
         return seen
 
+    def plans(self, item) -> list:
+        return [(v, a.predictor.specs[k], 0) for a in self.mp.attached
+                for k, v in a.predictor.case(item).images.items() if v is not None]
+
     def predict(self, item, case_id: str, mask=None, out: Path | None = None, label=None) -> dict:
         res = self.mp.predict(item, case_id=case_id)
         res["plugins_sha256"] = self.shas
@@ -178,22 +188,34 @@ class _Entry(NamedTuple):
 
 
 def check_inputs(job, entries: list[_Entry]) -> tuple[int, str] | None:
-    """Read every volume of ``entries`` once with the project's reader; the first
-    problem as (index, message), or None. Nothing is kept in memory; reader warnings are not printed
-    here (the prediction of that volume prints them)."""
+    """Read every volume of ``entries`` once with the project's reader and plan its preprocessing (the
+    allocation guards of the resampled grid, the slice stacks and the heatmaps: no voxel is resampled);
+    the first problem as (index, message), or None. Nothing is kept in memory; reader warnings are not
+    printed here (the prediction of that volume prints them)."""
     import contextlib
     import io
 
     from .io import read_volume
+    from .preprocess import plan_volume
     from .volume import Volume
 
     for e in entries:
         try:
             # silent: a questionable volume's warning line comes once, from its prediction
             with contextlib.redirect_stderr(io.StringIO()):
-                for img in job.images(e.item):
-                    if not isinstance(img, Volume):
-                        read_volume(img)
+                read: dict[str, Volume] = {}
+                plans = job.plans(e.item) if hasattr(job, "plans") else [(v, None, 0) for v in job.images(e.item)]
+                for img, spec, n_heat in plans:
+                    vol = img if isinstance(img, Volume) else read.get(str(img))
+                    if vol is None:
+                        vol = read[str(img)] = read_volume(img)
+                    if spec is not None:
+                        record = plan_volume(vol, spec)
+                        if n_heat:
+                            from .explain.heatmap import check_heatmaps
+
+                            check_heatmaps(vol.source, record, n_heat)
+                del read
         except InputError as exc:
             return e.index, str(exc)
     return None
@@ -240,6 +262,9 @@ def predict_to_folder(job, items: list, out: str | Path, overwrite: bool = False
         entries.append(_Entry(i, cid or case_id_from(item), item, getattr(it, "mask", None), getattr(it, "label", None)))
     seen: dict[str, object] = {}
     for e in entries:
+        if not e.id or e.id in (".", "..") or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in e.id):
+            raise InputError(f"{e.item}: its case id {e.id!r} cannot name a file in {out} (a path separator, '..' "
+                             f"or a control character); give ids of letters, digits, '.', '_', '-'")
         if e.id in seen:
             raise InputError(f"{e.item}: has the case id {e.id!r} of another input ({seen[e.id]}); both would write "
                              f"{out / (e.id + '.json')} (give a manifest with an id column)")

@@ -155,6 +155,9 @@ def _train(a: argparse.Namespace, dist) -> int:
     if windows and ":" in windows:
         windows = [tuple(float(x) for x in w.split(":")) for w in windows.split(",")]
     task = load_data(a.data, **data_kwargs(a))
+    from .data import check_training_labels
+    from .training.run import assign_splits
+    check_training_labels(task, assign_splits(task, a.seed))  # before the plan writes OUT/plan.json
     st = settings_for_training(a, task, log=main_rank)  # the plan (or --no-plan's defaults) with the flags applied
     pre = PreprocessOptions(views=st["views"], size=st["size"], intensity=a.intensity or ("ct" if windows else None),
                             windows=windows, spacing=_spacing(a.spacing), max_slices=st["max_slices"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .cases import Case, TaskData
-from .manifest import load_manifest
+from .manifest import check_training_labels, id_problem, load_manifest
 from .medmnist import load_medmnist
 
 
@@ -16,4 +16,4 @@ def load_data(path: str | Path, **kwargs) -> TaskData:
     return load_manifest(path, **kwargs)
 
 
-__all__ = ["Case", "TaskData", "load_data", "load_manifest", "load_medmnist"]
+__all__ = ["Case", "TaskData", "check_training_labels", "id_problem", "load_data", "load_manifest", "load_medmnist"]

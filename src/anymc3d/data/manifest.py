@@ -14,11 +14,18 @@ The task type is never guessed from a stray value:
   declare a multi-class task.
 
 Every error names the CSV and, where it is about one row, ``:row N`` (the line in the file).
+
+Ids name the output files (``<id>.json``), so an id must be a plain file name: letters, digits,
+``.``, ``_``, ``-`` and inner spaces, not starting with ``.`` (no ``/``, ``\\``, ``..``, control
+characters), at most 128 characters, and unique even ignoring case (case-insensitive file systems).
+An image cell must name an image file (a registered suffix) or a DICOM series folder; a row whose
+every image cell is empty is an error.
 """
 from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +38,26 @@ _MISSING = {"", "na", "nan", "none", "null"}
 _BINARY = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
 _SPLITS = ("train", "val", "test")
 _TASK_TYPES = ("binary", "multiclass", "multilabel")
+_ID_OK = re.compile(r"[A-Za-z0-9._-]+( [A-Za-z0-9._-]+)*")
+MAX_ID_LENGTH = 128
+
+
+def id_problem(cid: str) -> str | None:
+    """Why ``cid`` cannot name an output file (None when it can); see the module docstring for the rule."""
+    bad = sorted({c for c in cid if not (c.isascii() and (c.isalnum() or c in "._- "))})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad[:5])
+        why = ("a path separator" if any(c in "/\\" for c in bad) else
+               "a control character" if any(ord(c) < 32 or ord(c) == 127 for c in bad) else "a character")
+        return (f"contains {why} ({shown}) that is not allowed in a case id (ids name the output files: use "
+                f"letters, digits, '.', '_', '-' and spaces)")
+    if cid.startswith(".") or ".." in cid:
+        return "starts with '.' or contains '..' (ids name the output files, which must stay in the output folder)"
+    if not _ID_OK.fullmatch(cid):
+        return "has leading, trailing or repeated spaces"
+    if len(cid) > MAX_ID_LENGTH:
+        return f"is {len(cid)} characters long (at most {MAX_ID_LENGTH}: ids name the output files)"
+    return None
 
 
 def _is_number(v: str) -> bool:
@@ -180,7 +207,10 @@ def load_manifest(path: str | Path, image_columns: list[str] | None = None, labe
     cols = set(header)
     for c in ["id", *image_columns] + (label_columns if require_labels else []):
         if c not in cols:
-            raise InputError(f"{path}: missing column '{c}' (columns: {', '.join(sorted(cols))})")
+            sep = next((d for d in (";", "\t", "|") if len(header) == 1 and d in header[0]), None)
+            hint = (f"; the header looks {'tab' if sep == chr(9) else repr(sep)}-separated, anymc3d reads "
+                    f"comma-separated CSV" if sep else "")
+            raise InputError(f"{path}: missing column '{c}' (columns: {', '.join(sorted(cols))}){hint}")
     has_mask = mask_column in cols
     has_split = "split" in cols
     base = path.parent
@@ -199,16 +229,28 @@ def load_manifest(path: str | Path, image_columns: list[str] | None = None, labe
     if task_type == "binary" and len(names) != 2:
         raise InputError(f"{path}: a binary task has two label names, got {names}")
 
-    cases, seen = [], {}
+    cases, seen, folded = [], {}, {}
     for i, (line, r) in enumerate(zip(lines, rows)):
         cid = r["id"].strip() or f"case{i}"
+        problem = id_problem(cid)
+        if problem:
+            raise InputError(f"{path}:row {line}: id {cid!r} {problem}")
         if cid in seen:
             raise InputError(f"{path}:row {line}: id '{cid}' is also the id of row {seen[cid]} (ids name the outputs)")
+        if cid.lower() in folded:
+            other, n = folded[cid.lower()]
+            raise InputError(f"{path}:row {line}: id '{cid}' differs only in upper/lower case from '{other}' of row "
+                             f"{n}; on case-insensitive file systems (macOS, Windows) both write the same output file")
         seen[cid] = line
+        folded[cid.lower()] = (cid, line)
         images = {}
         for c in image_columns:
             v = r[c].strip()
             images[c] = None if v.lower() in _MISSING else _existing(path, line, c, base, v, "image")
+        if all(v is None for v in images.values()):
+            cells = ", ".join(f"'{c}'" for c in image_columns)
+            raise InputError(f"{path}:row {line}: no image: the image column{'s' if len(image_columns) > 1 else ''} "
+                             f"{cells} {'are' if len(image_columns) > 1 else 'is'} empty")
         label = None
         if labels_ok:
             if task_type == "multilabel":
@@ -233,11 +275,74 @@ def load_manifest(path: str | Path, image_columns: list[str] | None = None, labe
 
 
 def _existing(manifest: Path, line: int, column: str, base: Path, value: str, what: str) -> Path:
+    """The path of one image/mask cell (relative to the manifest's folder, or absolute); it must exist and be an
+    image file of a registered type or a folder (a DICOM series), else the row is named."""
+    from ..io import registered_suffixes
+
+    where = f"{manifest}:row {line}: {what} '{value}' (column '{column}')"
     p = base / value
     try:
         ok = p.exists()
+        is_dir = p.is_dir()
     except (OSError, ValueError):
-        ok = False
+        ok = is_dir = False
     if not ok:
-        raise InputError(f"{manifest}:row {line}: {what} '{value}' (column '{column}') not found ({p})")
+        hint = (" (~ and $VARIABLES are not expanded: write the path relative to the manifest's folder, or "
+                "absolute)" if value.startswith("~") or "$" in value or "%" in value else "")
+        raise InputError(f"{where} not found ({p}){hint}")
+    suffixes = registered_suffixes()
+    if is_dir:
+        try:
+            entries = [e for e in p.iterdir() if not e.name.startswith(".")]
+        except OSError as exc:
+            raise InputError(f"{where}: cannot list the folder ({' '.join(str(exc).split())[:120]})") from exc
+        if not entries:
+            raise InputError(f"{where} is an empty folder, not a DICOM series")
+        images = sorted(e.name for e in entries if e.is_file() and any(
+            e.name.lower().endswith(x) for x in suffixes if x != ".dcm"))
+        if images:
+            raise InputError(f"{where} is a folder of image files ({', '.join(images[:3])}"
+                             f"{' ...' if len(images) > 3 else ''}), not one DICOM series: give one file per row")
+        return p
+    if p.resolve() == manifest.resolve():
+        raise InputError(f"{where} is the manifest itself, not an image")
+    if not any(p.name.lower().endswith(x) for x in suffixes):
+        raise InputError(f"{where} is not an image file of a known type (supported: {', '.join(suffixes)} or a "
+                         f"DICOM series folder)")
     return p
+
+
+def check_training_labels(task: TaskData, splits: dict) -> None:
+    """Before training: the training split must hold every class (binary: both labels; multi-class: each class
+    that appears anywhere; multi-label: each label both present and absent). A classifier never shown a class
+    cannot learn it, and a split with one class makes no model at all."""
+    train = [c for c in splits.get("train", []) if c.label is not None]
+    if not train:
+        return
+    names = list(task.label_names)
+    y = np.stack([c.label for c in train])
+    if task.task_type == "multilabel":
+        for j, name in enumerate(names):
+            vals = set(int(v) for v in y[:, j])
+            if len(vals) < 2:
+                state = "positive" if vals == {1} else "negative"
+                raise InputError(f"{task.source}: label '{name}' is {state} in every one of the {len(train)} training "
+                                 f"cases; a classifier needs positive and negative training cases of each label")
+        return
+    seen = set(int(v) for v in y[:, 0])
+    if task.task_type == "binary":
+        if len(seen) < 2:
+            only = names[next(iter(seen))] if seen else "?"
+            raise InputError(f"{task.source}: every one of the {len(train)} training cases has label "
+                             f"{next(iter(seen))} ('{only}'); training needs cases of both labels")
+        return
+    if len(seen) < 2:
+        raise InputError(f"{task.source}: every one of the {len(train)} training cases has class '{names[next(iter(seen))]}'; "
+                         f"training needs at least two classes")
+    for split in ("val", "test"):
+        missing = sorted({int(c.label[0]) for c in splits.get(split, []) if c.label is not None} - seen)
+        if missing:
+            cls = ", ".join(f"'{names[k]}'" for k in missing)
+            raise InputError(f"{task.source}: class {cls} is in the {split} split but in none of the {len(train)} "
+                             f"training cases; the plugin could never predict it (move such cases into training, "
+                             f"or drop the class)")

@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from ..data.cases import Case
 from ..errors import InputError
-from ..io import write_nifti
+from ..io import check_allocation, write_nifti
 from ..preprocess import PreprocessSpec, canonical_to_input, slices_to_canonical
 from ..preprocess.spatial import SpatialRecord
 from ..runtime.batching import prepare_case
@@ -97,6 +97,14 @@ def _to_reference(arr: np.ndarray, src: SpatialRecord, ref: SpatialRecord) -> np
     m = np.linalg.inv(np.asarray(src.canonical_affine)) @ np.asarray(ref.canonical_affine)
     return ndimage.affine_transform(arr, m[:3, :3], offset=m[:3, 3], output_shape=tuple(ref.canonical_shape),
                                     order=1, mode="constant", cval=0.0).astype(np.float32)
+
+
+def check_heatmaps(source, record: SpatialRecord, n_labels: int) -> None:
+    """The allocation guard for one case's heatmaps, before the forward pass: every label's map is kept on the
+    model's (canonical) grid and on the input's grid."""
+    n = max(1, int(n_labels))
+    check_allocation(source, (n, *record.canonical_shape), "its heatmaps on the model's grid (labels x X x Y x Z) make")
+    check_allocation(source, (n, *record.input_shape), "its heatmaps on the input's grid (labels x X x Y x Z) make")
 
 
 class Explainer:
@@ -182,6 +190,8 @@ class Explainer:
         no_mask = Case(id=case.id, images=case.images, label=case.label, mask=None, split=case.split)
         prepared = prepare_case(no_mask, self.specs)
         targets = self._label_targets(labels)
+        for inp, rec in prepared.records.items():
+            check_heatmaps(prepared.sources.get(inp, rec.input_path), rec, len(targets))
         model = self.model
         model.eval()
         slices, masks, present, _, _ = self.runtime.batcher.batch([prepared])
@@ -303,4 +313,4 @@ class Explainer:
         return paths
 
 
-__all__ = ["Explainer", "Heatmaps", "METHODS"]
+__all__ = ["Explainer", "Heatmaps", "METHODS", "check_heatmaps"]

@@ -1,9 +1,10 @@
-"""Reader settings: size limit, DICOM gap and series policy, accepted channel counts.
+"""Reader settings: size limit, DICOM gap and series policy, accepted channel counts, assumed spacing.
 
 These are process-wide (one CLI run = one set of flags): the CLI sets them from ``--max-voxels``,
-``--allow-gaps`` and ``--series`` with :func:`apply_reader_args`; Python callers may use
-:func:`set_reader_options` (or pass ``max_voxels=`` / ``allow_gaps=`` / ``series=`` to
-:func:`~anymc3d.io.read_volume`, which wins over the process setting).
+``--allow-gaps``, ``--series`` and ``--assume-spacing`` with :func:`apply_reader_args`; Python callers
+may use :func:`set_reader_options` (or pass ``max_voxels=`` / ``allow_gaps=`` / ``series=`` /
+``assume_spacing=`` to :func:`~anymc3d.io.read_volume`, which wins over the process setting).
+``max_voxels`` is also the limit of every later allocation (:mod:`anymc3d.io.allocation`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,30 @@ class ReaderOptions:
     series: Optional[str] = None
     #: channel counts accepted for 4D inputs (None: any). The CLI sets (1, 3): the backbones take 1 or 3
     channels: Optional[tuple[int, ...]] = None
+    #: (x, y, z) mm: read a file whose geometry is missing or degenerate (zero, negative or non-finite spacing,
+    #: singular or non-finite affine; also a .npy) with this spacing and identity directions, with a warning
+    assume_spacing: Optional[tuple[float, float, float]] = None
+
+    def __post_init__(self) -> None:
+        if self.assume_spacing is not None:
+            self.assume_spacing = spacing_triple(self.assume_spacing)
+
+
+def spacing_triple(value) -> tuple[float, float, float]:
+    """1 or 3 positive finite numbers (a sequence or ``"0.8,0.8,2"``) -> (x, y, z) mm; ValueError otherwise."""
+    import math
+
+    try:
+        items = str(value).split(",") if isinstance(value, str) else (
+            [value] if isinstance(value, (int, float)) else list(value))
+        vals = [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"expected 1 or 3 spacings in mm (e.g. 1 or 0.8,0.8,2), got {value!r}")
+    if len(vals) == 1:
+        vals *= 3
+    if len(vals) != 3 or not all(math.isfinite(v) and v > 0 for v in vals):
+        raise ValueError(f"expected 1 or 3 positive spacings in mm (e.g. 1 or 0.8,0.8,2), got {value!r}")
+    return tuple(vals)  # type: ignore[return-value]
 
 
 OPTIONS = ReaderOptions()
@@ -68,20 +93,35 @@ def _count(text: str) -> int:
     return n
 
 
+def _spacing_arg(text: str) -> tuple[float, float, float]:
+    try:
+        return spacing_triple(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
 def add_reader_args(*parsers: argparse.ArgumentParser) -> None:
-    """Add ``--max-voxels``, ``--allow-gaps`` and ``--series`` to each parser (a verb that reads volumes)."""
+    """Add ``--max-voxels``, ``--allow-gaps``, ``--series`` and ``--assume-spacing`` to each parser (a verb that
+    reads volumes)."""
     for p in parsers:
         g = p.add_argument_group("input checks")
         for flags, kw in (
             (("--max-voxels",), dict(type=_count, metavar="N", default=None,
                                      help=f"refuse a volume with more than N values, read from its header before "
-                                          f"anything is allocated (default {DEFAULT_MAX_VOXELS:,}: 2 GiB as float32)")),
+                                          f"anything is allocated; also the limit of the resampled volume, the "
+                                          f"slice stacks and the heatmaps (default {DEFAULT_MAX_VOXELS:,}: 2 GiB as "
+                                          f"float32)")),
             (("--allow-gaps",), dict(action="store_true", default=None,
                                      help="read a DICOM series with a missing slice or uneven slice spacing "
                                           "(with a warning) instead of refusing it")),
             (("--series",), dict(metavar="UID", default=None,
                                  help="the SeriesInstanceUID to read when a DICOM folder holds several series "
                                       "(default: the one with most files, with a warning)")),
+            (("--assume-spacing",), dict(type=_spacing_arg, metavar="X,Y,Z", default=None,
+                                         help="read a file whose geometry is missing or degenerate (zero, negative "
+                                              "or non-finite voxel size, singular affine; also .npy) with this "
+                                              "spacing in mm and identity directions; every prediction from it "
+                                              "carries a warning (default: refuse such files)")),
         ):
             try:
                 g.add_argument(*flags, **kw)
@@ -103,6 +143,7 @@ def apply_reader_args(args: argparse.Namespace) -> ReaderOptions:
         allow_gaps=bool(getattr(args, "allow_gaps", False)),
         series=getattr(args, "series", None) or None,
         channels=(1, 3),
+        assume_spacing=getattr(args, "assume_spacing", None) or None,
     )
     return current()
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from anymc3d.errors import InputError, input_warning
 from anymc3d.io import options as _options
+from anymc3d.io.allocation import check_allocation
 from anymc3d.volume import MaskPath, Volume
 
 Reader = Callable[[Path], Volume]
@@ -173,38 +174,19 @@ def _find_reader(path: Path) -> tuple[str, Reader]:
 
 
 # --------------------------------------------------------------------------- size guard
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        if n < 1024 or unit == "EiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} EiB"  # pragma: no cover
-
-
 def check_declared_size(path: Path | str, shape, what: str = "header declares") -> int:
     """Refuse a volume whose declared shape holds more values than the limit, before allocating it.
 
-    ``shape`` includes channels/components. Returns the number of values.
+    ``shape`` includes channels/components. Returns the number of values. The reader's use of the one
+    allocation guard (:func:`anymc3d.io.allocation.check_allocation`).
     """
-    try:
-        dims = [int(s) for s in shape]
-    except (TypeError, ValueError, OverflowError):
-        raise _fail(path, f"{what} an invalid shape {shape!r}")
-    if any(d < 0 for d in dims):
-        raise _fail(path, f"{what} a negative size ({'x'.join(map(str, dims))})")
-    n = math.prod(dims)
-    limit = _options.current().max_voxels
-    if n > limit:
-        raise _fail(path, f"{what} {'x'.join(map(str, dims))} = {n:,} voxel values ({_human_bytes(4.0 * n)} as "
-                          f"float32), more than the limit of {limit:,} ({_human_bytes(4.0 * limit)}); nothing was "
-                          f"read. If the volume is real, raise the limit with --max-voxels")
-    return n
+    return check_allocation(path, shape, what, done="nothing was read")
 
 
 # --------------------------------------------------------------------------- read_volume
 def read_volume(path: Union[str, Path], *, affine: Optional[np.ndarray] = None, max_voxels: Optional[int] = None,
                 allow_gaps: Optional[bool] = None, series: Optional[str] = None,
-                content_warnings: Optional[bool] = None) -> Volume:
+                content_warnings: Optional[bool] = None, assume_spacing=None) -> Volume:
     """Read an image file or DICOM series folder into a validated float32 :class:`Volume`.
 
     The array is (X, Y, Z) or channels-first (C, X, Y, Z); ``affine`` maps voxel indices to RAS+
@@ -217,12 +199,16 @@ def read_volume(path: Union[str, Path], *, affine: Optional[np.ndarray] = None, 
     ``max_voxels`` / ``allow_gaps`` / ``series`` override the process-wide reader options for this
     call. ``content_warnings`` (default: on, off for a :class:`~anymc3d.volume.MaskPath`) warns about
     a constant or nearly empty volume.
+
+    Degenerate geometry (a zero, negative or non-finite voxel size, a singular or non-finite affine) is
+    refused, naming it; ``assume_spacing=(x, y, z)`` (``--assume-spacing``) reads such a file (and a .npy)
+    with that spacing and identity directions instead, with a warning that travels into every prediction.
     """
     if content_warnings is None:
         content_warnings = not isinstance(path, MaskPath)
     p = Path(path)
-    overrides = {k: v for k, v in (("max_voxels", max_voxels), ("allow_gaps", allow_gaps), ("series", series))
-                 if v is not None}
+    overrides = {k: v for k, v in (("max_voxels", max_voxels), ("allow_gaps", allow_gaps), ("series", series),
+                                   ("assume_spacing", assume_spacing)) if v is not None}
     previous = _options.set_reader_options(**overrides) if overrides else None
     try:
         return _read_volume(p, affine, content_warnings)
@@ -257,6 +243,8 @@ def _read_volume(p: Path, affine: Optional[np.ndarray], content_warnings: bool) 
     arr = np.asarray(vol.array)
     meta.setdefault("dtype", str(arr.dtype))
 
+    problem = meta.pop("_geometry_problem", None)
+    assume = _options.current().assume_spacing
     if affine is not None:
         if meta.get("has_geometry", True):
             raise ValueError(f"{p}: format {meta['format']} has its own geometry; affine= only applies to .npy")
@@ -265,12 +253,24 @@ def _read_volume(p: Path, affine: Optional[np.ndarray], content_warnings: bool) 
             raise ValueError(f"affine must be 4x4, got shape {vol_affine.shape}")
     else:
         vol_affine = np.asarray(vol.affine, dtype=np.float64)
+        if not meta.get("has_geometry", True) and assume is not None:
+            problem = problem or f"a .{meta['format']} file has no geometry"
 
     try:
         out = _validate_array(arr, p)
     except MemoryError as exc:
         raise _fail(p, "not enough memory to convert it to float32") from exc
-    result = Volume(array=out, affine=_validate_affine(vol_affine, p), meta=meta)
+    problem = problem or geometry_problem(vol_affine)
+    if problem:
+        if assume is None:
+            raise _fail(p, f"{problem}; refused, because the voxel size decides the resampling and the slices. To "
+                           f"read it anyway, give the spacing with --assume-spacing X,Y,Z (mm; identity directions)")
+        vol_affine = np.diag([*assume, 1.0])
+        meta.setdefault("_pending_warnings", []).insert(0, (
+            f"{problem}; read with the assumed spacing {'x'.join(f'{v:g}' for v in assume)} mm and identity "
+            f"directions (--assume-spacing): sizes and orientation are not the scan's own"))
+        meta["assumed_spacing"] = list(assume)
+    result = Volume(array=out, affine=vol_affine, meta=meta)
     pending = meta.pop("_pending_warnings", [])
     for cause in pending:
         input_warning(meta, p, cause)
@@ -320,14 +320,33 @@ def content_problem(arr: np.ndarray) -> Optional[str]:
     return None
 
 
-def _validate_affine(affine: np.ndarray, path: Path) -> np.ndarray:
+def _spacing_text(values) -> str:
+    return "x".join(f"{float(v):g}" for v in values)
+
+
+def spacing_problem(spacing, what: str) -> Optional[str]:
+    """The cause when a declared voxel size is zero, negative or non-finite (else None)."""
+    sp = np.asarray(list(spacing), dtype=np.float64)
+    if sp.size and not (np.isfinite(sp).all() and (sp > 0).all()):
+        kinds = [k for k, bad in (("zero", (sp == 0).any()), ("negative", (sp < 0).any()),
+                                  ("non-finite", (~np.isfinite(sp)).any())) if bad]
+        return f"{what} a {' and '.join(kinds)} voxel size ({_spacing_text(sp)} mm)"
+    return None
+
+
+def geometry_problem(affine: np.ndarray) -> Optional[str]:
+    """The cause when a voxel-to-world affine is not usable (non-finite, zero spacing, singular), else None."""
+    affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all():
-        raise _fail(path, "has an invalid voxel-to-world affine (not a finite 4x4 matrix)")
+        return "has an invalid voxel-to-world affine (not a finite 4x4 matrix)"
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if (spacing < 1e-6).any():
+        return f"has a degenerate voxel-to-world affine (zero spacing: {_spacing_text(spacing)} mm)"
     with np.errstate(all="ignore"):
-        det = np.linalg.det(affine[:3, :3])
-    if not np.isfinite(det) or abs(det) < 1e-12:
-        raise _fail(path, "has a degenerate voxel-to-world affine (zero spacing or collinear axes)")
-    return affine
+        det = np.linalg.det(affine[:3, :3] / spacing)
+    if not np.isfinite(det) or abs(det) < 1e-6:
+        return "has a degenerate voxel-to-world affine (its axes are collinear: a singular matrix)"
+    return None
 
 
 def _check_numeric(path: Path, dtype, fmt: str) -> None:
@@ -352,6 +371,7 @@ def read_nifti(path: Path) -> Volume:
         raise _fail(path, f"cannot read as NIfTI ({_one_line(exc)})") from exc
     check_declared_size(path, shape, "its NIfTI header declares")
     _check_numeric(path, dtype, "NIfTI")
+    problem = _nifti_geometry_problem(path, img)
     offset = getattr(img.dataobj, "offset", None)
     nbytes = math.prod(shape) * dtype.itemsize
     if offset is not None and not path.name.lower().endswith(".gz"):
@@ -373,7 +393,31 @@ def read_nifti(path: Path) -> Volume:
         arr = arr[:, :, :, 0, :]
     if arr.ndim == 4:
         arr = np.moveaxis(arr, -1, 0)
-    return Volume(arr, affine, {"format": "nifti", "dtype": str(dtype)})
+    meta = {"format": "nifti", "dtype": str(dtype)}
+    if problem:
+        meta["_geometry_problem"] = problem
+    return Volume(arr, affine, meta)
+
+
+def _nifti_geometry_problem(path: Path, img) -> Optional[str]:
+    """nibabel replaces a zero pixdim by 1 (and a negative one by its absolute value) when it loads a header,
+    so a file without any voxel size would be read as 1 mm: look at the header as written. The pixdims
+    define the geometry unless an sform is set (qform: pixdim x rotation; no qform/sform: pixdim alone)."""
+    import gzip
+
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            raw = type(img.header).from_fileobj(fh, check=False)
+        sform, qform = int(raw["sform_code"]), int(raw["qform_code"])
+        pixdim = np.asarray(raw["pixdim"], dtype=np.float64)[1:4]
+    except Exception:  # the header was read once already; leave damage to the data read
+        return None
+    if sform > 0:
+        return None
+    which = "a qform and no sform" if qform > 0 else "no qform or sform"
+    cause = spacing_problem(pixdim, f"its NIfTI header ({which}, so pixdim is the voxel size) declares")
+    return f"{cause}, which nibabel would silently read as 1 mm (or as its absolute value)" if cause else None
 
 
 #: bytes a .nii.gz may hold after the declared voxel data (padding some writers add)
@@ -451,17 +495,42 @@ def _sitk_header(path: Path, fmt: str):
     except Exception as exc:
         raise _fail(path, f"cannot read as {fmt.upper()} ({_one_line(exc)})") from exc
     check_declared_size(path, size + ((ncomp,) if ncomp > 1 else ()), f"its {fmt.upper()} header declares")
+    try:
+        spacing = tuple(float(v) for v in reader.GetSpacing())[:3]
+        direction = np.asarray(reader.GetDirection(), dtype=np.float64)
+    except Exception:
+        return reader
+    problem = spacing_problem(spacing, f"its {fmt.upper()} header declares")
+    n = int(round(math.sqrt(direction.size))) if direction.size else 0
+    if problem is None and n >= 3:
+        d = direction.reshape(n, n)[:3, :3]
+        with np.errstate(all="ignore"):
+            det = np.linalg.det(d) if np.isfinite(d).all() else np.nan
+        if not np.isfinite(det) or abs(det) < 1e-6:
+            problem = f"its {fmt.upper()} header declares a singular or non-finite direction matrix"
+    reader._anymc3d_geometry_problem = problem  # ITK refuses some of these itself when it reads the voxels
     return reader
 
 
 def _make_sitk_reader(fmt: str) -> Reader:
     def read(path: Path) -> Volume:
         reader = _sitk_header(path, fmt)
+        problem = getattr(reader, "_anymc3d_geometry_problem", None)
+        if problem and _options.current().assume_spacing is None:
+            raise _fail(path, f"{problem}; refused, because the voxel size decides the resampling and the slices. "
+                              f"To read it anyway, give the spacing with --assume-spacing X,Y,Z (mm; identity "
+                              f"directions)")
         try:
             img = reader.Execute()
         except Exception as exc:
+            if problem:  # ITK refuses zero spacing and singular directions: no voxels to assume a spacing for
+                raise _fail(path, f"{problem}, and ITK refuses to read such a file even with --assume-spacing: fix "
+                                  f"the header's spacing/direction fields ({_one_line(exc)})") from exc
             raise _fail(path, f"cannot read as {fmt.upper()} ({_one_line(exc)})") from exc
-        return _sitk_image_to_volume(img, path, fmt)
+        vol = _sitk_image_to_volume(img, path, fmt)
+        if problem:
+            vol.meta["_geometry_problem"] = problem
+        return vol
 
     read.__name__ = f"read_{fmt}"
     read.__doc__ = f"{fmt.upper()} via SimpleITK (header checked first); ITK's LPS geometry converted to a RAS affine."
@@ -637,16 +706,26 @@ def _pydicom_volume(folder: Path, items: list, positions: np.ndarray) -> Volume:
     arr = np.swapaxes(arr, -3, -2)   # -> (x = column, y = row, z)
     ds0 = items[0][1]
     o = _floats(_get(ds0, "ImageOrientationPatient"), 6)
-    sp = _floats(_get(ds0, "PixelSpacing"), 2)
-    if sp is None or not (sp > 0).all():
+    raw_sp = _get(ds0, "PixelSpacing")
+    sp = _floats(raw_sp, 2)
+    problem = None
+    if sp is None:
+        problem = (f"{items[0][0].name} has no valid PixelSpacing ({raw_sp!r:.40}): its voxel size is unknown"
+                   if raw_sp is not None else f"{items[0][0].name} has no PixelSpacing: its voxel size is unknown")
         sp = np.array([1.0, 1.0])
+    elif not (sp > 0).all():
+        problem = spacing_problem(sp, f"{items[0][0].name} has PixelSpacing with")
+        sp = np.where(sp > 0, sp, 1.0)
     lps = np.eye(4)
     lps[:3, 0] = o[:3] * sp[1]  # along a row: increasing column index, spaced by the column spacing
     lps[:3, 1] = o[3:] * sp[0]
     lps[:3, 2] = (positions[-1] - positions[0]) / (len(items) - 1)
     lps[:3, 3] = positions[0]
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    return Volume(arr, ras, {"format": "dicom", "dtype": str(dtype)})
+    meta = {"format": "dicom", "dtype": str(dtype)}
+    if problem:
+        meta["_geometry_problem"] = problem
+    return Volume(arr, ras, meta)
 
 
 def read_dicom_series(path: Path) -> Volume:

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from anymc3d.preprocess.intensity import apply_intensity
-from anymc3d.preprocess.pipeline import PreparedVolume, canonicalize, canonicalize_mask, prepare
-from anymc3d.preprocess.slicing import n_slices, slices_to_canonical, to_slices
+from anymc3d.preprocess.pipeline import PreparedVolume, canonicalize, canonicalize_mask, plan_volume, prepare
+from anymc3d.preprocess.slicing import check_slices, n_slices, slice_allocation, slices_to_canonical, to_slices
 from anymc3d.preprocess.spatial import SpatialRecord, apply_spatial, canonical_to_input, plan_spatial
 from anymc3d.preprocess.spec import (
     DEFAULT_CT_WINDOWS,
@@ -30,9 +30,12 @@ __all__ = [
     "canonical_to_input",
     "canonicalize",
     "canonicalize_mask",
+    "check_slices",
     "n_slices",
     "plan_spatial",
+    "plan_volume",
     "prepare",
+    "slice_allocation",
     "slices_to_canonical",
     "to_slices",
 ]

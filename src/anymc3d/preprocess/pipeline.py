@@ -19,12 +19,25 @@ import torch
 
 from anymc3d.errors import InputError
 from anymc3d.preprocess.intensity import apply_intensity
-from anymc3d.preprocess.slicing import to_slices
+from anymc3d.preprocess.slicing import check_slices, to_slices
 from anymc3d.preprocess.spatial import SpatialRecord, apply_spatial, plan_spatial
 from anymc3d.preprocess.spec import PreprocessSpec
 from anymc3d.volume import Volume
 
 AFFINE_ATOL_MM = 1e-3
+
+
+def plan_volume(volume: Volume, spec: PreprocessSpec) -> SpatialRecord:
+    """The spatial record of ``volume`` under ``spec``, with every allocation guard of the prediction path
+    checked (resampled grid, aspect rule, each view's slice stack) and no voxel touched."""
+    shape = tuple(np.shape(volume.array))
+    if len(shape) not in (3, 4):
+        raise InputError(f"{volume.source}: expected a 3D or 4D image, got shape {shape}")
+    c_in = shape[0] if len(shape) == 4 else 1
+    channels = max(c_in, spec.out_channels(c_in))
+    record = plan_spatial(shape[-3:], volume.affine, spec, volume.source, channels=channels)
+    check_slices(spec, record.canonical_shape, spec.out_channels(c_in), volume.source)
+    return record
 
 
 def canonicalize(volume: Volume, spec: PreprocessSpec) -> tuple[np.ndarray, SpatialRecord]:
@@ -33,12 +46,10 @@ def canonicalize(volume: Volume, spec: PreprocessSpec) -> tuple[np.ndarray, Spat
     Spatial steps run first (linear interpolation) so intensity statistics describe the grid the
     model actually sees.
     """
+    record = plan_volume(volume, spec)  # refused here, before anything is resampled or sliced
     arr = np.asarray(volume.array, dtype=np.float32)
     if arr.ndim == 3:
         arr = arr[None]
-    if arr.ndim != 4:
-        raise InputError(f"{volume.source}: expected a 3D or 4D image, got shape {arr.shape}")
-    record = plan_spatial(arr.shape[1:], volume.affine, spec, volume.source)
     canon = apply_spatial(arr, record, order=1)
     return apply_intensity(canon, spec), record
 
@@ -82,5 +93,5 @@ class PreparedVolume:
 def prepare(volume: Volume, spec: PreprocessSpec, *, keep_canonical: bool = False) -> PreparedVolume:
     """``canonicalize`` then ``to_slices`` for every view in the spec (the prediction path)."""
     canon, record = canonicalize(volume, spec)
-    slices = {view: to_slices(canon, spec, view) for view in spec.views}
+    slices = {view: to_slices(canon, spec, view, source=volume.source) for view in spec.views}
     return PreparedVolume(slices=slices, record=record, canonical=canon if keep_canonical else None)

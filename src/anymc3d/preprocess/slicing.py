@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anymc3d.io.allocation import check_allocation
 from anymc3d.preprocess.spatial import SpatialRecord
 from anymc3d.preprocess.spec import VIEW_AXIS, VIEWS, PreprocessSpec
 
@@ -59,13 +60,35 @@ def _pad_amounts(h: int, w: int) -> tuple[int, int, int]:
     return m, (m - h) // 2, (m - w) // 2
 
 
+def slice_allocation(spec: PreprocessSpec, view: str, canonical_shape, channels: int = 1) -> tuple[int, int, int, int]:
+    """The largest tensor ``to_slices`` allocates for one view: (slices after max_slices, channels, side, side),
+    side = the larger of the zero-padded square (the longer in-plane axis) and ``spec.size``."""
+    shape = tuple(int(v) for v in canonical_shape)
+    axis = VIEW_AXIS[view]
+    h, w = (shape[a] for a in range(3) if a != axis)
+    side = max(h, w, spec.size)
+    return n_slices(spec, view, shape), max(1, int(channels)), side, side
+
+
+def check_slices(spec: PreprocessSpec, canonical_shape, channels: int = 1, source="<array>",
+                 views=None) -> None:
+    """The allocation guard for every view's slice stack (max_slices counted), before any slice is cut."""
+    for view in (views or spec.views):
+        _check_view(view)
+        check_allocation(source, slice_allocation(spec, view, canonical_shape, channels),
+                         f"its {view} slices (slices x channels x side x side, zero-padded to a square and resized "
+                         f"to {spec.size}) make")
+
+
 def to_slices(
-    array_cxyz: Union[np.ndarray, torch.Tensor], spec: PreprocessSpec, view: str, mode: str = "bilinear"
+    array_cxyz: Union[np.ndarray, torch.Tensor], spec: PreprocessSpec, view: str, mode: str = "bilinear",
+    source="<array>",
 ) -> torch.Tensor:
     """Cut a canonical (C,X,Y,Z) volume (numpy or torch, any device) into (S, C, size, size) slices.
 
     A 3D (X,Y,Z) input is treated as one channel. ``mode="nearest"`` for masks/labels.
     Works on torch tensors so augmentation can run between ``canonicalize`` and here.
+    The stack is checked against ``--max-voxels`` first (:func:`check_slices`; ``source`` names the file).
     """
     _check_view(view)
     x = torch.as_tensor(array_cxyz) if not isinstance(array_cxyz, torch.Tensor) else array_cxyz
@@ -73,6 +96,7 @@ def to_slices(
         x = x.unsqueeze(0)
     if x.ndim != 4:
         raise ValueError(f"to_slices expects (C,X,Y,Z) or (X,Y,Z), got shape {tuple(x.shape)}")
+    check_slices(spec, tuple(x.shape[1:]), int(x.shape[0]), source, views=[view])
     if not x.is_floating_point():
         x = x.float()
     x = x.permute(*_FORWARD_PERM[view])  # (S, C, H, W)
@@ -106,6 +130,7 @@ def slices_to_canonical(
     axis = VIEW_AXIS[view]
     in_plane = [shape[a] for a in range(3) if a != axis]
     h, w = in_plane
+    check_slices(spec, shape, 1, record.input_path, views=[view])  # the maps are upsampled to the padded square
     expected = (n_slices(spec, view, shape), spec.size, spec.size)
     if tuple(x.shape) != expected:
         raise ValueError(f"slices_to_canonical: maps shape {tuple(x.shape)} != expected {expected} for view {view}")

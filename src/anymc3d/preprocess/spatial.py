@@ -17,6 +17,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from scipy import ndimage
 
+from anymc3d.io.allocation import check_allocation, check_aspect
 from anymc3d.preprocess.spec import PreprocessSpec
 
 _SPACING_RTOL = 1e-4  # spacings this close to the target are not resampled
@@ -65,8 +66,17 @@ class SpatialRecord:
         )
 
 
-def plan_spatial(input_shape: tuple[int, int, int], input_affine: np.ndarray, spec: PreprocessSpec, input_path: str = "<array>") -> SpatialRecord:
-    """Work out the orientation transform and the resampled grid without touching voxels."""
+def _mm(values) -> str:
+    return "x".join(f"{float(v):.4g}" for v in values)
+
+
+def plan_spatial(input_shape: tuple[int, int, int], input_affine: np.ndarray, spec: PreprocessSpec,
+                 input_path: str = "<array>", channels: int = 1) -> SpatialRecord:
+    """Work out the orientation transform and the resampled grid without touching voxels.
+
+    The planned grid goes through the allocation guard (``channels`` values per voxel, float32, against
+    ``--max-voxels``) and the aspect rule (:func:`anymc3d.io.allocation.check_aspect`): a volume whose
+    resampled grid would not fit is refused here, before anything is resampled."""
     shape = tuple(int(s) for s in input_shape)
     affine = np.asarray(input_affine, dtype=np.float64)
     ornt = None
@@ -93,6 +103,14 @@ def plan_spatial(input_shape: tuple[int, int, int], input_affine: np.ndarray, sp
             m[:3, :3] = np.diag(r)
             m[:3, 3] = (n_in - 1) / 2 - r * (n_out - 1) / 2
             canonical_affine = oriented_affine @ m
+    if ratio is not None:
+        what = (f"resampling its {_mm(current)} mm voxels ({'x'.join(map(str, oriented_shape))}) to the plugin's "
+                f"{_mm(target)} mm spacing makes")
+    else:
+        what = "its preprocessed volume (channels x X x Y x Z) is"
+    check_aspect(input_path, canonical_shape, "resampled to the plugin's spacing it is" if ratio is not None
+                 else "the volume the model sees is")
+    check_allocation(input_path, (max(1, int(channels)), *canonical_shape), what)
     return SpatialRecord(
         input_path=input_path,
         input_shape=shape,  # type: ignore[arg-type]

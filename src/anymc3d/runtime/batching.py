@@ -84,7 +84,7 @@ def slice_streams(case: PreparedCase, specs: dict[str, PreprocessSpec], streams:
     for s in streams:
         inp, view = s.split(":")
         if inp in arrays:
-            out[s] = to_slices(arrays[inp], specs[inp], view)
+            out[s] = to_slices(arrays[inp], specs[inp], view, source=case.sources.get(inp, "<array>"))
     return out
 
 

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..backbones import create_backbone
-from ..data import Case, TaskData, load_data
+from ..data import Case, TaskData, check_training_labels, load_data
 from ..errors import InputError
 from ..evaluation import compute_metrics
 from ..evaluation.threshold import choose_threshold, youden_threshold  # noqa: F401  (re-exported)
@@ -125,6 +125,7 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
     task = data if isinstance(data, TaskData) else load_data(data, **(data_kwargs or {}))
     splits = assign_splits(task, cfg.seed)
     splits["train"] = subsample(splits["train"], train_fraction, task.task_type, cfg.seed)
+    check_training_labels(task, splits)  # one class only, or a class the training split never shows: refused
     pre = preprocess or PreprocessOptions()
     bb = create_backbone(backbone, weights=weights, input_size=pre.size)
     specs = {inp: pre.spec_for(task, bb.input_size) for inp in task.inputs}
