@@ -1,4 +1,5 @@
-"""3D CNN baselines trained from scratch (MONAI ResNet-18 / DenseNet-121) in the plugin's harness.
+"""3D CNN baselines trained from scratch (MONAI ResNet-18 / DenseNet-121) in the plugin's harness, and
+``acs_lite0``: the ImageNet EfficientNet-Lite0 converted to 3D with ACS convolutions, fine-tuned (:mod:`.acs`).
 
 The model takes the same batches as the plugin -- the canonical volume cut into axial slices at
 the volume's own in-plane size (so no resampling), after the same MONAI 3D augmentation -- and
@@ -14,7 +15,7 @@ from torch import nn
 from ..plugins.model import ModelOutput
 from ..plugins.spec import PluginSpec
 
-ARCHS = ("resnet18", "densenet121")
+ARCHS = ("resnet18", "densenet121", "acs_lite0")
 
 
 def build_net(arch: str, in_channels: int, n_out: int) -> nn.Module:
@@ -24,6 +25,10 @@ def build_net(arch: str, in_channels: int, n_out: int) -> nn.Module:
         return nets.resnet18(spatial_dims=3, n_input_channels=in_channels, num_classes=n_out)
     if arch == "densenet121":
         return nets.DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=n_out)
+    if arch == "acs_lite0":  # ImageNet EfficientNet-Lite0 (packaged weights) with ACS convolutions, fine-tuned
+        from .acs import ACSEfficientNet
+
+        return ACSEfficientNet("efficientnet_lite0", in_channels=in_channels, n_out=n_out)
     raise ValueError(f"unknown 3D CNN {arch!r}; choose one of {', '.join(ARCHS)}")
 
 

@@ -280,7 +280,9 @@ def m_cnn3d(task, out: Path, seed: int, o: dict, arch: str = "resnet18", train_f
 
     m = train_cnn3d(task, arch, out, _train_config(o, seed, cnn=True), train_fraction=train_fraction, resume=True,
                     log=_log(o))
-    return normalise(m, detail=f"MONAI {arch} 3D from scratch")
+    detail = ("ImageNet EfficientNet-Lite0, ACS convolutions, fine-tuned" if arch == "acs_lite0"
+              else f"MONAI {arch} 3D from scratch")
+    return normalise(m, detail=detail)
 
 
 THREE = ("axial", "coronal", "sagittal")
@@ -347,6 +349,8 @@ register_method("slice_transformer", m_slice_transformer, "plugin",
                 "fine-tuned 2D backbone + slice transformer (MST-like)")
 register_method("resnet18_3d", m_cnn3d, "cnn3d", "MONAI 3D ResNet-18 from scratch", arch="resnet18")
 register_method("densenet121_3d", m_cnn3d, "cnn3d", "MONAI 3D DenseNet-121 from scratch", arch="densenet121")
+register_method("acs_lite0", m_cnn3d, "cnn3d", "ImageNet EfficientNet-Lite0 as a 3D net (ACS convolutions), fine-tuned",
+                arch="acs_lite0")
 # the paper's data-efficiency comparison: its 20 % plugin against a 3D DenseNet on 60 % of the data
 register_method("densenet121_3d_frac60", m_cnn3d, "cnn3d", "densenet121_3d on 60 % of the training set",
                 arch="densenet121", train_fraction=0.6)
