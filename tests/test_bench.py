@@ -160,8 +160,9 @@ def test_method_fixed_size_overrides_the_run_option(tmp_path):
     assert seen == [(48, ("coronal",))]
     assert m.relevant_options({"size": 32})["size"] == 48
     entry = load_suite(f"medmnist3d:{fake_medmnist(tmp_path / 'a.npz')}").tasks[0]
-    assert fingerprint("plugin_lastk1_s112", {"size": 32}, entry) == fingerprint("plugin_lastk1_s112", {"size": 64}, entry)
-    assert fingerprint("plugin_lastk1", {"size": 32}, entry) != fingerprint("plugin_lastk1", {"size": 64}, entry)
+    assert (fingerprint("plugin_lastk1_s112", {"size": 32}, entry, "cpu")
+            == fingerprint("plugin_lastk1_s112", {"size": 64}, entry, "cpu"))
+    assert fingerprint("plugin_lastk1", {"size": 32}, entry, "cpu") != fingerprint("plugin_lastk1", {"size": 64}, entry, "cpu")
 
 
 def test_medmnist_task_names_carry_the_release_size(tmp_path):

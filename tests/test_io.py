@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from anymc3d.errors import InputError
 from anymc3d.io import atomic_write, read_volume, register_reader, write_nifti
+from anymc3d.io.readers import _keep_locale
 from anymc3d.volume import Volume
 
 SHAPE = (5, 6, 4)
@@ -101,7 +102,8 @@ def _write_dicom_series(img: sitk.Image, folder: Path) -> None:
         s.SetMetaData("0020|0013", str(k + 1))
         s.SetMetaData("0018|0050", str(img.GetSpacing()[2]))
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(s)
+        with _keep_locale():  # GDCM's writer resets the C locale to "C" (later UTF-8 open() calls would fail)
+            writer.Execute(s)
 
 
 def test_dicom_series_world_coordinates_agree(tmp_path: Path) -> None:

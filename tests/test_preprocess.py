@@ -20,7 +20,6 @@ from anymc3d.preprocess import (
     canonical_to_input,
     canonicalize,
     canonicalize_mask,
-    prepare,
     slices_to_canonical,
     to_slices,
 )
@@ -135,15 +134,15 @@ def test_canonical_is_ras_and_world_preserved() -> None:
 def test_marker_round_trip_exact_grid(view: str, tmp_path: Path) -> None:
     vol = _marker_volume()
     spec = PreprocessSpec(intensity="minmax", size=16, views=[view])
-    prep = prepare(vol, spec)
-    maps = prep.slices[view][:, 0]  # (S, size, size) "heatmap"
-    canon = slices_to_canonical(maps, spec, view, prep.record)
-    assert canon.shape == prep.record.canonical_shape
-    back = canonical_to_input(canon, prep.record)
+    canon, record = canonicalize(vol, spec)  # the prediction path (runtime.batching: prepare_case, slice_streams)
+    maps = to_slices(canon, spec, view)[:, 0]  # (S, size, size) "heatmap"
+    canon = slices_to_canonical(maps, spec, view, record)
+    assert canon.shape == record.canonical_shape
+    back = canonical_to_input(canon, record)
     assert back.shape == IN_SHAPE
     assert np.unravel_index(np.argmax(back), back.shape) == MARKER
     # written with the input affine it overlays the input file exactly
-    out = read_volume(write_nifti(back, prep.record.input_affine, tmp_path / "heat.nii.gz"))
+    out = read_volume(write_nifti(back, record.input_affine, tmp_path / "heat.nii.gz"))
     np.testing.assert_allclose(out.affine, LPS_AFFINE, atol=1e-5)
     assert np.unravel_index(np.argmax(out.array), out.array.shape) == MARKER
 
@@ -155,13 +154,13 @@ def test_round_trip_with_resampling_and_max_slices(view: str) -> None:
     d2 = sum(((g[i] - MARKER[i]) * abs(LPS_AFFINE[:3, i]).sum()) ** 2 for i in range(3))
     vol = Volume(np.exp(-d2 / (2 * 2.5**2)).astype(np.float32), LPS_AFFINE.copy(), {"path": "blob.nii"})
     spec = PreprocessSpec(intensity="none", spacing=(1.5, 1.0, 1.7), size=24, max_slices=6, views=[view])
-    prep = prepare(vol, spec)
-    rec = prep.record
+    canon, rec = canonicalize(vol, spec)
+    slices = to_slices(canon, spec, view)
     assert rec.resample_ratio is not None
     np.testing.assert_allclose(np.sqrt((rec.canonical_affine[:3, :3] ** 2).sum(0)), [1.5, 1.0, 1.7])
     n_view = rec.canonical_shape[VIEW_AXIS[view]]  # x: 5, y: 14, z: 9 canonical voxels
-    assert prep.slices[view].shape[0] == min(n_view, 6)
-    back = canonical_to_input(slices_to_canonical(prep.slices[view][:, 0], spec, view, rec), rec)
+    assert slices.shape[0] == min(n_view, 6)
+    back = canonical_to_input(slices_to_canonical(slices[:, 0], spec, view, rec), rec)
     assert back.shape == IN_SHAPE
     assert np.unravel_index(np.argmax(back), back.shape) == MARKER
     rec2 = SpatialRecord.from_dict(json.loads(json.dumps(rec.to_dict())))

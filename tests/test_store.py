@@ -17,7 +17,7 @@ from anymc3d.plugins import LoraSpec, PluginSpec, load_plugin
 from anymc3d.predict import Predictor
 from anymc3d.preprocess import PreprocessSpec
 from anymc3d.store import MultiPredictor, PluginStore
-from anymc3d.runtime.cache import ActivationCache, TrunkDiskCache
+from anymc3d.runtime.cache import ActivationCache, PluginActivations
 from anymc3d.volume import Volume
 
 from conftest import random_plugin
@@ -198,16 +198,16 @@ def test_cache_hit_and_invalidation(store, tmp_path):
     model = load_plugin(store / "k1", weights="random")
     spec = PreprocessSpec.from_dict(model.spec.preprocess["image"])
     x = _case_slices(spec)
-    c1 = TrunkDiskCache(tmp_path / "c", model, {"image": spec})
+    c1 = PluginActivations(tmp_path / "c", model, {"image": spec})
     a = c1.activations("image:axial", x)
     assert c1.stats["misses"] == 1 and c1.stats["writes"] == 1
     assert torch.equal(a, model.trunk(x).to(torch.bfloat16))
-    c2 = TrunkDiskCache(tmp_path / "c", model, {"image": spec})
+    c2 = PluginActivations(tmp_path / "c", model, {"image": spec})
     assert torch.equal(c2.activations("image:axial", x), a) and c2.stats["hits"] == 1
 
     # a change of preprocessing (same slices even) -> another key -> recomputed
     spec_b = PreprocessSpec.from_dict({**spec.to_dict(), "clip_percentiles": [1.0, 99.0]})
-    c3 = TrunkDiskCache(tmp_path / "c", model, {"image": spec_b})
+    c3 = PluginActivations(tmp_path / "c", model, {"image": spec_b})
     c3.activations("image:axial", x)
     assert c3.stats["misses"] == 1 and c3.stats["hits"] == 0
     # other volume content -> miss
@@ -224,7 +224,7 @@ def test_cache_hit_and_invalidation(store, tmp_path):
     bb2 = lite0(str(wfile))
     assert bb2.fingerprint != model.backbone.fingerprint
     model2 = AnyMC3D(bb2, PluginSpec.from_dict({**model.spec.to_dict(), "backbone_fingerprint": bb2.fingerprint}))
-    c4 = TrunkDiskCache(tmp_path / "c", model2, {"image": spec})
+    c4 = PluginActivations(tmp_path / "c", model2, {"image": spec})
     b = c4.activations("image:axial", x)
     assert c4.stats["misses"] == 1 and c4.stats["hits"] == 0 and not torch.equal(a, b)
     assert len(ActivationCache(tmp_path / "c").entries()) == 4
@@ -234,7 +234,7 @@ def test_corrupt_cache_entry_is_detected_and_recomputed(store, tmp_path):
     model = load_plugin(store / "k1", weights="random")
     spec = PreprocessSpec.from_dict(model.spec.preprocess["image"])
     x = _case_slices(spec)
-    c = TrunkDiskCache(tmp_path / "c", model, {"image": spec})
+    c = PluginActivations(tmp_path / "c", model, {"image": spec})
     good = c.activations("image:axial", x)
     path = c.path(c.key_for("image:axial", x))
     for damage in ("flip", "truncate"):

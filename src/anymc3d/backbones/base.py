@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 
 import torch
@@ -129,7 +128,3 @@ def base_modules(model: nn.Module):
             yield name[: -len(".base_layer")], module
         elif not hasattr(module, "base_layer"):
             yield name, module
-
-
-def natural_key(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

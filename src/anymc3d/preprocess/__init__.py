@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from anymc3d.preprocess.intensity import apply_intensity
-from anymc3d.preprocess.pipeline import PreparedVolume, canonicalize, canonicalize_mask, plan_volume, prepare
+from anymc3d.preprocess.pipeline import canonicalize, canonicalize_mask, plan_volume
 from anymc3d.preprocess.slicing import check_slices, n_slices, slice_allocation, slices_to_canonical, to_slices
 from anymc3d.preprocess.spatial import SpatialRecord, apply_spatial, canonical_to_input, plan_spatial
 from anymc3d.preprocess.spec import (
@@ -21,7 +21,6 @@ __all__ = [
     "VIEWS",
     "VIEW_AXIS",
     "WINDOW_PRESETS",
-    "PreparedVolume",
     "PreprocessOptions",
     "PreprocessSpec",
     "SpatialRecord",
@@ -34,7 +33,6 @@ __all__ = [
     "n_slices",
     "plan_spatial",
     "plan_volume",
-    "prepare",
     "slice_allocation",
     "slices_to_canonical",
     "to_slices",

@@ -1,25 +1,22 @@
 """The whole preprocessing path: Volume -> canonical (C,X,Y,Z) -> per-view slice stacks.
 
-Typical use::
+The prediction and training paths (:func:`anymc3d.runtime.batching.prepare_case` and
+:func:`~anymc3d.runtime.batching.slice_streams`) use it as::
 
     vol = read_volume(path)
-    prep = prepare(vol, spec)                      # prep.slices["axial"]: (S, C, size, size)
+    canon, record = canonicalize(vol, spec)        # (C, X, Y, Z) on the canonical grid
+    slices = to_slices(canon, spec, "axial")       # (S, C, size, size)
     ...                                            # model -> per-slice maps (S, size, size)
-    canon = slices_to_canonical(maps, spec, "axial", prep.record)
-    heat = canonical_to_input(canon, prep.record)  # shape == input spatial shape
-    write_nifti(heat, prep.record.input_affine, "heatmap.nii.gz")
+    heat = canonical_to_input(slices_to_canonical(maps, spec, "axial", record), record)  # input's shape
+    write_nifti(heat, record.input_affine, "heatmap.nii.gz")
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import numpy as np
-import torch
 
 from anymc3d.errors import InputError
 from anymc3d.preprocess.intensity import apply_intensity
-from anymc3d.preprocess.slicing import check_slices, to_slices
+from anymc3d.preprocess.slicing import check_slices
 from anymc3d.preprocess.spatial import SpatialRecord, apply_spatial, plan_spatial
 from anymc3d.preprocess.spec import PreprocessSpec
 from anymc3d.volume import Volume
@@ -79,19 +76,3 @@ def canonicalize_mask(mask: Volume, spec: PreprocessSpec, reference: SpatialReco
     if out.size and out.min() >= 0 and out.max() <= 255:
         return out.astype(np.uint8)
     return out.astype(np.int32)
-
-
-@dataclass
-class PreparedVolume:
-    """Slice stacks per view plus the record that maps outputs back to the input grid."""
-
-    slices: dict[str, torch.Tensor]
-    record: SpatialRecord
-    canonical: Optional[np.ndarray] = None  # (C,X,Y,Z), kept only when asked (memory)
-
-
-def prepare(volume: Volume, spec: PreprocessSpec, *, keep_canonical: bool = False) -> PreparedVolume:
-    """``canonicalize`` then ``to_slices`` for every view in the spec (the prediction path)."""
-    canon, record = canonicalize(volume, spec)
-    slices = {view: to_slices(canon, spec, view, source=volume.source) for view in spec.views}
-    return PreparedVolume(slices=slices, record=record, canonical=canon if keep_canonical else None)

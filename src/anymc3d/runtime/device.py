@@ -78,12 +78,3 @@ def place(model, device: torch.device, amp: bool = True):
         model.backbone.to(memory_format=torch.channels_last)
         model.channels_last = True
     return model
-
-
-def synchronize(device: torch.device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()

@@ -4,8 +4,7 @@ from anymc3d._lazy import lazy_exports
 
 # Exports load on first use, so `anymc3d --help` and other verbs do not import torch for this package.
 _EXPORTS = {
-    'ActivationCache': '.cache',
-    'TrunkDiskCache': '.cache',
+    'ActivationCache': '..runtime.cache',  # the one activation cache lives in the runtime
     'MultiPredictor': '.multi',
     'PluginStore': '.store',
     'describe': '.store',
@@ -14,4 +13,4 @@ _EXPORTS = {
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
-__all__ = ["ActivationCache", "MultiPredictor", "PluginStore", "TrunkDiskCache", "describe"]
+__all__ = ["ActivationCache", "MultiPredictor", "PluginStore", "describe"]
