@@ -6,6 +6,8 @@ import argparse
 
 from .runtime.device import DEVICE_CHOICES
 
+ENGINE_CHOICES = ("auto", "torch", "onnxruntime", "openvino")  # anymc3d.runtime.engines.ENGINE_CHOICES
+
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
@@ -42,6 +44,10 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                    help=f"{DEVICE_CHOICES}; auto = CUDA when available, else MPS, else CPU (default auto)")
     g.add_argument("--workers", type=int, default=0, metavar="N",
                    help="DataLoader worker processes that read, preprocess and augment (default 0: in-process)")
+    g.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                   help="inference engine of the frozen passes (trunk-cache fill, frozen probes and features) on "
+                        "the CPU; auto = the fastest installed one, measured (onnxruntime / openvino come with "
+                        "anymc3d[cpu]; docs/runtime.md) (default auto)")
 
 
 def _has_option(p: argparse.ArgumentParser, flag: str) -> bool:

@@ -33,6 +33,7 @@ from ..plugins.pooling import TaskQueryPool
 from ..preprocess import PreprocessOptions
 from ..runtime.cache import ActivationCache
 from ..runtime.engine import frozen_embeddings
+from ..runtime.engines import current_engine, using_engine
 from ..training.losses import classification_loss
 from ..evaluation.threshold import choose_threshold
 from ..training.run import assign_splits, subsample
@@ -61,10 +62,13 @@ class FeatureCache:
 
     The embeddings come from the one activation cache (:mod:`anymc3d.runtime.cache`, cut
     ``embed``) in ``cache_dir``: one content-keyed entry per case and stream, shared with
-    pooling-only plugins trained with ``--cache`` on the same data and preprocessing."""
+    pooling-only plugins trained with ``--cache`` on the same data and preprocessing. Missing
+    entries are computed by the inference engine ``engine`` (None: the process's ``--engine``;
+    :mod:`anymc3d.runtime.engines`)."""
 
     def __init__(self, task: TaskData, backbone, views: list[str], size: int | None, cache_dir: str | Path,
-                 seed: int = 0, progress: bool = False, log=print, device: str = "auto") -> None:
+                 seed: int = 0, progress: bool = False, log=print, device: str = "auto",
+                 engine: str | None = None) -> None:
         self.task, self.backbone, self.views = task, backbone, list(views)
         pre = PreprocessOptions(views=list(views), size=size)
         self.specs = {inp: pre.spec_for(task, backbone.input_size) for inp in task.inputs}
@@ -76,11 +80,13 @@ class FeatureCache:
             if not cases:
                 continue
             misses = self.cache.stats["misses"]
-            rows, secs = frozen_embeddings(backbone, cases, self.specs, self.views, device=device, cache=self.cache,
-                                           progress=progress, desc=f"features {split}")
+            with using_engine(engine):
+                rows, secs = frozen_embeddings(backbone, cases, self.specs, self.views, device=device,
+                                               cache=self.cache, progress=progress, desc=f"features {split}")
+                self.engine = current_engine()
             if self.cache.stats["misses"] > misses:
                 log(f"  extracted frozen features: {task.name} {split} ({len(cases)} volumes, views {','.join(views)}, "
-                    f"{self.cache.stats['misses'] - misses} new cache entries)")
+                    f"{self.cache.stats['misses'] - misses} new cache entries, engine {self.engine})")
             emb, mask = stack_rows(rows, backbone.embed_dim)
             self.data[split] = {"emb": emb, "mask": mask, "secs": secs}
 
@@ -93,10 +99,6 @@ class FeatureCache:
     def per_volume_secs(self, split: str = "test") -> float:
         n = len(self.splits.get(split) or [])
         return self.feature_secs(split) / n if n else float("nan")
-
-
-def _scores(probs: np.ndarray, task_type: str) -> np.ndarray:
-    return probs[:, 1] if task_type == "binary" and probs.ndim == 2 and probs.shape[1] == 2 else probs
 
 
 def _finish(cache: FeatureCache, val_scores, test_scores, threshold: float, extra: dict) -> dict:

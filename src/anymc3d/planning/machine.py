@@ -5,7 +5,8 @@ training configurations on this machine (never a guess).
 cases of the data, and times on the planned device, through :class:`anymc3d.runtime.Runtime`:
 
 * reading + canonicalising a volume (``prep_s_per_volume``) and its 3D augmentation (``aug_s_per_volume``);
-* the frozen trunk of a last-stage LoRA plugin (``trunk_fwd_s`` per slice, no autograd) and the bytes
+* the frozen trunk of a last-stage LoRA plugin (``trunk_fwd_s`` per slice, no autograd), run by the
+  inference engine the trunk-cache fill will use (``--engine``; ``engine`` names it), and the bytes
   of its activations (``trunk_bytes_per_slice``: the trunk cache's memory);
 * a training step of that adapted tail on cached activations (``tail_step_s``: forward + backward +
   optimiser, per slice) and its inference (``tail_fwd_s``);
@@ -29,7 +30,9 @@ from ..plugins.model import AnyMC3D
 from ..preprocess import PreprocessOptions
 from ..runtime.batching import collate, prepare_case, slice_streams
 from ..runtime.device import resolve_device
+from ..runtime.cache import frozen_engine
 from ..runtime.engine import Runtime
+from ..runtime.engines import engine_name
 from ..training.losses import classification_loss
 
 
@@ -148,7 +151,9 @@ def measure_timings(task: TaskData, backbone_name: str, size: int, device: str =
     threads = choose_threads(lambda: tail.trunk(flat), dev)
     full_step = _timed(step(full, rt_full, slices, False), dev, repeats) / n
     full_fwd = _timed(infer(full, rt_full, slices, False), dev, repeats) / n
-    trunk_fwd = _timed(lambda: tail.trunk(flat), dev, repeats) / n
+    # the frozen trunk as the trunk-cache fill will run it: through the engine of --engine (auto: measured)
+    runner = frozen_engine(tail, stream, flat) if dev.type == "cpu" else None
+    trunk_fwd = _timed((lambda: runner(flat)) if runner is not None else (lambda: tail.trunk(flat)), dev, repeats) / n
     h = tail.trunk(flat)
     b, s = masks[stream].shape
     acts = {stream: h.new_zeros(b * s, *h.shape[1:])}
@@ -158,7 +163,7 @@ def measure_timings(task: TaskData, backbone_name: str, size: int, device: str =
     tail_fwd = _timed(infer(tail, rt_tail, acts, True), dev, repeats) / n
     del full, tail, rt_full, rt_tail, bb
     return {**machine_info(device), **threads, "backbone": backbone_name, "size": int(size), "batch_size": batch_size,
-            "slices_timed": n, "prep_s_per_volume": prep_s, "aug_s_per_volume": aug_s,
+            "slices_timed": n, "engine": engine_name(runner), "prep_s_per_volume": prep_s, "aug_s_per_volume": aug_s,
             "trunk_fwd_s": trunk_fwd, "trunk_bytes_per_slice": int(h[0].numel() * 4),
             "tail_step_s": tail_step, "tail_fwd_s": tail_fwd, "full_step_s": full_step, "full_fwd_s": full_fwd,
             "measure_s": round(time.perf_counter() - t_all, 2)}

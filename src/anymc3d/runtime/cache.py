@@ -12,13 +12,16 @@ What is cached, per (case, stream):
   (``forward_trunk(x, k)``; bf16), i.e. everything before the LoRA-adapted tail;
 * pooling-only plugins (``lora.r = 0``): the whole frozen backbone's class embeddings (S, D).
 
+A miss is computed by the inference engine of ``--engine`` (:mod:`anymc3d.runtime.engines`: torch eager,
+ONNX Runtime or OpenVINO, checked equal to torch within 1e-3) through :func:`frozen_engine`.
+
 Full-depth LoRA plugins have no frozen part worth caching (LoRA starts at the patch embedding / first
 pointwise convolution), so they are never cached.
 
 The key is a sha256 over: the slice stack the backbone receives (the volume's content after
 preprocessing; shape, dtype and bytes), the preprocessing spec of that input (every field) and the
 view, the backbone's name and weight fingerprint, the cut point (``trunk:k`` or ``embed``), whether
-bf16 autocast was on, and the cache format. Any change of volume, preprocessing or backbone weights
+bf16 autocast was on (the torch path's; the other engines compute in fp32), and the cache format. Any change of volume, preprocessing or backbone weights
 gives another key: the stale entry is never read (``anymc3d cache clear`` removes old entries).
 
 Each entry is one safetensors file ``DIR/ab/<key>.safetensors`` written atomically, with the key and
@@ -209,15 +212,38 @@ def cut_point(model) -> str | None:
     return None
 
 
+def torch_frozen(model, stream: str):
+    """The torch path of ``model``'s frozen part (its chunking, autocast and memory format): slices -> float32."""
+    if model.spec.lora.r == 0:
+        return lambda x: model.embed_slices(stream, x)[0]
+    return lambda x: model.trunk(x, engine=False).float()
+
+
+def frozen_engine(model, stream: str, x: torch.Tensor):
+    """The engine runner for ``model``'s frozen part on slices like ``x`` (None: torch; see
+    :mod:`anymc3d.runtime.engines`: ``--engine``, checked against torch, ``auto`` timed against
+    :func:`torch_frozen`)."""
+    from .engines import frozen_runner
+
+    cut = cut_point(model)
+    if cut is None:
+        return None
+    return frozen_runner(model.backbone, cut, x, torch_path=torch_frozen(model, stream))
+
+
 @torch.no_grad()
-def frozen_activations(model, stream: str, x: torch.Tensor) -> torch.Tensor:
-    """The frozen part of ``model`` on slices x (N, C, H, W): trunk activations (bf16) or class embeddings."""
+def frozen_activations(model, stream: str, x: torch.Tensor, runner=None) -> torch.Tensor:
+    """The frozen part of ``model`` on slices x (N, C, H, W): trunk activations (bf16) or class embeddings.
+    ``runner``: an engine's runner (:func:`frozen_engine`) instead of the torch path."""
     from ..plugins.lora import activate
 
     activate(model.backbone.model, None)  # other plugins' adapters on a shared backbone must not leak in
+    if runner is not None:
+        out = torch.cat([runner(x[i:i + model.chunk].to("cpu")) for i in range(0, x.shape[0], model.chunk)])
+        return out.float() if model.spec.lora.r == 0 else out.to(torch.bfloat16)
     if model.spec.lora.r == 0:
         return model.embed_slices(stream, x)[0]
-    return model.trunk(x).to(torch.bfloat16)
+    return model.trunk(x, engine=False).to(torch.bfloat16)
 
 
 class PluginActivations:
@@ -242,18 +268,23 @@ class PluginActivations:
     def path(self, key: str) -> Path:
         return self.cache.path(key)
 
-    def key_for(self, stream: str, x: torch.Tensor) -> str:
+    def key_for(self, stream: str, x: torch.Tensor, runner=None) -> str:
+        """``runner``: the engine that computes a miss (engines compute in fp32: ``amp`` is off for them)."""
         inp, view = stream.split(":")
         pre = {k: v for k, v in self.specs[inp].to_dict().items() if k != "views"}
         bb = self.model.backbone
         return self.cache.make_key({"backbone": bb.name, "fingerprint": bb.fingerprint, "cut": self.cut,
-                                    "amp": bool(self.model.autocast), "preprocess": pre, "view": view,
-                                    "slices": tensor_digest(x)})
+                                    "amp": bool(self.model.autocast) and runner is None, "preprocess": pre,
+                                    "view": view, "slices": tensor_digest(x)})
 
     def activations(self, stream: str, x: torch.Tensor, with_seconds: bool = False, device=None):
         """Frozen activations of slices x (computed on ``device``, default x's, when missing; returned
-        on the CPU). ``with_seconds``: also the seconds their computation took (stored with the entry)."""
-        key = self.key_for(stream, x)
+        on the CPU). ``with_seconds``: also the seconds their computation took (stored with the entry).
+        The engine (``--engine``) is chosen first: its fp32 results and the torch path's bf16 autocast ones
+        are different entries."""
+        dev = x.device if device is None else torch.device(device)
+        runner = frozen_engine(self.model, stream, x) if dev.type == "cpu" else None
+        key = self.key_for(stream, x, runner)
         hit = self.cache.get(key, with_meta=True)
         if hit is not None:
             t, meta = hit
@@ -266,15 +297,12 @@ class PluginActivations:
                 return (t, float(meta.get("compute_s", 0.0))) if with_seconds else t
         try:
             t0 = time.perf_counter()
-            t = frozen_activations(self.model, stream, x if device is None else x.to(device)).to("cpu")
+            t = frozen_activations(self.model, stream, x if device is None else x.to(device), runner).to("cpu")
             secs = time.perf_counter() - t0
             self.cache.put(key, t, {"backbone": self.model.backbone.name, "cut": self.cut, "stream": stream,
+                                    "engine": runner.engine if runner is not None else "torch",
                                     "compute_s": f"{secs:.6f}"})
         finally:
             if locked:
                 self.cache.unlock(key)
         return (t, secs) if with_seconds else t
-
-
-#: the name the tests and earlier releases use for a plugin's view of a disk cache
-TrunkDiskCache = PluginActivations

