@@ -123,7 +123,7 @@ def test_predict_one_and_several(cli_plugin, positive_volume, negative_volume, t
     assert sorted(p.name for p in several.iterdir()) == ["case00.json", "case01.json", "predictions.csv"]
     rows = _read_csv(several / "predictions.csv")
     assert [r["id"] for r in rows] == ["case00", "case01"]  # sorted by case id (issue 16)
-    assert set(rows[0]) == {"id", "p_negative", "p_positive", "predicted"}
+    assert set(rows[0]) == {"id", "p_negative", "p_positive", "predicted", "prediction_set", "ood_score", "ood_flag"}
     assert abs(float(rows[1]["p_positive"]) - res["probabilities"]["positive"]) < 1e-5  # rows[1]: case01
 
 

@@ -162,8 +162,9 @@ def test_predict_equals_cli_predict_plugins(client, store, scan, tmp_path, monke
     assert r.status_code == 200, r.text
     got = r.json()
     monkeypatch.chdir(scan.parent)  # the CLI names the file as it was given: scan.nii.gz
+    # the service here runs the frozen passes on the Python API's engine (torch); the CLI's default is auto
     assert main(["predict", "--plugins", str(store), "scan.nii.gz", "--out", str(tmp_path / "cli"),
-                 "--weights", "random"]) == 0
+                 "--weights", "random", "--engine", "torch"]) == 0
     want = json.loads((tmp_path / "cli" / "scan.json").read_text())
     got.pop("seconds"), want.pop("seconds")
     # predict --out records which plugins wrote a file (its resume check, docs/scale.md); the service writes no folder

@@ -36,6 +36,13 @@ def overlay_pixels(png: bytes) -> int:
 
 def test_viewer_upload_overlay_and_curve(tmp_path):
     store = build_store(tmp_path / "s")
+    # issue 30: one task carries calibration, an OOD reference and conformal scores; its reference comes
+    # from volumes of another generator (stripes), so the uploaded phantom is flagged
+    from test_trust import attach_trust, other_generator
+    from conftest import write_nifti
+    rng = np.random.default_rng(5)
+    ref = [write_nifti(tmp_path / f"ref{i}.nii.gz", other_generator(rng, (24, 24, 20))) for i in range(12)]
+    attach_trust(store / "lesion", ref[:8], ref[8:], [0, 1, 0, 1], weights="random")
     scan = write_scan(tmp_path / "phantom.nii.gz", shape=(24, 24, 20))
     with running_server(create_app(serve_config(store))) as base, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -61,6 +68,15 @@ def test_viewer_upload_overlay_and_curve(tmp_path):
                 assert row.locator("td.decision").inner_text() == ", ".join(t["predicted"])
                 if t["task_type"] != "multiclass":
                     assert row.locator("td.threshold").inner_text() == str(round(t["threshold"], 4)).rstrip("0").rstrip(".")
+                # the conformal prediction set and the OOD flag beside the probability (n/a for old plugins)
+                ps, o = t["prediction_set"], t["ood"]
+                pset, oodcell = row.locator("td.pset").inner_text(), row.locator("td.ood").inner_text()
+                assert pset == ("{" + ", ".join(ps["labels"]) + "} at 90%" if ps else "n/a"), (name, pset)
+                assert oodcell.startswith(("OUT OF DISTRIBUTION" if o["flag"] else "ok") if o else "n/a"), (name, oodcell)
+            lesion = result["tasks"]["lesion"]
+            assert lesion["prediction_set"] is not None and lesion["ood"]["flag"], lesion["ood"]
+            assert "flagged" in page.locator("tr[data-task=lesion] td.ood").get_attribute("class")
+            assert result["tasks"]["grade"]["ood"] is None and result["tasks"]["grade"]["trust_note"]
             # put the crosshair on the heatmap's brightest voxel, so all three planes cut through it
             task = page.evaluate("window.anymc3dViewer.task")
             heat = nii_from_bytes(page.request.get(base + result["heatmaps"][task]["labels"]["pos"]["nifti"]).body())

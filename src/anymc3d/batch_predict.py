@@ -36,6 +36,7 @@ from typing import Callable, NamedTuple
 from .errors import InputError
 from .io import atomic_write, write_json
 from .runtime import distributed as dist
+from .plugins.trust import trust_text
 from .runtime.results import decision_text
 
 
@@ -98,12 +99,14 @@ class PluginJob:
         return True
 
     def line(self, res: dict) -> str:
-        return f"{res['id']}: {decision_text(res)}"  # with the threshold that made the decision
+        # with the threshold that made the decision, the conformal set and the OOD score
+        return _note_once(self, res) + f"{res['id']}: {decision_text(res)}{trust_text(res)}" + _ood_warning(res)
 
     def table(self, rows: list[dict]) -> tuple[list[str], list[list]]:
         names = list(rows[0]["probabilities"])
-        body = [[r["id"], *[f"{r['probabilities'][n]:.6f}" for n in names], ";".join(r["predicted"])] for r in rows]
-        return ["id", *[f"p_{n}" for n in names], "predicted"], body
+        body = [[r["id"], *[f"{r['probabilities'][n]:.6f}" for n in names], ";".join(r["predicted"]), *_trust_cells(r)]
+                for r in rows]
+        return ["id", *[f"p_{n}" for n in names], "predicted", *TRUST_COLUMNS], body
 
     def finish(self, rows: list[dict], out: Path) -> None:
         """With heatmaps: ``explain.json`` (which files belong to which case), as ``anymc3d explain`` writes."""
@@ -150,8 +153,9 @@ class StoreJob:
                 and res.get("backbone_fingerprint") == self.mp.backbone.fingerprint)
 
     def line(self, res: dict) -> str:
-        return (f"{res['id']}: " + "; ".join(f"{t}: {decision_text(r)}" for t, r in res["tasks"].items())
-                + f"  ({res['seconds']:.2f} s)")
+        notes = "".join(_note_once(self, r, t) for t, r in res["tasks"].items())
+        return (notes + f"{res['id']}: " + "; ".join(f"{t}: {decision_text(r)}{trust_text(r)}" for t, r in res["tasks"].items())
+                + f"  ({res['seconds']:.2f} s)" + "".join(_ood_warning(r, t) for t, r in res["tasks"].items()))
 
     def table(self, rows: list[dict]) -> tuple[list[str], list[list]]:
         names = {t: next((list(r["tasks"][t]["probabilities"]) for r in rows if t in r["tasks"]), [])
@@ -170,6 +174,32 @@ class StoreJob:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+TRUST_COLUMNS = ("prediction_set", "ood_score", "ood_flag")
+
+
+def _trust_cells(r: dict) -> list[str]:
+    ps, o = r.get("prediction_set"), r.get("ood")
+    return [";".join(ps["labels"]) if ps else "", f"{o['score']:.6g}" if o else "", str(o["flag"]).lower() if o else ""]
+
+
+def _note_once(job, res: dict, task: str = "") -> str:
+    """A plugin's ``trust_note`` (e.g. an old plugin without calibration/OOD), printed before its first line."""
+    note = res.get("trust_note")
+    seen = job.__dict__.setdefault("_notes_shown", set())
+    if not note or (task, note) in seen:
+        return ""
+    seen.add((task, note))
+    return f"note: {task + ': ' if task else ''}{note}\n"
+
+
+def _ood_warning(res: dict, task: str = "") -> str:
+    o = res.get("ood")
+    if not o or not o.get("flag"):
+        return ""
+    w = next((w for w in res.get("warnings", []) if w.startswith("out of distribution")), "out of distribution")
+    return f"\nwarning: {res['id']}: {task + ': ' if task else ''}{w}"
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         obj = json.loads(path.read_text())

@@ -12,7 +12,9 @@ from pathlib import Path
 from .data import load_manifest
 from .evaluation.run import evaluate_plugin
 from .plugins import LoraSpec
+from .plugins.trust import trust_text
 from .predict import load, write_json
+from .runtime.results import decision_text
 from .synthetic import make_task, write_task
 from .preprocess import PreprocessOptions
 from .training.run import train_plugin
@@ -41,12 +43,18 @@ def run_demo(out: str | Path = "anymc3d-demo", n_cases: int = 160, epochs: int =
     for c in test_cases:
         res = predictor.predict(c.images["image"], case_id=c.id)
         write_json(res, out / "predictions" / f"{c.id}.json")
-        print(f"      {c.id}: label {int(c.label[0])} -> p(lesion) = {res['probabilities'][predictor.spec.label_names[1]]:.3f}")
+        # the calibrated probability, the decision and the threshold that made it, the conformal set, the OOD flag
+        print(f"      {c.id}: label {int(c.label[0])} -> {decision_text(res)}{trust_text(res)}")
+        for w in res.get("warnings", []):
+            print(f"      warning: {c.id}: {w}")
     dt = time.time() - t0
+    from .evaluation.run import trust_lines
+    for line in trust_lines(ev):
+        print(f"      {line}")
     print(f"\ntest AUC {ev['auc']:.3f}  ACC {ev['acc']:.3f}  (n={ev['n']}); trainable parameters "
           f"{metrics['trainable_params']:,}; total {dt:.0f} s")
     print(f"outputs in {out}/:\n  data/manifest.csv        the generated dataset (NIfTI + masks)\n"
           f"  plugin/plugin.safetensors + plugin.json   the trained plugin\n"
           f"  plugin/metrics.json, plugin/train_log.csv\n"
-          f"  evaluation/metrics.json, report.md, roc.png\n  predictions/*.json")
+          f"  evaluation/metrics.json, report.md, roc.png, calibration.png\n  predictions/*.json")
     return {"auc": ev["auc"], "acc": ev["acc"], "seconds": dt, "trainable_params": metrics["trainable_params"]}

@@ -8,8 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data.cases import Case
+from .evaluation.conformal import DEFAULT_COVERAGE, check_coverage
+from .evaluation.ood import predict_with_embeddings
 from .io import write_json  # noqa: F401  (anymc3d.predict.write_json: the verbs' JSON writer)
 from .plugins import load_plugin
+from .plugins.trust import annotate
 from .preprocess import PreprocessSpec
 from .runtime.engine import Runtime
 from .runtime.results import volume_result
@@ -20,10 +23,13 @@ class Predictor:
     """A loaded plugin on its frozen backbone; preprocessing comes from the plugin's saved spec."""
 
     def __init__(self, model, source: str = "", device: str = "auto", workers: int = 0, cache=None,
-                 cache_trunk: bool = False) -> None:
+                 cache_trunk: bool = False, coverage: float = DEFAULT_COVERAGE) -> None:
         """``cache`` / ``cache_trunk``: serve the frozen part from an activation cache (predict-all
-        shares one between the plugins of a store)."""
+        shares one between the plugins of a store). ``coverage``: the level of every answer's
+        conformal prediction set (anymc3d.plugins.trust)."""
         self.model = model
+        self.coverage = check_coverage(coverage)
+        self.trust = getattr(model, "trust", None)
         self.spec = model.spec
         self.source = source
         self.specs = {k: PreprocessSpec.from_dict(v) for k, v in self.spec.preprocess.items()}
@@ -55,8 +61,11 @@ class Predictor:
     def predict_many(self, items: list, ids: list | None = None, batch_size: int = 4) -> list[dict]:
         ids = ids or [None] * len(items)
         cases = [self.case(it, i) for it, i in zip(items, ids)]
-        probs, outs = self.runtime.predict(cases, batch_size)
-        return [volume_result(self.spec, c.id, p, o, self.source) for c, p, o in zip(cases, probs, outs)]
+        probs, outs, cap = predict_with_embeddings(self.runtime, cases, batch_size)
+        emb = cap.take("task_query")
+        return [annotate(volume_result(self.spec, c.id, p, o, self.source), self.trust, self.spec, p,
+                         {s: e[i:i + 1] for s, e in emb.items()}, self.coverage)
+                for i, (c, p, o) in enumerate(zip(cases, probs, outs))]
 
 
 def case_id_from(item) -> str:
@@ -71,6 +80,8 @@ def case_id_from(item) -> str:
     return name
 
 
-def load(plugin: str | Path, weights: str | None = None, device: str = "auto", workers: int = 0) -> Predictor:
+def load(plugin: str | Path, weights: str | None = None, device: str = "auto", workers: int = 0,
+         coverage: float = DEFAULT_COVERAGE) -> Predictor:
     """Load a trained plugin (folder, .json or .safetensors) onto its backbone, on ``device``."""
-    return Predictor(load_plugin(plugin, weights=weights), source=str(plugin), device=device, workers=workers)
+    return Predictor(load_plugin(plugin, weights=weights), source=str(plugin), device=device, workers=workers,
+                     coverage=coverage)

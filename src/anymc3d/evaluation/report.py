@@ -190,6 +190,7 @@ def _report_md(metrics: dict, title: str, names: list[str], info: dict) -> str:
             lines.append("")
             lines += _table(["true \\ pred", *lbls], [[lbls[i], *row] for i, row in enumerate(cm)])
 
+    lines += _trust_md(metrics)
     warns = metrics.get("warnings") or []
     if warns:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warns]
@@ -200,6 +201,51 @@ def _report_md(metrics: dict, title: str, names: list[str], info: dict) -> str:
             lines.append(f"- **{_md(k)}**: {_md(val)}")
     lines += ["", "## ROC curve", "", f"![ROC curve]({ROC_NAME})", f"([{ROC_NAME}]({ROC_NAME}))", ""]
     return "\n".join(lines)
+
+
+def _trust_md(metrics: dict) -> list[str]:
+    """Calibration, conformal sets, OOD flags and operating points (``anymc3d.plugins.trust``), when measured."""
+    lines: list[str] = []
+    note = metrics.get("trust_note")
+    if note:
+        lines += ["", "## Calibration, OOD and conformal sets", "", f"- {note}"]
+    cal = metrics.get("calibration")
+    if cal:
+        lines += ["", "## Calibration", "",
+                  f"Equal-mass bins ({cal['before'].get('bins')}); the calibration stored with the plugin: "
+                  f"**{cal.get('method') or 'none'}** (fitted on the validation split).", ""]
+        rows = [["raw (before)", _fmt(cal["before"].get("ece")), _fmt(cal["before"].get("brier"))]]
+        if cal.get("after"):
+            rows.append([f"calibrated ({cal.get('method')})", _fmt(cal["after"].get("ece")), _fmt(cal["after"].get("brier"))])
+        lines += _table(["Probabilities", "ECE", "Brier"], rows)
+        per_b = cal["before"].get("per_class_ece") or {}
+        per_a = (cal.get("after") or {}).get("per_class_ece") or {}
+        lines += [""] + _table(["Class", "ECE before", "ECE after"], [[k, _fmt(v), _fmt(per_a.get(k))] for k, v in per_b.items()])
+        lines += ["", "![reliability diagram](calibration.png)"]
+    conf = metrics.get("conformal")
+    if conf:
+        lines += ["", "## Conformal prediction sets", "",
+                  f"Split conformal (LAC score) on {conf[0]['n_calibration']} validation cases."
+                  " Empirical coverage and mean set size on this split:", ""]
+        lines += _table(["Nominal coverage", "Empirical coverage", "Mean set size", "Empty sets", "n"],
+                        [[_fmt(c["coverage"], 2), _fmt(c["empirical_coverage"]), _fmt(c["mean_set_size"], 3),
+                          c["empty_sets"], c["n"]] for c in conf])
+    o = metrics.get("ood")
+    if o:
+        lines += ["", "## Out-of-distribution flag", "",
+                  f"- {o['n_flagged']} of {o['n']} cases flagged ({_fmt(o['flag_rate'])}) at the stored threshold "
+                  f"{_fmt(o['threshold'])} ({o['percentile']:g}th percentile of the validation scores); "
+                  f"median score {_fmt(o['median_score'])}"]
+    ops = metrics.get("operating_points")
+    if ops:
+        lines += ["", "## Operating points", "",
+                  "Thresholds chosen on the validation split; sensitivity / specificity reached on this split "
+                  "(95% Wilson intervals).", ""]
+        lines += _table(["Operating point", "Threshold (raw)", "Sensitivity", "95% CI", "Specificity", "95% CI"],
+                        [[op["policy"] + (" (stored)" if op.get("stored") else ""), _fmt(op["threshold"]),
+                          _fmt(op["sensitivity"]), _fmt_ci(op["sensitivity_ci"]), _fmt(op["specificity"]),
+                          _fmt_ci(op["specificity_ci"])] for op in ops])
+    return lines
 
 
 # --------------------------------------------------------------------------- entry point

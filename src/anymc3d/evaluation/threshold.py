@@ -11,6 +11,9 @@ Policies (``TrainConfig.threshold`` / ``anymc3d train --threshold``):
 * ``youden``: the cut that maximises sensitivity + specificity - 1 on validation. It is an arg-max
   over the validation cases, so on small validation sets it moves with single cases, and it trades
   accuracy for sensitivity on unbalanced data (docs/results.md, issue 15).
+* ``sens=X`` / ``spec=X`` (operating points): the threshold at which the validation sensitivity /
+  specificity reaches X (for an unbalanced task where the accuracy-optimal cut misses positives);
+  ``evaluate`` reports the sensitivity and specificity it reaches on test, with CIs.
 * a number: that fixed threshold (``0.5`` is MedMNIST's ACC definition).
 
 Multi-class tasks decide by arg-max; multi-label tasks use the fixed threshold (0.5 by default).
@@ -21,6 +24,8 @@ import numpy as np
 
 POLICIES = ("platt", "youden")
 DEFAULT_POLICY = "platt"
+#: ``sens=0.9`` / ``spec=0.95``: the threshold reaching that sensitivity / specificity on validation
+OPERATING_POINTS = ("sens", "spec")
 
 
 def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
@@ -43,20 +48,59 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 def platt_threshold(y: np.ndarray, score: np.ndarray) -> float:
-    """The raw score at which a logistic calibration fitted on (score, y) reaches 0.5."""
-    from sklearn.linear_model import LogisticRegression
+    """The raw score at which a logistic calibration fitted on (score, y) reaches 0.5
+    (the fit of :func:`anymc3d.evaluation.calibration.platt_fit`, which the plugin also stores)."""
+    from .calibration import platt_fit
 
-    y = np.asarray(y).astype(int).ravel()
-    if len(np.unique(y)) < 2:
+    ab = platt_fit(y, score)
+    if ab is None:
         return 0.5
-    z = _logit(score).reshape(-1, 1)
-    if float(z.std()) < 1e-9:
-        return 0.5
-    lr = LogisticRegression(C=100.0, max_iter=1000).fit(z, y)
-    a, b = float(lr.intercept_[0]), float(lr.coef_[0, 0])
-    if not b > 0:
-        return 0.5
+    a, b = ab
     return float(np.clip(1 / (1 + np.exp(a / b)), 1e-6, 1 - 1e-6))  # sigmoid(-a / b)
+
+
+def operating_point_threshold(y: np.ndarray, score: np.ndarray, kind: str, target: float) -> float:
+    """The threshold reaching sensitivity (``kind="sens"``) or specificity (``"spec"``) >= ``target`` on
+    validation (``score > threshold`` is positive): the largest such threshold for a sensitivity target
+    (as specific as the target allows), the smallest for a specificity target; halfway to the next
+    score so that it does not sit on a validation case."""
+    y = np.asarray(y).astype(int).ravel()
+    s = np.asarray(score, dtype=np.float64).ravel()
+    pos, neg = np.sort(s[y == 1])[::-1], np.sort(s[y == 0])
+    if len(pos) == 0 or len(neg) == 0:
+        return 0.5
+    if kind == "sens":
+        m = int(np.ceil(target * len(pos) - 1e-9))
+        if m <= 0:
+            return float(np.clip(s.max(), 1e-6, 1 - 1e-6))
+        cut = pos[m - 1]                       # the m-th highest positive must stay above the threshold
+        below = s[s < cut]
+        thr = (cut + below.max()) / 2 if len(below) else cut - 1e-6
+    else:
+        m = int(np.ceil(target * len(neg) - 1e-9))
+        if m <= 0:
+            return float(np.clip(s.min() - 1e-6, 1e-6, 1 - 1e-6))
+        cut = neg[m - 1]                       # the m-th lowest negative must stay at or below it
+        above = s[s > cut]
+        thr = (cut + above.min()) / 2 if len(above) else cut
+    return float(np.clip(thr, 1e-6, 1 - 1e-6))
+
+
+def parse_operating_point(policy) -> tuple[str, float] | None:
+    """``"sens=0.9"`` -> ("sens", 0.9); anything else -> None."""
+    if not isinstance(policy, str) or "=" not in policy:
+        return None
+    kind, _, v = policy.partition("=")
+    kind = kind.strip().lower()
+    if kind not in OPERATING_POINTS:
+        raise ValueError(f"--threshold: an operating point is sens=X or spec=X, got {policy!r}")
+    try:
+        target = float(v)
+    except ValueError:
+        raise ValueError(f"--threshold: the target of {policy!r} is not a number") from None
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"--threshold: the target of {policy!r} must lie in (0, 1]")
+    return kind, target
 
 
 def choose_threshold(y: np.ndarray | None, score: np.ndarray | None, task_type: str,
@@ -64,6 +108,11 @@ def choose_threshold(y: np.ndarray | None, score: np.ndarray | None, task_type: 
     """The decision threshold for ``task_type`` under ``policy`` (see the module docstring)."""
     if isinstance(policy, (int, float)) and not isinstance(policy, bool):
         return float(policy)
+    op = parse_operating_point(policy)
+    if op is not None:
+        if task_type != "binary" or y is None or score is None or len(y) == 0:
+            return 0.5
+        return operating_point_threshold(y, score, *op)
     if policy not in POLICIES:
         raise ValueError(f"threshold policy must be one of {POLICIES} or a number, got {policy!r}")
     if task_type != "binary" or y is None or score is None or len(y) == 0:
@@ -72,13 +121,17 @@ def choose_threshold(y: np.ndarray | None, score: np.ndarray | None, task_type: 
 
 
 def parse_policy(text: str) -> str | float:
-    """``--threshold platt|youden|0.5`` -> a policy name or a number."""
+    """``--threshold platt|youden|sens=0.9|spec=0.95|0.5`` -> a policy name or a number."""
     if text in POLICIES:
         return text
+    if "=" in text:
+        kind, target = parse_operating_point(text)
+        return f"{kind}={target:g}"
     try:
         v = float(text)
     except ValueError:
-        raise ValueError(f"--threshold: expected {' or '.join(POLICIES)} or a number in (0, 1), got {text!r}") from None
+        raise ValueError(f"--threshold: expected {' or '.join(POLICIES)}, sens=X, spec=X or a number in (0, 1), "
+                         f"got {text!r}") from None
     if not 0.0 < v < 1.0:
         raise ValueError(f"--threshold: a fixed threshold must lie in (0, 1), got {text!r}")
     return v

@@ -89,7 +89,8 @@ def run_explain(explainer, items, out: Path, labels: list[str] | None = None, fi
         mask = load_mask(mask_path, hm.record) if mask_path is not None else None
         files = explainer.write(hm, out, figure=figure, top_k=top_k, mask=mask)
         entry = {"id": case_id, "source": hm.source, "method": hm.method, "labels": hm.labels,
-                 "probabilities": hm.probabilities, "files": [p.name for p in files],
+                 "probabilities": hm.probabilities, "raw_probabilities": hm.raw_probabilities,
+                 "files": [p.name for p in files],
                  "shape": list(hm.record.input_shape), "seconds": round(hm.seconds, 3)}
         msg = ""
         if mask is not None:

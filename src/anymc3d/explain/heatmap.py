@@ -64,9 +64,10 @@ class Heatmaps:
     slice_weights: dict[str, np.ndarray]             # stream -> a_s
     label_slice_weights: dict[str, dict[str, np.ndarray]]  # label -> stream -> weight used for that map
     view_weights: dict[str, float]
-    probabilities: dict[str, float]
+    probabilities: dict[str, float]                 # calibrated (the plugin's stored calibration), as predict's
     seconds: float
     source: str = ""
+    raw_probabilities: dict[str, float] = field(default_factory=dict)  # the model's own
     extra: dict = field(default_factory=dict)
 
     @property
@@ -255,16 +256,21 @@ class Explainer:
             maps[lab], canonical[lab] = heat, total.astype(np.float32)
 
         names = self.spec.label_names
-        if self.spec.task_type == "binary":
-            p = float(probs[0])
-            probabilities = {names[0]: 1 - p, names[1]: p}
-        else:
-            probabilities = {n: float(v) for n, v in zip(names, probs)}
+
+        def as_dict(pr) -> dict[str, float]:
+            if self.spec.task_type == "binary":
+                return {names[0]: 1 - float(pr[0]), names[1]: float(pr[0])}
+            return {n: float(v) for n, v in zip(names, pr)}
+
+        trust = getattr(self.model, "trust", None)  # the calibrated probability, as every verb reports it
+        raw_probabilities = as_dict(probs)
+        probabilities = as_dict(trust.calibrate(np.asarray(probs)[None])[0]) if trust is not None else raw_probabilities
         return Heatmaps(id=case.id, method=self.method, labels=[t[0] for t in targets], maps=maps,
                         canonical=canonical, record=rec_ref, reference_input=ref,
                         canonical_image=prepared.arrays[ref].numpy(),
                         slice_weights={s: v.numpy() for s, v in sw.items()}, label_slice_weights=label_w,
-                        view_weights=vw, probabilities=probabilities, seconds=time.perf_counter() - t0,
+                        view_weights=vw, probabilities=probabilities, raw_probabilities=raw_probabilities,
+                        seconds=time.perf_counter() - t0,
                         source=prepared.sources.get(ref, ""))
 
     def _forward(self, slices: dict, masks: dict, present: torch.Tensor):

@@ -128,7 +128,8 @@ def score_labels(explainer, hm, known_label) -> list[str]:
     elif spec.task_type == "multiclass":
         wanted = [max(hm.probabilities, key=hm.probabilities.get)]
     else:
-        wanted = [n for n in names if hm.probabilities[n] > spec.threshold]
+        raw = hm.raw_probabilities or hm.probabilities  # the stored threshold is on the raw scale
+        wanted = [n for n in names if raw[n] > spec.threshold]
     return [w for w in wanted if w in hm.labels]
 
 

@@ -34,6 +34,10 @@ def save_plugin(model, out: str | Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     jpath, tpath = out / "plugin.json", out / "plugin.safetensors"
     state = {k: v.detach().to("cpu").contiguous().float() for k, v in model.trainable_state().items()}
+    trust = getattr(model, "trust", None)  # calibration / OOD reference / conformal scores (anymc3d.plugins.trust)
+    if trust is not None:
+        state.update(trust.tensors())
+        model.spec.trust = trust.spec_dict()
     with atomic_write(tpath) as tmp:
         save_file(state, str(tmp), metadata={"format": model.spec.format, "task": model.spec.task})
         model.spec.tensors_sha256 = file_sha256(tmp)  # plugin.json vouches for exactly these tensors
@@ -115,6 +119,9 @@ def load_plugin(path: str | Path, backbone: Backbone | None = None, weights: str
     if not tpath.is_file():
         raise InputError(f"{tpath}: plugin tensors not found")
     state = load_tensors(tpath)
+    from .trust import PREFIX as TRUST_PREFIX
+
+    trust_tensors = {k: state.pop(k) for k in list(state) if k.startswith(TRUST_PREFIX)}
     if backbone is None:
         try:
             backbone = create_backbone(spec.backbone, weights=weights, input_size=spec.input_size)
@@ -130,5 +137,8 @@ def load_plugin(path: str | Path, backbone: Backbone | None = None, weights: str
     except KeyError as exc:
         raise InputError(f"{tpath}: {exc.args[0]}") from exc
     check_tensor_hash(spec, jpath, tpath)  # last: a file that parses and fits the spec, but not the one trained
+    from .trust import Trust
+
+    model.trust = Trust.from_file(spec, trust_tensors)  # None for a plugin written before it was stored
     model.eval()
     return model

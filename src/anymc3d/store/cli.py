@@ -107,6 +107,19 @@ def _print_info(d: dict) -> None:
                                                        for k, v in m.items()))
     if d["training"]:
         print("  training    " + ", ".join(f"{k} {v}" for k, v in d["training"].items()))
+    t = d.get("trust") or {}
+    cal, ood, conf = t.get("calibration"), t.get("ood"), t.get("conformal")
+    size = (d.get("tensors") or {}).get("trust_bytes")
+    print("  calibration " + ("null" if not cal else f"{cal['method']} (" + ", ".join(
+        f"{k} {v:.4g}" for k, v in cal.items() if k in ("a", "b", "t")) + f"; {cal.get('n')} validation cases)"))
+    print("  OOD         " + ("null" if not ood else
+                              f"{ood['method']} on {ood['feature']} ({len(ood['streams'])} stream(s), k={ood['k']}, "
+                              f"{ood.get('n_reference')} training cases); flag above {ood['threshold']:.4g} "
+                              f"(validation {ood['percentile']:g}th percentile)"
+                              + (f"; {size / 1024:.0f} kB" if size else "")))
+    print("  conformal   " + ("null" if not conf else f"{conf['score']} scores of {conf['n']} validation cases"))
+    if t.get("note"):
+        print(f"  note        {t['note']}")
 
 
 def cmd_cache(a: argparse.Namespace) -> int:
@@ -139,6 +152,7 @@ def cmd_predict_all(a: argparse.Namespace, images: list[str]) -> int:
         raise InputError("predict: --heatmaps works with one PLUGIN, not with --plugins DIR (run `anymc3d explain` per task)")
     mp = MultiPredictor.from_store(a.plugins, weights=getattr(a, "weights", None),
                                    device=dist.rank_device(getattr(a, "device", "auto")))
+    mp.coverage = getattr(a, "coverage", mp.coverage)  # every answer's conformal set (anymc3d.plugins.trust)
     if dist.is_main():
         for s in mp.skipped:
             print(f"anymc3d: skipped plugin {s['name']}: {s['reason']}", file=sys.stderr)

@@ -41,6 +41,9 @@ from ..runtime.batching import prepare_case
 from ..runtime.cache import ActivationCache
 from ..runtime.engine import Runtime, case_outputs
 from ..runtime.results import volume_result
+from ..evaluation.conformal import DEFAULT_COVERAGE
+from ..evaluation.ood import EmbeddingCapture
+from ..plugins.trust import annotate
 from ..volume import Volume
 from .store import PluginStore
 
@@ -75,6 +78,7 @@ class MultiPredictor:
         self.backbone, self.attached, self.skipped, self.shared = backbone, attached, skipped, shared
         self.cache = cache if cache is not None else ActivationCache(None)
         self.last_timing: dict[str, float] = {}
+        self.coverage = DEFAULT_COVERAGE  # every answer's conformal prediction set (anymc3d.plugins.trust)
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
@@ -164,11 +168,14 @@ class MultiPredictor:
             timing["read_preprocess"] += time.perf_counter() - t_read
             sources.update(prepared.sources)
             t1 = time.perf_counter()
-            out = a.runtime.forward(slices, masks, present, from_trunk=from_trunk)
+            with EmbeddingCapture(a.model) as cap:  # the pooled embeddings, for the OOD score
+                out = a.runtime.forward(slices, masks, present, from_trunk=from_trunk)
             probs = a.model.probabilities(out.logits).float().cpu().numpy()[0]
-            meta = [{"id": case_id, "sources": prepared.sources, "warnings": prepared.warnings}]
-            results[a.name] = volume_result(a.model.spec, case_id, probs,
-                                            case_outputs(a.model.streams, out, masks, present, meta)[0], str(a.path))
+            meta = [{"id": case_id, "sources": prepared.sources, "warnings": list(prepared.warnings)}]
+            row = case_outputs(a.model.streams, out, masks, present, meta)[0]
+            emb = {s: (e if row["present"].get(s, False) else e * float("nan")) for s, e in cap.take().items()}
+            results[a.name] = annotate(volume_result(a.model.spec, case_id, probs, row, str(a.path)),
+                                       getattr(a.model, "trust", None), a.model.spec, probs, emb, self.coverage)
             timing["shared"] += a.runtime.last_shared_s
             timing["plugins"] += time.perf_counter() - t1 - a.runtime.last_shared_s
         timing["total"] = time.perf_counter() - t0

@@ -60,20 +60,23 @@ def tensor_summary(path: Path) -> dict[str, Any]:
     if not tpath.is_file():
         raise InputError(f"{tpath}: plugin tensors not found")
     try:
-        n, total, lora = 0, 0, 0
+        n, total, lora, trust = 0, 0, 0, 0
         with safe_open(str(tpath), framework="pt") as fh:
             for k in fh.keys():
                 numel = 1
                 for s in fh.get_slice(k).get_shape():
                     numel *= int(s)
                 n += 1
-                total += 0 if k.startswith("norm.") else numel  # fitted statistics, not parameters
+                fitted = k.startswith("norm.") or k.startswith("trust.")  # fitted statistics, not parameters
+                total += 0 if fitted else numel
                 lora += numel if k.startswith("lora.") else 0
+                trust += numel if k.startswith("trust.") else 0
     except InputError:
         raise
     except Exception as exc:  # safetensors raises its own error types for truncated/invalid files
         raise InputError(f"{tpath}: cannot read plugin tensors ({str(exc).splitlines()[0][:200]})") from exc
-    return {"tensors": n, "parameters": total, "lora_parameters": lora, "bytes": tpath.stat().st_size}
+    return {"tensors": n, "parameters": total, "lora_parameters": lora, "trust_values": trust,
+            "trust_bytes": 4 * trust, "bytes": tpath.stat().st_size}
 
 
 class PluginStore:
@@ -239,6 +242,7 @@ def check_tensors_fit(spec: PluginSpec, jpath: Path, tpath: Path) -> str:
     from ..plugins.model import AnyMC3D
 
     state = load_tensors(tpath)
+    state = {k: v for k, v in state.items() if not k.startswith("trust.")}  # calibration / OOD reference (plugins.trust)
     bb = create_backbone(spec.backbone, weights="random", input_size=spec.input_size)
     try:
         model = AnyMC3D(bb, spec, adapter_prefix="check_")
@@ -283,6 +287,12 @@ def verify_fingerprint(spec: PluginSpec, jpath: Path, weights: str | None, rando
                          f"({random_fp}); if the plugin was trained on a local weights file, give it with --weights PATH")
 
 
+def trust_info(spec: PluginSpec) -> dict[str, Any]:
+    from ..plugins.trust import info
+
+    return info(spec)
+
+
 def describe(name: str, path: Path, spec: PluginSpec, target: tuple[str, str] | None = None) -> dict[str, Any]:
     """Everything ``plugins info`` shows: task, labels, views, parameters, backbone, fingerprint, metrics."""
     try:
@@ -306,4 +316,5 @@ def describe(name: str, path: Path, spec: PluginSpec, target: tuple[str, str] | 
         "training": {k: tr[k] for k in ("data", "epochs_run", "best_epoch", "train_wall_s", "n_train", "train_fraction")
                      if k in tr},
         "version": spec.version,
+        "trust": trust_info(spec),
     }

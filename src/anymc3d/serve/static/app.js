@@ -142,9 +142,16 @@
       if (!hm) radio.disabled = true;
       radio.addEventListener("change", () => selectTask(name));
       const missing = t.views_missing && t.views_missing.length ? " (missing: " + t.views_missing.join(", ") + ")" : "";
+      // the conformal set at its coverage and the out-of-distribution flag, beside the (calibrated) probability
+      const ps = t.prediction_set;
+      const pset = el("td", { class: "pset", text: ps ? "{" + ps.labels.join(", ") + "} at " + Math.round(100 * ps.coverage) + "%" : "n/a" });
+      const o = t.ood;
+      const ood = el("td", { class: "ood" + (o && o.flag ? " flagged" : ""),
+        text: o ? (o.flag ? "OUT OF DISTRIBUTION" : "ok") + " (score " + o.score.toPrecision(3) + ", " + Math.round(o.percentile) + "th pct)" : "n/a" });
+      if (t.trust_note) { pset.title = t.trust_note; ood.title = t.trust_note; }
       tb.append(el("tr", { "data-task": name }, el("td", {}, radio), el("td", { text: name + missing }),
         el("td", { class: "decision" + (positive ? " pos" : ""), text: t.predicted.join(", ") || "–" }), probs,
-        el("td", { class: "threshold", text: t.task_type === "multiclass" ? "arg-max" : String(+t.threshold.toFixed(4)) }), files));
+        el("td", { class: "threshold", text: t.task_type === "multiclass" ? "arg-max" : String(+t.threshold.toFixed(4)) }), pset, ood, files));
     }
     for (const a of document.querySelectorAll("a.dl")) a.addEventListener("click", download);
     $("failed").textContent = (res.tasks_failed || []).map((f) => f.name + ": not run (" + f.reason + ")").join("; ");
