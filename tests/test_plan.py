@@ -24,6 +24,12 @@ TIMINGS = {"device": "cpu", "device_type": "cpu", "threads": 2, "cpu_count": 2, 
            "full_step_s": 0.03, "full_fwd_s": 0.008}
 
 
+#: injected priors that make the quality order today's cost order (the flip candidates unmeasured)
+COST_ORDER_PRIORS = {n: 0.9 - 0.01 * i for i, n in enumerate(
+    ["k1_all", "k1_sub16", "k1_sub8", "k1_sub8_depth32", "axial_k1_all", "axial_k1_sub16", "axial_k1_sub8_depth32",
+     "axial_k1_sub8_depth16"])}
+
+
 def fake_fp(shape=(28, 28, 28), spacing=(1.0, 1.0, 1.0), n=(1188, 98, 298)) -> dict:
     """A fingerprint like AdrenalMNIST3D's (no data needed)."""
     st = lambda v: {"min": v, "median": v, "max": v}  # noqa: E731
@@ -51,20 +57,60 @@ def test_plan_rules_size_views_budget_and_gpu():
     assert make_plan(fake_fp((200, 200, 40)), TIMINGS, None, 224).size == 224
     aniso = make_plan(fake_fp((128, 128, 30), spacing=(0.8, 0.8, 5.0)), TIMINGS, None, 224)
     assert aniso.views == ["axial"] and aniso.size == 128
-    # a tighter budget walks down the candidate list: cheaper, never more expensive
+    # a tighter budget walks down the quality order to cheaper candidates (priors injected: the cost order)
     chosen = []
-    for budget in (3000, 1200, 900, 600, 400, 260, 200):
-        p = make_plan(fake_fp(), TIMINGS, budget, 224)
+    for budget in (3000, 1300, 1000, 600, 400, 300, 200):
+        p = make_plan(fake_fp(), TIMINGS, budget, 224, priors=COST_ORDER_PRIORS)
         assert p.estimate_s <= budget
-        chosen.append(p.candidate)
-    assert chosen == [1, 2, 3, 5, 6, 7, 8]  # 4 (depth resampled to 32) costs what 3 does on 28-slice volumes
+        chosen.append(p.name)
+    # k1_sub8_depth32 costs what k1_sub8 does on 28-slice volumes
+    assert chosen == ["k1_all", "k1_sub16", "k1_sub8", "axial_k1_all", "axial_k1_sub16", "axial_k1_sub8_depth32",
+                      "axial_k1_sub8_depth16"]
     assert p.views == ["axial"] and p.slice_subset == 8 and p.epochs == 5 and p.max_slices == 16
-    deep = make_plan(fake_fp((64, 64, 64)), TIMINGS, 900, 224)
+    deep = make_plan(fake_fp((64, 64, 64)), TIMINGS, 1100, 224, priors=COST_ORDER_PRIORS)
     assert deep.max_slices == 32 and deep.views == ["axial", "coronal", "sagittal"]  # resampled depth before fewer views
     gpu_t = {**TIMINGS, "device": "cuda:0", "device_type": "cuda", "size": 224, "full_step_s": 0.0008,
              "full_fwd_s": 0.0002, "aug_s_per_volume": 0.02}
     gpu = make_plan(fake_fp(), gpu_t, 7200, 224)
     assert gpu.size == 224 and gpu.lora_last_k is None and gpu.augment and gpu.slice_subset is None  # the paper's recipe
+
+
+def test_bigger_budget_never_buys_a_lower_prior_and_the_table_shows_the_candidates():
+    """Injected timings and priors: one plan per budget, and the prior chosen never falls as the budget grows."""
+    priors = {"k1_all_flips_ens3": 0.96, "k1_all_flips": 0.95, "k1_all_tta": 0.93, "k1_all": 0.90, "k1_sub16": 0.88, "axial_k1_all": 0.85}
+    last = -1.0
+    names = []
+    for budget in (200, 260, 400, 600, 900, 1200, 1800, 3600, 7200, 28800):
+        try:
+            a = make_plan(fake_fp(), TIMINGS, budget, 224, priors=priors)
+        except InputError:
+            continue
+        b = make_plan(fake_fp(), dict(TIMINGS), budget, 224, priors=dict(priors))
+        assert a.to_dict() == b.to_dict()  # deterministic
+        assert a.estimate_s <= budget
+        prior = a.prior if a.prior is not None else -0.5  # unmeasured ones rank below every measured one
+        assert prior >= last
+        last = prior
+        names.append(a.name)
+    assert names[-1] == "k1_all_flips_ens3" and "k1_all" in names and "k1_all_flips" in names
+    big = make_plan(fake_fp(), TIMINGS, 28800, 224, priors=priors)
+    assert big.flip_copies == 3 and big.test_flips == ["w", "h", "hw"] and big.ensemble == 3 and big.candidate == 1
+    # the flips cost: the copies' trunk once, and every val/test pass again per flip
+    e = big.estimate
+    assert e["trunk_copies"] == pytest.approx(3 * 1188 * 84 * 0.004, rel=1e-3) and e["test_flips"] > 0
+    table = plan_table(big)
+    assert "candidates, best expected first" in table
+    for n in priors:
+        assert n in table
+    assert "->k1_all_flips_ens3" in table.replace(" ", "")
+    # the shipped priors.json: every prior names a real candidate and has the command that measured it
+    import anymc3d.planning.planner as planner
+
+    shipped = json.loads(planner.PRIORS_FILE.read_text())
+    names = {c["name"] for c in planner.candidates(["axial", "coronal", "sagittal"], "cpu")}
+    for name, entry in shipped["candidates"].items():
+        assert name in names and entry["command"].startswith("anymc3d ") and entry["prior"] is not None
+    assert set(planner.load_priors()) <= names
 
 
 def test_flags_override_plan_fields_and_are_listed():
@@ -142,7 +188,7 @@ def test_plan_is_stored_in_plugin_and_reapplied_at_prediction(binary_manifest, p
     assert len(res["slice_weights"]["image:axial"]) == 10  # all slices, not the training subset
     assert res["threshold"] == spec["threshold"]
     assert main(["predict", str(out), str(positive_volume), "--out", str(tmp_path / "pred")]) == 0
-    line = capsys.readouterr().out.splitlines()[0]
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("note:"))  # notes come first
     assert f"threshold {spec['threshold']:.3f}" in line and "p(" in line
     # --resume re-uses OUT/plan.json (no new timing, same plan)
     assert main(["train", str(binary_manifest), "--out", str(out), "--epochs", "2", "--size", "32",

@@ -21,6 +21,24 @@ def _spacing(text: str | None):
     return tuple(vals * 3 if len(vals) == 1 else vals)
 
 
+def _coverage(text: str) -> float:
+    from .evaluation.conformal import check_coverage
+
+    try:
+        return check_coverage(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--coverage: a level in (0, 1), e.g. 0.9; got {text!r}") from None
+
+
+def _operating_point(text: str) -> str:
+    from .evaluation.threshold import parse_policy
+
+    try:
+        return str(parse_policy(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--threshold", "--operating-point")) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anymc3d", description="3D medical volume classification with one frozen 2D "
                                 "foundation model and a small plugin per task.")
@@ -70,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, type=Path)
     add_weights_arg(e)
     e.add_argument("--bootstrap", type=int, default=1000)
+    e.add_argument("--coverage", type=_coverage, action="append", default=[], metavar="C",
+                   help="also report conformal coverage and set size at this level (0.8, 0.9, 0.95 always)")
+    e.add_argument("--operating-point", type=_operating_point, action="append", default=[], metavar="sens=X|spec=X",
+                   help="also report sensitivity/specificity at this threshold, chosen on the plugin's validation "
+                        "scores (repeatable; the stored operating point is always reported)")
     add_data_args(e)
 
     pr = sub.add_parser("predict", help="predict volumes (files, DICOM folders, or a manifest CSV)")
@@ -78,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--plugins", type=Path, metavar="DIR",
                     help="a plugin store: run every compatible plugin on each volume (PLUGIN is then the first image)")
     pr.add_argument("--out", required=True, type=Path)
+    pr.add_argument("--coverage", type=_coverage, default=0.9, metavar="C",
+                    help="coverage level of every answer's conformal prediction set (default 0.9)")
     add_weights_arg(pr)
     pr.add_argument("--heatmaps", action="store_true",
                     help="also write heatmaps (<id>_heatmap.nii.gz in the input's space + PNG), as `anymc3d explain`")
@@ -165,7 +190,9 @@ def _train(a: argparse.Namespace, dist) -> int:
                       lr_head=a.lr_head, class_weighting=a.class_weighting, patience=st["patience"],
                       augment=st["augment"], amp=not a.no_amp, progress=not a.quiet and main_rank,
                       seg_weight=a.seg_weight, device=dist.rank_device(a.device), workers=st["workers"],
-                      slice_subset=st["slice_subset"], threshold=a.threshold, embed_norm=a.embed_norm)
+                      slice_subset=st["slice_subset"], threshold=a.threshold, embed_norm=a.embed_norm,
+                      flip_copies=st.get("flip_copies") or 0, test_flips=list(st.get("test_flips") or []),
+                      ensemble=int(st.get("ensemble") or 1))
     cfg.cache_dir = str(a.cache) if getattr(a, "cache", None) else st.get("cache_dir")
     m = train_plugin(task, a.backbone, a.out, weights=a.weights, preprocess=pre,
                      lora=LoraSpec(r=a.lora_rank, alpha=a.lora_alpha, last_k=st["lora_last_k"]), config=cfg,
@@ -189,10 +216,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluation.run import evaluate_plugin
     from .predict import load
 
-    m = evaluate_plugin(load(a.plugin, weights=a.weights, device=a.device, workers=a.workers), a.data, a.split, a.out, a.bootstrap, data_kwargs(a))
+    m = evaluate_plugin(load(a.plugin, weights=a.weights, device=a.device, workers=a.workers), a.data, a.split, a.out,
+                        a.bootstrap, data_kwargs(a), coverages=tuple(a.coverage), operating_points=tuple(a.operating_point))
     ci = m["ci"].get("auc") if m.get("ci") else None
     print(f"{a.split}: AUC {m['auc']}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f"  ACC {m['acc']:.4f}  n={m['n']}")
-    print(f"wrote {a.out / 'metrics.json'}, {a.out / 'report.md'}, {a.out / 'roc.png'}")
+    from .evaluation.run import trust_lines
+    for line in trust_lines(m):
+        print(line)
+    print(f"wrote {a.out / 'metrics.json'}, {a.out / 'report.md'}, {a.out / 'roc.png'}"
+          + (f", {a.out / 'calibration.png'}" if (a.out / "calibration.png").is_file() else ""))
     return 0
 
 
@@ -211,7 +243,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from .inputs import expand_inputs
     from .predict import load
 
-    predictor = load(a.plugin, weights=a.weights, device=dist.rank_device(a.device), workers=a.workers)
+    predictor = load(a.plugin, weights=a.weights, device=dist.rank_device(a.device), workers=a.workers,
+                     coverage=a.coverage)
     items = expand_inputs(a.images, predictor.spec.inputs)
     job = PluginJob(predictor, heatmaps=getattr(a, "heatmaps", False))
     s = predict_to_folder(job, items, a.out, overwrite=a.overwrite, input_check=not a.no_input_check)
@@ -258,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                "probe": cmd_probe, "backbones": cmd_backbones, **_HANDLERS}[args.verb]
     from .io.options import with_reader_args
     handler = with_reader_args(handler, args)  # the reader flags hold for this run only
+    from .runtime.engines import with_engine_args
+    handler = with_engine_args(handler, args)  # --engine: the frozen passes' engine for this run only
     try:
         return handler(args)
     except InputError as exc:

@@ -40,7 +40,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "cnn_lr": 1e-3,
     "cnn_batch_size": 16,
     "trunk_cache": None,     # plugin methods: disk cache of frozen trunk activations (None: DIR/cache/trunk)
-    "device": "auto",        # auto | cpu | cuda | cuda:N | mps (not in any fingerprint: results are device-independent)
+    "device": "auto",        # auto | cpu | cuda | cuda:N | mps (the device used is in every cell fingerprint)
     "workers": 0,            # DataLoader worker processes
     "budget": "30m",         # method `plan`: the time budget of `anymc3d train` (the plan fits it)
     "timings": None,         # method `plan`: a timings.json to plan from (default: time this machine now)
@@ -254,7 +254,8 @@ def m_plan(task, out: Path, seed: int, o: dict) -> dict:
     cfg = TrainConfig(epochs=plan.epochs, batch_size=plan.batch_size, seed=seed, patience=plan.patience,
                       augment=plan.augment, slice_subset=plan.slice_subset, threshold=plan.threshold,
                       progress=bool(o.get("progress", False)), device=_device(o),
-                      workers=int(o.get("workers", 0)), cache_dir=o.get("trunk_cache"), embed_norm=_embed_norm(o))
+                      workers=int(o.get("workers", 0)), cache_dir=o.get("trunk_cache"), embed_norm=_embed_norm(o),
+                      flip_copies=plan.flip_copies, test_flips=list(plan.test_flips), ensemble=plan.ensemble)
     m = train_plugin(task, o["backbone"], out, weights=o["weights"], preprocess=pre,
                      lora=LoraSpec(r=8, alpha=16.0, last_k=plan.lora_last_k), config=cfg, resume=True,
                      plan=plan.to_dict(), log=_log(o))
@@ -288,6 +289,7 @@ def m_cnn3d(task, out: Path, seed: int, o: dict, arch: str = "resnet18", train_f
 THREE = ("axial", "coronal", "sagittal")
 
 register_method("plan", m_plan, "plan", "the default `anymc3d train DATA`: a training plan that fits --set budget=30m")
+register_method("default_plan", m_plan, "plan", "the default `anymc3d train DATA --out DIR`, nothing else (alias of plan)")
 register_method("plugin", m_plugin, "plugin", "AnyMC3D plugin: LoRA r=8 (all stages) + task query, axial")
 register_method("plugin_3view", m_plugin, "plugin", "plugin, three views (per-view LoRA + query, fusion query)",
                 views=THREE)

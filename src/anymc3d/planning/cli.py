@@ -12,7 +12,8 @@ from .planner import FIELDS, Plan, plan_table
 #: ``anymc3d train --no-plan``: the fixed settings of earlier releases (full-depth LoRA, augmentation,
 #: the backbone's slice size, axial, 30 epochs)
 FIXED_DEFAULTS = {"size": None, "views": ["axial"], "lora_last_k": None, "augment": True, "slice_subset": None,
-                  "max_slices": None, "epochs": 30, "batch_size": 8, "patience": 10}
+                  "max_slices": None, "epochs": 30, "batch_size": 8, "patience": 10, "flip_copies": 0,
+                  "test_flips": [], "ensemble": 1}
 
 
 def _count_or_all(flag: str, unit: str):
@@ -29,6 +30,17 @@ def _count_or_all(flag: str, unit: str):
 
 _last_k = _count_or_all("--lora-last-k", "stages")
 _subset = _count_or_all("--slice-subset", "slices")
+
+
+def _flips(text: str) -> list[str]:
+    """``--test-flips w,h,hw`` (or ``none``) -> the plugin spec's ``test_flips`` list."""
+    from ..plugins.spec import TEST_FLIPS
+
+    items = [] if text.strip().lower() in ("", "none") else [t.strip() for t in text.split(",")]
+    bad = [t for t in items if t not in TEST_FLIPS]
+    if bad or len(set(items)) != len(items):
+        raise argparse.ArgumentTypeError(f"--test-flips: distinct items of {','.join(TEST_FLIPS)}, or none; got {text!r}")
+    return items
 
 
 def _threshold(text: str):
@@ -66,6 +78,12 @@ def add_plan_override_args(p: argparse.ArgumentParser) -> None:
                    help="train on N random slices per volume and view (validation and prediction use all)")
     g.add_argument("--max-slices", type=int, metavar="N",
                    help="resample a view with more slices to N slices (training and prediction)")
+    g.add_argument("--flip-copies", type=int, metavar="N", choices=range(0, 8),
+                   help="N flipped copies of every training volume, their frozen trunk cached like the originals' (0-7)")
+    g.add_argument("--ensemble", type=int, metavar="K", choices=range(1, 17),
+                   help="K plugin members trained together on the one cached trunk; predictions average them (1-16)")
+    g.add_argument("--test-flips", type=_flips, metavar="w,h,hw|none",
+                   help="in-plane slice flips averaged at prediction, stored in the plugin (none: off)")
 
 
 TIMING_KEYS = ("device", "prep_s_per_volume", "aug_s_per_volume", "trunk_fwd_s", "tail_step_s", "tail_fwd_s",

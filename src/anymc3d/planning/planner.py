@@ -22,15 +22,18 @@ Rules (each one chosen on validation splits and the synthetic suite, docs/result
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ..errors import InputError
 from .fingerprint import in_plane_size, slices_per_view
 
 PLAN_VERSION = 1
 #: the plan fields a user flag can override (``anymc3d train --epochs ...``)
-FIELDS = ("size", "views", "lora_last_k", "augment", "slice_subset", "max_slices", "epochs", "batch_size", "patience")
+FIELDS = ("size", "views", "lora_last_k", "augment", "slice_subset", "max_slices", "epochs", "batch_size", "patience",
+          "flip_copies", "test_flips", "ensemble")
 MIN_SIZE = 64
 MIN_AXIS_FOR_VIEWS = 16
 MAX_ANISOTROPY_FOR_VIEWS = 3.0
@@ -40,6 +43,8 @@ MAX_ANISOTROPY_FOR_VIEWS = 3.0
 MIN_STEPS = 720
 MAX_EPOCHS = 100
 OVERHEAD_S = 15.0  # building the model, writing the plugin, metrics and report
+#: the measured quality order: each candidate's expected validation AUC, with the commands that measured it
+PRIORS_FILE = Path(__file__).with_name("priors.json")
 
 
 @dataclass
@@ -53,6 +58,9 @@ class Plan:
     max_slices: int | None = None    # deeper views are resampled to this many slices (also at prediction)
     batch_size: int = 8
     patience: int = 5
+    flip_copies: int = 0             # cached flipped copies of every training volume (training.trainer)
+    test_flips: list[str] = field(default_factory=list)  # in-plane flips averaged at prediction (plugin spec)
+    ensemble: int = 1                # members trained together on the one cached trunk (plugin spec)
     cache: str = "memory"            # trunk activations: memory | disk | none
     workers: int = 0
     device: str = "cpu"
@@ -62,6 +70,9 @@ class Plan:
     estimate_s: float = 0.0
     estimate: dict = field(default_factory=dict)
     candidate: int = 0
+    name: str = ""                   # the chosen candidate's name (its key in priors.json)
+    prior: float | None = None       # its prior (expected validation AUC), None where none was measured
+    considered: list[dict] = field(default_factory=list)  # every candidate: name, estimate, prior, fits
     overridden: list[str] = field(default_factory=list)
     reasons: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
@@ -128,23 +139,48 @@ def choose_views(fp: dict) -> tuple[list[str], str]:
 
 
 def candidates(views: list[str], device_type: str) -> list[dict]:
-    """Plan candidates, best first (see the module docstring)."""
+    """Plan candidates in the cost order of the list (see the module docstring); each has a ``name``
+    that keys its prior in ``priors.json``."""
     few = ["axial"]
-    base = dict(lora_last_k=1, augment=False, max_slices=None)
+    base = dict(lora_last_k=1, augment=False, max_slices=None, flip_copies=0, test_flips=[], ensemble=1)
+    flips = dict(base, flip_copies=3, test_flips=["w", "h", "hw"])
     cpu = [
-        dict(base, views=views, slice_subset=None, epochs=15),
-        dict(base, views=views, slice_subset=16, epochs=15),
-        dict(base, views=views, slice_subset=8, epochs=10),
-        dict(base, views=views, slice_subset=8, epochs=10, max_slices=32),   # deep volumes: resample the depth
-        dict(base, views=few, slice_subset=None, epochs=15),
-        dict(base, views=few, slice_subset=16, epochs=10),
-        dict(base, views=few, slice_subset=8, epochs=5, max_slices=32),
-        dict(base, views=few, slice_subset=8, epochs=5, max_slices=16),
+        dict(flips, name="k1_all_flips_ens3", views=views, slice_subset=None, epochs=15, ensemble=3),
+        dict(flips, name="k1_all_flips", views=views, slice_subset=None, epochs=15),
+        dict(base, name="k1_all_tta", views=views, slice_subset=None, epochs=15, test_flips=["w", "h", "hw"]),
+        dict(base, name="k1_all", views=views, slice_subset=None, epochs=15),
+        dict(base, name="k1_sub16", views=views, slice_subset=16, epochs=15),
+        dict(base, name="k1_sub8", views=views, slice_subset=8, epochs=10),
+        dict(base, name="k1_sub8_depth32", views=views, slice_subset=8, epochs=10, max_slices=32),   # deep volumes
+        dict(base, name="axial_k1_all", views=few, slice_subset=None, epochs=15),
+        dict(base, name="axial_k1_sub16", views=few, slice_subset=16, epochs=10),
+        dict(base, name="axial_k1_sub8_depth32", views=few, slice_subset=8, epochs=5, max_slices=32),
+        dict(base, name="axial_k1_sub8_depth16", views=few, slice_subset=8, epochs=5, max_slices=16),
     ]
     if device_type == "cuda":
-        return [dict(views=views, lora_last_k=None, augment=True, slice_subset=None, epochs=30, max_slices=None),
-                dict(views=views, lora_last_k=None, augment=True, slice_subset=16, epochs=30, max_slices=None)] + cpu
+        gpu = dict(views=views, lora_last_k=None, augment=True, max_slices=None, flip_copies=0, test_flips=[], ensemble=1,
+                   epochs=30)
+        return [dict(gpu, name="gpu_full_aug", slice_subset=None), dict(gpu, name="gpu_full_aug_sub16", slice_subset=16)] + cpu
     return cpu
+
+
+def load_priors(path: str | Path | None = None) -> dict[str, float]:
+    """Candidate name -> prior (the expected validation AUC, ``priors.json`` next to this module, or ``path``);
+    candidates without a measured prior are absent."""
+    p = Path(path) if path is not None else PRIORS_FILE
+    data = json.loads(p.read_text(encoding="utf-8"))
+    return {k: float(v["prior"]) for k, v in data["candidates"].items() if v.get("prior") is not None}
+
+
+def quality_order(cands: list[dict], priors: dict[str, float], device_type: str) -> list[int]:
+    """Indices of ``cands``, best expected first: on a CPU, candidates with a measured prior by prior
+    (highest first; ties keep the list order), then the unmeasured ones in the list's cost order. On a
+    GPU the list order (the paper's recipe first): the priors were measured on CPU recipes."""
+    idx = list(range(len(cands)))
+    if device_type == "cuda":
+        return idx
+    known = sorted((i for i in idx if cands[i]["name"] in priors), key=lambda i: (-priors[cands[i]["name"]], i))
+    return known + [i for i in idx if cands[i]["name"] not in priors]
 
 
 def split_sizes(fp: dict) -> tuple[int, int, int]:
@@ -177,6 +213,12 @@ def estimate(c: dict, fp: dict, t: dict, size: int) -> dict:
     n_all = n_tr + n_va + n_te
     scale = 1.0 if t.get("size", size) == size else (size / t["size"]) ** 2  # timed at another size
     g = {k: t[k] * scale for k in ("trunk_fwd_s", "tail_step_s", "tail_fwd_s", "full_step_s", "full_fwd_s")}
+    k_members = int(c.get("ensemble") or 1)  # every member runs its own tail (the trunk once for all)
+    g["tail_step_s"] *= k_members
+    g["tail_fwd_s"] *= k_members
+    if c["lora_last_k"] is None:  # full depth: each member runs the whole backbone
+        g["full_step_s"] *= k_members
+        g["full_fwd_s"] *= k_members
     parts = {"preprocess": n_all * t["prep_s_per_volume"]}
     if c["lora_last_k"] is not None:
         cold_fwd = g["trunk_fwd_s"] + g["tail_fwd_s"]
@@ -187,17 +229,32 @@ def estimate(c: dict, fp: dict, t: dict, size: int) -> dict:
             parts["trunk_once"] = n_all * per_case * g["trunk_fwd_s"]
             epoch = n_tr * per_case_train * g["tail_step_s"]
         epoch += n_va * per_case * g["tail_fwd_s"]
-        parts["test"] = n_te * per_case * g["tail_fwd_s"] + min(COLD_TIMING_VOLUMES, n_te) * per_case * cold_fwd
+        # after training, validation and test are scored through the whole backbone (training.run.train_plugin),
+        # plus the cold timing of a few test volumes
+        parts["test"] = (n_va + n_te) * per_case * cold_fwd + min(COLD_TIMING_VOLUMES, n_te) * per_case * cold_fwd
     else:
         epoch = n_tr * per_case_train * g["full_step_s"] + n_va * per_case * g["full_fwd_s"]
         if c["augment"]:
             epoch += n_tr * t["aug_s_per_volume"]
         parts["test"] = n_te * per_case * g["full_fwd_s"]
+    copies, n_flips = int(c.get("flip_copies") or 0), len(c.get("test_flips") or ())
+    cached = c["lora_last_k"] is not None and not c["augment"]
+    if copies and cached:  # the flipped copies' trunk, once, like the originals'
+        parts["trunk_copies"] = copies * n_tr * per_case * g["trunk_fwd_s"]
+    if n_flips:  # each flip: every validation pass again (its trunk once), and val + test scored again, cold
+        if c["lora_last_k"] is not None:
+            epoch += n_flips * n_va * per_case * g["tail_fwd_s"]
+            parts["flip_trunk_once"] = n_flips * n_va * per_case * g["trunk_fwd_s"]
+            parts["test_flips"] = n_flips * (n_va + n_te) * per_case * (g["trunk_fwd_s"] + g["tail_fwd_s"])
+        else:
+            epoch += n_flips * n_va * per_case * g["full_fwd_s"]
+            parts["test_flips"] = n_flips * (n_va + n_te) * per_case * g["full_fwd_s"]
     parts["epoch"] = epoch
     parts["training"] = epoch * c["epochs"]
     parts["overhead"] = OVERHEAD_S
     parts["total"] = sum(v for k, v in parts.items() if k != "epoch")
-    parts["trunk_cache_gb"] = (n_all * per_case * t.get("trunk_bytes_per_slice", 0) / 2**30
+    cached_slices = (n_all + copies * n_tr * cached + n_flips * n_va) * per_case
+    parts["trunk_cache_gb"] = (cached_slices * t.get("trunk_bytes_per_slice", 0) / 2**30
                                if c["lora_last_k"] is not None else 0.0)
     return {k: round(v, 3) for k, v in parts.items()}
 
@@ -208,12 +265,20 @@ def describe(c: dict) -> str:
     subset = f"{c['slice_subset']} slices/view" if c["slice_subset"] else "all slices"
     if c.get("max_slices"):
         subset += f" of at most {c['max_slices']}"
-    return (f"{'+'.join(c['views'])}, {lora}, {'augmented' if c['augment'] else 'no augmentation'}, "
+    extra = ""
+    if c.get("flip_copies"):
+        extra += f", {c['flip_copies']} cached flipped copies"
+    if c.get("test_flips"):
+        extra += f", test-time flips {'/'.join(c['test_flips'])}"
+    if (c.get("ensemble") or 1) > 1:
+        extra += f", {c['ensemble']}-member ensemble"
+    return (f"{'+'.join(c['views'])}, {lora}, {'augmented' if c['augment'] else 'no augmentation'}{extra}, "
             f"{subset}, {c['epochs']} epochs")
 
 
 def make_plan(fp: dict, timings: dict, budget_s: float | None, backbone_size: int,
-              overrides: dict | None = None, threshold: str = "platt") -> Plan:
+              overrides: dict | None = None, threshold: str = "platt", priors: dict[str, float] | None = None,
+              priors_file: str | Path | None = None) -> Plan:
     """The plan for fingerprint ``fp`` on the machine of ``timings`` within ``budget_s`` seconds.
 
     ``overrides``: plan fields given explicitly (flags); they replace the field in every candidate
@@ -227,8 +292,9 @@ def make_plan(fp: dict, timings: dict, budget_s: float | None, backbone_size: in
     size, size_why = choose_size(fp, backbone_size, dtype)
     views, views_why = choose_views(fp)
     size = int(overrides.get("size", size))
-    best = None
     cands = candidates(views, dtype)
+    priors = load_priors(priors_file) if priors is None else priors
+    considered, rows = [], []
     for i, c in enumerate(cands):
         c = {**c, "epochs": epochs_for(fp, c["epochs"], int(overrides.get("batch_size", 8)))}
         c = {**c, **{k: v for k, v in overrides.items() if k in c}}
@@ -236,17 +302,22 @@ def make_plan(fp: dict, timings: dict, budget_s: float | None, backbone_size: in
         c["slice_subset"] = c["slice_subset"] or None
         c["max_slices"] = c.get("max_slices") or None
         est = estimate(c, fp, timings, size)
-        if best is None or est["total"] < best[2]["total"]:
-            best = (i, c, est)
-        if budget_s is None or est["total"] <= budget_s:
-            chosen = (i, c, est)
-            break
-    else:
-        i, c, est = best
+        considered.append((i, c, est))
+        rows.append({"name": c["name"], "estimate_s": est["total"], "prior": priors.get(c["name"]),
+                     "fits": budget_s is None or est["total"] <= budget_s})
+    order = quality_order(cands, priors, dtype)
+    fitting = [considered[i] for i in order if rows[i]["fits"]]
+    if not fitting:
+        i, c, est = min(considered, key=lambda x: x[2]["total"])
         raise InputError(f"budget {fmt_duration(budget_s)} is too short: the cheapest plan ({describe(c)}) needs "
                          f"about {fmt_duration(est['total'])} on this machine ({timings.get('device', 'cpu')}); "
                          f"give --budget {math.ceil(est['total'] / 60)}m or more")
+    chosen = fitting[0]
+    for rank, j in enumerate(order):  # candidate numbers: the rank in the quality order (1 = best expected)
+        rows[j].update(candidate=rank + 1, chosen=j == chosen[0])
+    rows = [rows[j] for j in order]
     i, c, est = chosen
+    rank = order.index(i) + 1
     bs = int(overrides.get("batch_size", 8))
     patience = int(overrides.get("patience", max(3, c["epochs"] // 3)))
     cache = "none"
@@ -254,14 +325,17 @@ def make_plan(fp: dict, timings: dict, budget_s: float | None, backbone_size: in
         avail = timings.get("available_gb") or timings.get("memory_gb") or 0
         cache = "memory" if est["trunk_cache_gb"] <= 0.5 * avail or not avail else "disk"
     reasons = {"size": size_why if "size" not in overrides else "set by the user", "views": views_why,
-               "candidate": f"#{i + 1} of {len(cands)}: {describe(c)}" + (
-                   "" if i == 0 else " (the better ones do not fit the budget)")}
+               "candidate": f"#{rank} of {len(cands)} ({c['name']}): {describe(c)}" + (
+                   "" if rank == 1 else " (the ones expected to be better do not fit the budget)")}
     workers = 0 if dtype == "cpu" else min(8, max(0, int(timings.get("cpu_count", 1)) - 1))
     return Plan(size=size, views=list(c["views"]), lora_last_k=c["lora_last_k"], augment=bool(c["augment"]),
                 slice_subset=c["slice_subset"], max_slices=c["max_slices"], epochs=int(c["epochs"]), batch_size=bs, patience=patience,
+                flip_copies=int(c.get("flip_copies") or 0), test_flips=list(c.get("test_flips") or []),
+                ensemble=int(c.get("ensemble") or 1),
                 cache=cache, workers=workers, device=timings.get("device", "cpu"), threshold=threshold,
                 threads=timings.get("threads_chosen"),
-                budget_s=budget_s, estimate_s=est["total"], estimate=est, candidate=i + 1,
+                budget_s=budget_s, estimate_s=est["total"], estimate=est, candidate=rank, name=c["name"],
+                prior=priors.get(c["name"]), considered=rows,
                 overridden=sorted(overrides), reasons=reasons)
 
 
@@ -274,10 +348,14 @@ def plan_table(plan: Plan) -> str:
             ("LoRA", lora), ("trunk cache", plan.cache), ("augmentation", "on" if plan.augment else "off"),
             ("training slices", f"{plan.slice_subset} per volume and view" if plan.slice_subset else "all"),
             ("slices per view", f"at most {plan.max_slices} (resampled)" if plan.max_slices else "all"),
+            ("flipped copies", f"{plan.flip_copies} per training volume (cached)" if plan.flip_copies else "none"),
+            ("test-time flips", "/".join(plan.test_flips) if plan.test_flips else "none"),
+            ("ensemble", f"{plan.ensemble} members on one trunk" if plan.ensemble > 1 else "one plugin"),
             ("epochs", str(plan.epochs)), ("batch size", str(plan.batch_size)),
             ("early-stopping patience", str(plan.patience)), ("threshold", plan.threshold)]
     keys = {"slice size": "size", "views": "views", "LoRA": "lora_last_k", "augmentation": "augment",
             "training slices": "slice_subset", "slices per view": "max_slices", "epochs": "epochs", "batch size": "batch_size",
+            "flipped copies": "flip_copies", "test-time flips": "test_flips", "ensemble": "ensemble",
             "early-stopping patience": "patience"}
     w = max(len(r[0]) for r in rows)
     lines = ["training plan" + (f" (candidate {plan.candidate})" if plan.candidate else "")]
@@ -289,4 +367,20 @@ def plan_table(plan: Plan) -> str:
                     f"{fmt_duration(e.get('epoch', 0))} per epoch)" if e else ""))
     if plan.overridden:
         lines.append(f"  overridden by flags: {', '.join(plan.overridden)}")
+    if plan.considered:
+        lines.append(candidate_table(plan))
+    return "\n".join(lines)
+
+
+def candidate_table(plan: Plan) -> str:
+    """Every candidate the plan considered, best expected first: its prior (expected validation AUC,
+    priors.json), its estimated time here, and whether it fits the budget; the chosen one marked."""
+    w = max(len(r["name"]) for r in plan.considered)
+    lines = [f"  candidates, best expected first (prior = validation AUC measured in planning/priors.json):",
+             f"    {'':2s}{'name':{w}s}  {'prior':>6s}  {'estimate':>9s}  fits"]
+    for r in plan.considered:
+        prior = f"{r['prior']:.3f}" if r.get("prior") is not None else "–"
+        mark = "->" if r.get("chosen") else ""
+        lines.append(f"    {mark:2s}{r['name']:{w}s}  {prior:>6s}  {fmt_duration(r['estimate_s']):>9s}  "
+                     f"{'yes' if r['fits'] else 'no'}")
     return "\n".join(lines)

@@ -12,8 +12,9 @@ reaches them through :mod:`anymc3d.runtime`, which calls these two methods.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -31,6 +32,24 @@ class ModelOutput:
     slice_weights: dict[str, torch.Tensor]                 # stream -> (B, S)
     view_weights: torch.Tensor                             # (B, V)
     patches: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> (B, S, h, w, D) when asked
+    member_logits: list[torch.Tensor] = field(default_factory=list)  # an ensemble's members' own logits (training)
+
+
+def average_outputs(outs: list[ModelOutput], task_type: str) -> ModelOutput:
+    """One output from several over the same batch (ensemble members, test-time flips): the mean of
+    their probabilities, as logits (log of the mean for a softmax, logit of the mean for sigmoids), so
+    that ``probabilities(logits)`` is that mean; slice and view weights averaged; patches of the first."""
+    logits = torch.stack([o.logits.float() for o in outs])
+    log_k = math.log(len(outs))
+    if task_type == "multiclass":  # log of the mean softmax, in log space (exact for saturated members too)
+        combined = torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - log_k
+    else:  # logit of the mean sigmoid: log mean(p) - log mean(1 - p), log p = -softplus(-z)
+        pos = torch.logsumexp(-nn.functional.softplus(-logits), dim=0) - log_k
+        neg = torch.logsumexp(-nn.functional.softplus(logits), dim=0) - log_k
+        combined = pos - neg
+    sw = {s: torch.stack([o.slice_weights[s].float() for o in outs]).mean(dim=0) for s in outs[0].slice_weights}
+    vw = torch.stack([o.view_weights.float() for o in outs]).mean(dim=0)
+    return ModelOutput(combined, sw, vw, outs[0].patches)
 
 
 def adapter_name(prefix: str, stream: str) -> str:
@@ -38,7 +57,12 @@ def adapter_name(prefix: str, stream: str) -> str:
 
 
 class AnyMC3D(nn.Module):
-    """One plugin on a (shared) frozen backbone. ``adapter_prefix`` keeps several plugins apart."""
+    """One plugin on a (shared) frozen backbone. ``adapter_prefix`` keeps several plugins apart.
+
+    With ``spec.ensemble = K > 1`` the plugin holds K members on the same backbone (and trunk): this
+    module is member 0, ``members`` the other K - 1, each with its own LoRA adapters, queries,
+    normalisation and head (tensors ``m{i}.*`` in the plugin file). The output is the mean of the
+    members' probabilities; ``member_logits`` carries each member's own for training."""
 
     def __init__(self, backbone: Backbone, spec: PluginSpec, adapter_prefix: str = "p0_",
                  chunk: int = 256, autocast: bool = True) -> None:
@@ -63,6 +87,14 @@ class AnyMC3D(nn.Module):
         self.embed_norm = nn.ModuleDict({s.replace(":", "__"): EmbedNorm(d) for s in self.streams}
                                         if spec.embed_norm == "center_scale" else {})
         self.head = nn.Sequential(nn.Dropout(spec.head_dropout), nn.Linear(d, spec.n_outputs))
+        self.trunk_engine = None  # the runtime's engine chooser for the frozen trunk (see trunk())
+        one = replace(spec, ensemble=1) if spec.ensemble > 1 else None
+        self.members = nn.ModuleList([AnyMC3D(backbone, one, adapter_prefix=f"{adapter_prefix}m{i}_", chunk=chunk,
+                                              autocast=autocast) for i in range(1, spec.ensemble)])
+
+    def _member_items(self, fn: str) -> dict:
+        """``fn``'s dict of every other member, keys prefixed ``m{i}.``."""
+        return {f"m{i}.{k}": v for i, m in enumerate(self.members, 1) for k, v in getattr(m, fn)().items()}
 
     # ---- parameters -------------------------------------------------------------------------
     def lora_parameters(self) -> dict[str, nn.Parameter]:
@@ -70,7 +102,7 @@ class AnyMC3D(nn.Module):
         for s, name in self.adapters.items():
             for k, p in adapter_parameters(self.backbone.model, name).items():
                 out[f"lora.{s}.{k}"] = p
-        return out
+        return {**out, **self._member_items("lora_parameters")}
 
     def head_parameters(self) -> dict[str, nn.Parameter]:
         out = {}
@@ -79,7 +111,7 @@ class AnyMC3D(nn.Module):
         out["query.fusion"] = self.view_pool.query
         for k, p in self.head.named_parameters():
             out[f"head.{k}"] = p
-        return out
+        return {**out, **self._member_items("head_parameters")}
 
     def norm_buffers(self) -> dict[str, torch.Tensor]:
         """The embedding normalisation's fitted statistics per stream (empty without ``embed_norm``)."""
@@ -89,7 +121,7 @@ class AnyMC3D(nn.Module):
             if key in self.embed_norm:
                 out[f"norm.{s}.mean"] = self.embed_norm[key].mean
                 out[f"norm.{s}.scale"] = self.embed_norm[key].scale
-        return out
+        return {**out, **self._member_items("norm_buffers")}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything a plugin file stores: LoRA A/B per stream, queries, head, and the embedding
@@ -120,7 +152,7 @@ class AnyMC3D(nn.Module):
     def fitting_embed_norm(self):
         """Within: every forward accumulates the raw slice embeddings (normalisation = identity);
         on leaving, the statistics are set from them (anymc3d.plugins.embed_norm)."""
-        norms = list(self.embed_norm.values())
+        norms = list(self.embed_norm.values()) + [n for m in self.members for n in m.embed_norm.values()]
         for n in norms:
             n.start_fit()
         try:
@@ -147,11 +179,17 @@ class AnyMC3D(nn.Module):
             yield xi, torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
 
     @torch.no_grad()
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """Shared-trunk activations of slices (N, C, H, W); only defined when LoRA sits in the last k blocks."""
+    def trunk(self, x: torch.Tensor, engine: bool = True) -> torch.Tensor:
+        """Shared-trunk activations of slices (N, C, H, W); only defined when LoRA sits in the last k blocks.
+        On the CPU the inference engine of ``--engine`` runs it when the runtime has set ``trunk_engine``
+        (slices -> an engine's runner or None; ``engine=False``: always torch)."""
         k = self.last_k
         if k is None:
             raise ValueError("trunk() needs a plugin with lora.last_k set")
+        if engine and self.trunk_engine is not None and x.device.type == "cpu":
+            runner = self.trunk_engine(x)  # set by the runtime (anymc3d.runtime.engine.Runtime); None: torch
+            if runner is not None:
+                return torch.cat([runner(x[i:i + self.chunk]) for i in range(0, x.shape[0], self.chunk)])
         out = []
         for xi, amp in self._chunks(x):
             with amp:
@@ -180,10 +218,36 @@ class AnyMC3D(nn.Module):
                 patches.append(out.patches.float())
         return torch.cat(cls), (torch.cat(patches) if keep_patches else None)
 
+    def _trunk_of(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, C, H, W) slices -> (B, S, ...) trunk activations, as the cache stores them."""
+        h = self.trunk(x.flatten(0, 1))
+        return h.view(*x.shape[:2], *h.shape[1:])
+
+    def _ensemble(self, outs: list[ModelOutput]) -> ModelOutput:
+        out = average_outputs(outs, self.spec.task_type)
+        out.member_logits = [o.logits for o in outs]
+        return out
+
+    def _sync_members(self) -> None:
+        for m in self.members:  # the runtime sets the precision and memory format on the plugin (member 0)
+            m.autocast, m.channels_last = self.autocast, self.channels_last
+
     def forward(self, slices: dict[str, torch.Tensor], slice_mask: dict[str, torch.Tensor] | None = None,
                 present: torch.Tensor | None = None, keep_patches: bool = False, from_trunk: bool = False) -> ModelOutput:
         """slices: stream -> (B, S, C, H, W) (or trunk activations with ``from_trunk``);
         slice_mask: stream -> (B, S) bool; present: (B, V) bool."""
+        if len(self.members) and not from_trunk and self.last_k is not None:  # the frozen trunk once for all members
+            slices = {s: self._trunk_of(x) for s, x in slices.items() if s in self.streams}
+            from_trunk = True
+        out = self._forward_one(slices, slice_mask, present, keep_patches, from_trunk)
+        if not len(self.members):
+            return out
+        self._sync_members()
+        return self._ensemble([out] + [m._forward_one(slices, slice_mask, present, False, from_trunk)
+                                       for m in self.members])
+
+    def _forward_one(self, slices: dict[str, torch.Tensor], slice_mask: dict[str, torch.Tensor] | None,
+                     present: torch.Tensor | None, keep_patches: bool, from_trunk: bool) -> ModelOutput:
         embeddings, patches = {}, {}
         for s in self.streams:
             if s not in slices:
@@ -207,14 +271,22 @@ class AnyMC3D(nn.Module):
                 fp = pt.new_zeros(b * n, *pt.shape[1:])
                 fp[flat] = pt
                 patches[s] = fp.view(b, n, *pt.shape[1:])
-        out = self.pool_and_classify(embeddings, slice_mask, present)
+        out = self._pool_one(embeddings, slice_mask, present)
         out.patches = patches
         return out
 
     def pool_and_classify(self, embeddings: dict[str, torch.Tensor], slice_mask: dict[str, torch.Tensor] | None = None,
                           present: torch.Tensor | None = None) -> ModelOutput:
         """Everything after the backbone: slice embeddings (B, S, D) per stream -> task-query pooling,
-        view fusion (missing streams masked out) and head. Also used on cached embeddings."""
+        view fusion (missing streams masked out) and head. Also used on cached embeddings (a plugin
+        without LoRA: every ensemble member pools the same embeddings)."""
+        out = self._pool_one(embeddings, slice_mask, present)
+        if not len(self.members):
+            return out
+        return self._ensemble([out] + [m._pool_one(embeddings, slice_mask, present) for m in self.members])
+
+    def _pool_one(self, embeddings: dict[str, torch.Tensor], slice_mask: dict[str, torch.Tensor] | None,
+                  present: torch.Tensor | None) -> ModelOutput:
         pooled, sw = [], {}
         ref = next(iter(embeddings.values()))
         batch, dev = ref.shape[0], ref.device

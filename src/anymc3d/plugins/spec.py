@@ -9,6 +9,10 @@ from typing import Any
 from .lora import LoraSpec
 
 TASK_TYPES = ("binary", "multiclass", "multilabel")
+#: in-plane flips a plugin may average at prediction: "w" (last axis), "h" (second-to-last), "hw" (both)
+TEST_FLIPS = ("w", "h", "hw")
+#: the most ensemble members one plugin may hold
+MAX_ENSEMBLE = 16
 #: what ``weights_fingerprint`` writes: a truncated sha256 of the frozen weights
 FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{16}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -30,6 +34,12 @@ class PluginSpec:
     head_dropout: float = 0.2
     #: slice-embedding normalisation before the task query (anymc3d.plugins.embed_norm); "none" in older files
     embed_norm: str = "none"
+    #: test-time flips (anymc3d.runtime.engine.Runtime.forward): every prediction averages the probabilities of
+    #: the slices as they are and flipped in-plane ("w": left-right, "h": up-down, "hw": both); [] in older files
+    test_flips: list[str] = field(default_factory=list)
+    #: members trained together on one (cached) trunk, each with its own LoRA, queries and head; a prediction
+    #: is the mean of the members' probabilities (anymc3d.plugins.model); 1 in older files
+    ensemble: int = 1
     threshold: float = 0.5
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -37,6 +47,9 @@ class PluginSpec:
     format: str = "anymc3d-plugin/1"
     #: sha256 of plugin.safetensors, written by save_plugin and checked on loading ("" = not recorded)
     tensors_sha256: str = ""
+    #: calibration, OOD reference and conformal settings (anymc3d.plugins.trust; tensors under "trust."
+    #: in plugin.safetensors); None in files written before them
+    trust: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.task_type not in TASK_TYPES:
@@ -47,6 +60,10 @@ class PluginSpec:
 
         if self.embed_norm not in EMBED_NORMS:
             raise ValueError(f"embed_norm must be one of {EMBED_NORMS}, got {self.embed_norm!r}")
+        if any(f not in TEST_FLIPS for f in self.test_flips) or len(set(self.test_flips)) != len(self.test_flips):
+            raise ValueError(f"test_flips must be distinct items of {TEST_FLIPS}, got {self.test_flips!r}")
+        if not (isinstance(self.ensemble, int) and 1 <= self.ensemble <= MAX_ENSEMBLE):
+            raise ValueError(f"ensemble must be an integer in 1..{MAX_ENSEMBLE}, got {self.ensemble!r}")
 
     @property
     def streams(self) -> list[str]:
@@ -148,6 +165,14 @@ def validate_spec_dict(d: Any) -> None:
 
     if d.get("embed_norm", "none") not in EMBED_NORMS:
         raise ValueError(f"'embed_norm' must be one of {EMBED_NORMS}, got {d.get('embed_norm')!r:.40}")
+    ens = d.get("ensemble", 1)
+    if not _is_int(ens) or not 1 <= ens <= MAX_ENSEMBLE:
+        raise ValueError(f"'ensemble' must be an integer in 1..{MAX_ENSEMBLE}, got {ens!r:.40}")
+    flips = d.get("test_flips", [])
+    if not isinstance(flips, list) or any(f not in TEST_FLIPS for f in flips) or len(set(flips)) != len(flips):
+        raise ValueError(f"'test_flips' must be a list of distinct items of {TEST_FLIPS}, got {flips!r:.60}")
+    if d.get("trust") is not None and not isinstance(d["trust"], dict):
+        raise ValueError(f"'trust' must be an object or null, got {type(d['trust']).__name__}")
     for k in ("training", "metrics"):
         if k in d and not isinstance(d[k], dict):
             raise ValueError(f"'{k}' must be an object, got {type(d[k]).__name__}")

@@ -37,6 +37,18 @@ class PreparedCase:
     warnings: list[str] = field(default_factory=list)  # reader warnings (constant volume, several series, ...)
 
 
+#: the volume flips of the cached augmented copies, in order (dims of a canonical (C, X, Y, Z) array)
+FLIP_COPIES = ((1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3))
+
+
+def flip_case(case: PreparedCase, dims: tuple[int, ...]) -> PreparedCase:
+    """A copy of a prepared case with every input (and the mask) flipped along the canonical spatial
+    ``dims``: an augmented view of the volume whose frozen trunk can be cached like the original's."""
+    tag = "".join("xyz"[d - 1] for d in dims)
+    return PreparedCase(f"{case.id}~flip{tag}", {k: a.flip(dims) for k, a in case.arrays.items()}, case.records,
+                        case.label, None if case.mask is None else case.mask.flip(dims), case.sources, case.warnings)
+
+
 def _as_volume(item: Volume | Path | str) -> Volume:
     return item if isinstance(item, Volume) else read_volume(item)
 

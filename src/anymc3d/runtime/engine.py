@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..plugins.model import ModelOutput
+from ..plugins.model import ModelOutput, average_outputs
 from .batching import Batcher, BatchPlan, batch_loader, collate, eval_plans, per_case_stacks, slice_subset
-from .cache import ActivationCache, PluginActivations
+from .cache import ActivationCache, PluginActivations, cut_point, frozen_engine
 from .device import place, resolve_device
 
 
@@ -37,6 +37,8 @@ class Runtime:
         self.model, self.specs = model, specs
         self.device = resolve_device(device)
         place(model, self.device, model.autocast if amp is None else amp)
+        if cut_point(model) is not None and model.spec.lora.r > 0:  # the frozen trunk runs on --engine's engine
+            model.trunk_engine = lambda x, m=model: frozen_engine(m, "", x)
         self.batcher = Batcher(model, specs, cache_trunk=cache_trunk)
         self.workers = int(workers)
         self.activations = None
@@ -80,7 +82,21 @@ class Runtime:
         """A batch from :class:`Batcher` on the device (gradients flow where the caller allows them).
 
         ``subset=(k, generator)``: use at most k random slices per case and stream (training); with
-        cached activations the subset is drawn after the cache lookup, so the cache still hits."""
+        cached activations the subset is drawn after the cache lookup, so the cache still hits.
+
+        A plugin with ``spec.test_flips`` (evaluation mode only) is run on the slices flipped in-plane
+        as listed and as they are; the output's probabilities are the mean of the passes' (its logits
+        are the logits of that mean), its slice and view weights the mean of theirs. The unflipped pass
+        runs last, so hooks (heatmaps) see the slices as they are."""
+        flips = list(getattr(self.model.spec, "test_flips", None) or [])
+        if not flips or self.model.training:
+            return self._forward_once(slices, masks, present, from_trunk, keep_patches, subset)
+        outs = [self._forward_once(flip_slices(slices, f), masks, present, from_trunk, False, subset) for f in flips]
+        outs.append(self._forward_once(slices, masks, present, from_trunk, keep_patches, subset))
+        return average_outputs(outs, self.model.spec.task_type)
+
+    def _forward_once(self, slices: dict, masks: dict | None, present: torch.Tensor | None, from_trunk: bool,
+                      keep_patches: bool, subset: tuple[int, torch.Generator] | None) -> ModelOutput:
         self.last_shared_s = 0.0
         if from_trunk and self.activations is not None:
             per_case, self.last_shared_s = self.frozen_per_case(slices, masks)
@@ -129,6 +145,15 @@ class Runtime:
             probs.append(model.probabilities(out.logits).float().cpu().numpy())
             outs += case_outputs(model.streams, out, masks, present, meta)
         return np.concatenate(probs), outs
+
+
+#: the dimensions of a (B, S, C, H, W) slice batch that each test-time flip reverses
+FLIP_DIMS = {"w": (-1,), "h": (-2,), "hw": (-2, -1)}
+
+
+def flip_slices(slices: dict, flip: str) -> dict:
+    """Every stream's slices flipped in-plane (``flip`` in :data:`anymc3d.plugins.spec.TEST_FLIPS`)."""
+    return {s: x.flip(FLIP_DIMS[flip]) for s, x in slices.items()}
 
 
 def case_outputs(streams: list[str], out: ModelOutput, masks: dict, present: torch.Tensor, meta: list[dict]) -> list[dict]:

@@ -133,7 +133,9 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
                       inputs=task.inputs, preprocess={k: v.to_dict() for k, v in specs.items()},
                       backbone=bb.name, backbone_fingerprint=bb.fingerprint, input_size=bb.input_size,
                       lora=lora or LoraSpec(), head_dropout=head_dropout,
-                      embed_norm=resolve_embed_norm(cfg.embed_norm, bb), version=__version__)
+                      embed_norm=resolve_embed_norm(cfg.embed_norm, bb), test_flips=list(cfg.test_flips),
+                      ensemble=int(cfg.ensemble),
+                      version=__version__)
     seed_everything(cfg.seed)  # LoRA A matrices are drawn from the global RNG: same seed, same plugin
     model = AnyMC3D(bb, spec)
     n_params = model.n_trainable()
@@ -154,6 +156,7 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
     summary = fit(model, specs, prepared["train"], prepared["val"], cfg, out, resume=resume, runtime=runtime)
     if not is_main():  # torchrun: rank 0 alone scores the splits and writes the plugin and metrics
         return {"rank_summary": summary}
+    train_runtime = runtime  # with its trunk cache: the OOD reference's pass over the training cases hits it
     if cfg.cache_dir is None:  # the in-memory trunk cache served training; score with the whole backbone as before
         runtime = Runtime(model, specs, device=runtime.device)
     spec.threshold, results = score_splits(model, runtime, prepared, splits, task, cfg.batch_size,
@@ -165,6 +168,12 @@ def train_plugin(data: str | Path | TaskData, backbone: str, out: str | Path, we
                      "threshold_policy": cfg.threshold if threshold is None else threshold}
     if plan is not None:  # the training plan (anymc3d.planning) this plugin was trained with
         spec.training["plan"] = plan
+    if prepared.get("val"):  # calibration, OOD reference and conformal scores (anymc3d.plugins.trust)
+        from ..plugins.trust import fit_trust
+
+        model.trust = fit_trust(model, runtime, prepared["train"], prepared["val"], task.labels(splits["val"]),
+                                cfg.batch_size, seed=cfg.seed, log=log, train_runtime=train_runtime)
+        model.trust.operating_point = {"policy": spec.training["threshold_policy"], "threshold": spec.threshold}
     save_plugin(model, out)
     metrics = {"task": spec.task, "task_type": task.task_type, "threshold": spec.threshold, "label_names": task.label_names,
                "trainable_params": n_params, "lora_params": n_lora, "backbone": bb.name,

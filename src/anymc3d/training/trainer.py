@@ -11,7 +11,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from ..io import atomic_write
 from ..plugins.embed_norm import FIT_CASES
 from ..plugins.model import AnyMC3D
 from ..preprocess import PreprocessSpec
-from ..runtime.batching import Batcher, BatchPlan, PreparedCase
+from ..runtime.batching import FLIP_COPIES, Batcher, BatchPlan, PreparedCase, flip_case
 from ..runtime.engine import Runtime
 from . import distributed as ddp
 from .decoder import SegDecoder3D, dice_ce_loss
@@ -64,6 +64,10 @@ class TrainConfig:
     slice_subset: int | None = None  # train on at most this many random slices per volume and view (None: all)
     threshold: str | float = "platt"  # decision-threshold policy on validation (anymc3d.evaluation.threshold)
     embed_norm: str = "auto"       # auto | none | center_scale (anymc3d.plugins.embed_norm; auto: the backbone's)
+    flip_copies: int = 0           # flipped copies of every training volume (runtime.batching.FLIP_COPIES), cached
+                                   # like the originals; each epoch shows every case as itself or one copy
+    test_flips: list = field(default_factory=list)  # in-plane flips averaged at every prediction (PluginSpec.test_flips)
+    ensemble: int = 1              # members trained together on one trunk (PluginSpec.ensemble)
 
 
 #: settings that do not change what training computes, so a run may resume with them changed
@@ -132,6 +136,22 @@ def fit_embed_norm(model: AnyMC3D, rt: Runtime, train: list[PreparedCase], cfg: 
         rt.predict([train[i] for i in pick], cfg.batch_size)
 
 
+def with_flip_copies(train: list[PreparedCase], copies: int) -> list[PreparedCase]:
+    """The training cases followed by ``copies`` flipped copies of each (FLIP_COPIES order)."""
+    if not 0 <= copies <= len(FLIP_COPIES):
+        raise ValueError(f"flip_copies must be in 0..{len(FLIP_COPIES)}, got {copies}")
+    return list(train) + [flip_case(c, dims) for dims in FLIP_COPIES[:copies] for c in train]
+
+
+def copy_order(order: list[int], n: int, copies: int, seed: int, epoch: int) -> list[int]:
+    """Each case index of this epoch's order replaced by itself or one of its copies (index + n * j), drawn
+    from (seed, epoch) only: every torchrun rank draws the same, and a resumed run matches."""
+    if not copies:
+        return order
+    pick = np.random.default_rng([seed, epoch, 7]).integers(0, copies + 1, n)
+    return [i + n * int(pick[i]) for i in order]
+
+
 def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCase], val: list[PreparedCase],
         cfg: TrainConfig, out_dir: Path, resume: bool = False, runtime: Runtime | None = None) -> dict:
     """Train ``model``'s plugin parameters; returns a summary. The best state is left loaded in ``model``.
@@ -143,6 +163,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
     task_type = model.spec.task_type
     rt = runtime or make_runtime(model, specs, cfg)
     device = rt.device
+    train, n_cases = with_flip_copies(train, cfg.flip_copies), len(train)
     model.set_trainable(True)
     lora = list(model.lora_parameters().values())
     head = list(model.head_parameters().values())
@@ -154,7 +175,7 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
     if lora:
         groups.insert(0, {"params": lora, "lr": cfg.lr_lora, "weight_decay": cfg.wd_lora})
     opt = torch.optim.AdamW(groups)
-    bs, steps_per_epoch = ddp.local_batch(len(train), cfg.batch_size)  # torchrun: batch_size is the global batch
+    bs, steps_per_epoch = ddp.local_batch(n_cases, cfg.batch_size)  # torchrun: batch_size is the global batch
     total = steps_per_epoch * cfg.epochs
     sched = warmup_cosine(opt, total, int(cfg.warmup_epochs * steps_per_epoch))
     labels_np = np.stack([c.label.numpy() for c in train])
@@ -182,12 +203,13 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
         # every epoch reads the same frozen trunk: compute it once, up front, with its own progress bar
         rt.fill_cache(list(train) + list(val), cfg.batch_size, cfg.progress)
     if start_epoch == 0:  # a resumed run has its statistics back from the checkpoint
-        fit_embed_norm(model, rt, train, cfg)
+        fit_embed_norm(model, rt, train[:n_cases], cfg)
     bar = progress_bar(steps_per_epoch * (cfg.epochs - start_epoch), cfg.progress and ddp.is_main())
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(cfg.seed * 1000 + epoch)  # dropout RNG per (seed, epoch): a resumed run matches
         model.train()
-        order = ddp.epoch_order(len(train), cfg.seed * 1000, epoch)  # this rank's cases (DistributedSampler)
+        order = ddp.epoch_order(n_cases, cfg.seed * 1000, epoch)  # this rank's cases (DistributedSampler)
+        order = copy_order(order, n_cases, cfg.flip_copies, cfg.seed, epoch)
         losses, seg_losses = [], []
         if decoder is not None:
             decoder.train()
@@ -208,7 +230,9 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
             targets = rt.to_device(batch[5]) if with_seg else None
             out, seg_logits = step_module(slices, masks, present, from_trunk, targets, subset)
             y = y.to(device)
-            loss = classification_loss(out.logits.float(), y, task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha, cw)
+            # an ensemble trains each member on its own loss (the members stay independent), mean over members
+            loss = sum(classification_loss(z.float(), y, task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha, cw)
+                       for z in (out.member_logits or [out.logits])) / max(1, len(out.member_logits))
             if with_seg:
                 has_mask = batch[6].to(device)
                 seg = [dice_ce_loss(seg_logits[s], t, has_mask) for s, t in targets.items()]
