@@ -2,7 +2,7 @@
 # The prepared GPU check of issue 14: one script, <= 8 minutes on one CUDA GPU, results as JSON in OUTDIR.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR            # on a CUDA machine (the `device` tool: OUTDIR=$OUT)
-#   DEVICE=cpu QUICK=1 ALLOW_NO_GPU=1 bash benchmarks/gpu_check.sh /tmp/gc   # a dry run of the same steps on a CPU
+#   DEVICE=cpu QUICK=1 ALLOW_NO_GPU=1 bash benchmarks/gpu_check.sh runs/gc   # a dry run of the same steps on a CPU
 #
 # Exit status: 0 only when every step passed AND the checks ran on a CUDA GPU (at least one `gpu` test
 # passed, not skipped, and the equality step compared the CPU against CUDA). A failed step gives 1;

@@ -2,7 +2,7 @@
 # Issue 4, a larger held-out check of the localisation target: 160 fresh lesion phantoms generated
 # exactly like the demo's (32^3, lesion radius 3, noise 10) with another seed (101), never seen in
 # training or in the layer/smoothing choice; all positives (~80) are scored.
-#   R=/work/runs/explain4 bash benchmarks/heatmaps/heldout.sh   (R holds the cnn20 plugin, see measure.sh)
+#   R=runs/explain4 bash benchmarks/heatmaps/heldout.sh   (R holds the cnn20 plugin, see measure.sh)
 set -e
 export OMP_NUM_THREADS=1
 R=${R:-runs/explain4}

@@ -1,7 +1,7 @@
 """The stratified 300-case training subset of AdrenalMNIST3D 28³ used in docs/results.md (issue 18).
 
     python benchmarks/litemedsam/make_train_subset.py ../shared/data/medmnist3d/adrenalmnist3d.npz \
-        /work/bench-medsam/adrenalmnist3d_train300.npz
+        runs/bench-medsam/adrenalmnist3d_train300.npz
 
 Keeps val and test untouched; draws round(300 * class share) training cases per class with
 ``numpy.random.default_rng(0)`` (235 negatives, 65 positives), in their original order.
