@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write heatmaps (<id>_heatmap.nii.gz in the input's space + PNG), as `anymc3d explain`")
     pr.add_argument("--overwrite", action="store_true",
                     help="predict every volume again (default: a rerun skips volumes whose output is complete)")
+    pr.add_argument("--no-amp", action="store_true",
+                    help="full fp32 (no bf16 autocast, no TF32): CPU and GPU answers then agree to 1e-4")
     pr.add_argument("--no-input-check", action="store_true",
                     help="skip reading every input before the first output (a bad input then stops the run "
                          "after the volumes before it were written; a rerun resumes)")
@@ -244,7 +246,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from .predict import load
 
     predictor = load(a.plugin, weights=a.weights, device=dist.rank_device(a.device), workers=a.workers,
-                     coverage=a.coverage)
+                     coverage=a.coverage, amp=False if a.no_amp else None)
     items = expand_inputs(a.images, predictor.spec.inputs)
     job = PluginJob(predictor, heatmaps=getattr(a, "heatmaps", False))
     s = predict_to_folder(job, items, a.out, overwrite=a.overwrite, input_check=not a.no_input_check)

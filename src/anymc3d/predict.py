@@ -23,17 +23,19 @@ class Predictor:
     """A loaded plugin on its frozen backbone; preprocessing comes from the plugin's saved spec."""
 
     def __init__(self, model, source: str = "", device: str = "auto", workers: int = 0, cache=None,
-                 cache_trunk: bool = False, coverage: float = DEFAULT_COVERAGE) -> None:
+                 cache_trunk: bool = False, coverage: float = DEFAULT_COVERAGE, amp: bool | None = None) -> None:
         """``cache`` / ``cache_trunk``: serve the frozen part from an activation cache (predict-all
         shares one between the plugins of a store). ``coverage``: the level of every answer's
-        conformal prediction set (anymc3d.plugins.trust)."""
+        conformal prediction set (anymc3d.plugins.trust). ``amp=False``: full fp32 (no bf16 autocast,
+        no TF32 on CUDA), for answers that must agree across devices to 1e-4 (docs/runtime.md)."""
         self.model = model
         self.coverage = check_coverage(coverage)
         self.trust = getattr(model, "trust", None)
         self.spec = model.spec
         self.source = source
         self.specs = {k: PreprocessSpec.from_dict(v) for k, v in self.spec.preprocess.items()}
-        self.runtime = Runtime(model, self.specs, device=device, workers=workers, cache=cache, cache_trunk=cache_trunk)
+        self.runtime = Runtime(model, self.specs, device=device, workers=workers, cache=cache, cache_trunk=cache_trunk,
+                               amp=amp)
 
     @property
     def device(self):
@@ -81,7 +83,8 @@ def case_id_from(item) -> str:
 
 
 def load(plugin: str | Path, weights: str | None = None, device: str = "auto", workers: int = 0,
-         coverage: float = DEFAULT_COVERAGE) -> Predictor:
-    """Load a trained plugin (folder, .json or .safetensors) onto its backbone, on ``device``."""
+         coverage: float = DEFAULT_COVERAGE, amp: bool | None = None) -> Predictor:
+    """Load a trained plugin (folder, .json or .safetensors) onto its backbone, on ``device``
+    (``amp=False``: full fp32 instead of bf16 autocast)."""
     return Predictor(load_plugin(plugin, weights=weights), source=str(plugin), device=device, workers=workers,
-                     coverage=coverage)
+                     coverage=coverage, amp=amp)

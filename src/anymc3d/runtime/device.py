@@ -74,6 +74,11 @@ def place(model, device: torch.device, amp: bool = True):
 
     model.to(device)
     model.autocast = amp_for(device, amp)
+    if device.type == "cuda" and not amp:
+        # fp32 means fp32: cuDNN's convolutions otherwise run in TF32 (10-bit mantissa) on Ampere and later,
+        # and the CPU-vs-GPU difference is then bf16-sized (docs/runtime.md, "Devices")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if getattr(getattr(model, "backbone", None), "kind", None) == "cnn":
         model.backbone.to(memory_format=torch.channels_last)
         model.channels_last = True
