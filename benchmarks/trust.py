@@ -8,9 +8,10 @@ test split. Out-of-distribution, each reported separately: (a) the synthetic sui
 (c) the test volumes resampled to a 4x larger field of view (shrunk 4x per axis into the same grid).
 
 The OOD method is chosen on the *validation* split (the same three shifts applied to validation
-volumes): the stored Mahalanobis / Ledoit-Wolf score on the task-query embedding against the same
-score on the mean slice embedding and the k-NN cosine distance (both fitted on ``--n-ref`` training
-cases). Cost: prediction time with and without the embedding capture + OOD score + set, and the
+volumes): the plugin's stored score against the candidates fitted here on the training embeddings
+(``--n-ref`` cases, all by default): the Ledoit-Wolf Mahalanobis distance on the task-query and on the
+mean slice embedding, the cosine k-NN distance to every training embedding, and the compact k-NN
+references (k-means centroids, :func:`anymc3d.evaluation.ood.fit_knn_reference`) at several sizes. Cost: prediction time with and without the embedding capture + OOD score + set, and the
 bytes the ``trust.`` tensors add to the plugin file.
 """
 from __future__ import annotations
@@ -81,7 +82,7 @@ def main() -> None:
     ap.add_argument("plugin")
     ap.add_argument("data")
     ap.add_argument("--out", type=Path, default=Path("trust.json"))
-    ap.add_argument("--n-ref", type=int, default=300, help="training cases for the comparison references")
+    ap.add_argument("--n-ref", type=int, default=0, help="training cases for the candidate references (0: all)")
     ap.add_argument("--n-synthetic", type=int, default=40, help="volumes per synthetic task")
     a = ap.parse_args()
     t_start = time.time()
@@ -94,7 +95,8 @@ def main() -> None:
 
     # ---- embeddings: train subset (comparison references), val / test and their shifts
     rng = np.random.default_rng(0)
-    ref_cases = [split["train"][i] for i in sorted(rng.choice(len(split["train"]), a.n_ref, replace=False))]
+    n_ref = a.n_ref or len(split["train"])
+    ref_cases = [split["train"][i] for i in sorted(rng.choice(len(split["train"]), n_ref, replace=False))]
     _, e_ref = embed(pred, ref_cases)
     sets = {}
     for s in ("val", "test"):
@@ -107,31 +109,34 @@ def main() -> None:
     sets["test_synthetic"] = embed(pred, syn[1::2][:half])
 
     # ---- the candidate scores
-    refs_mean = {s: ood.fit_reference(x, trust.ood["k"]) for s, x in e_ref["slice_mean"].items()}
+    def fitted(fit, feature: str):
+        refs = {st: fit(x) for st, x in e_ref[feature].items() if st in trust.refs}
+        return lambda emb: ood.combined_score(refs, {st: emb[feature][st] for st in refs}), refs
 
-    def scores(method: str, emb: dict) -> np.ndarray:
-        if method == "mahalanobis_lw/task_query (stored)":
-            return trust.ood_scores(emb["task_query"])
-        if method == "mahalanobis_lw/slice_mean":
-            return ood.combined_score(refs_mean, emb["slice_mean"])
-        per = [ood.knn_scores(e_ref["task_query"][s], emb["task_query"][s]) for s in trust.refs]
-        return np.mean(per, axis=0)
-
-    methods = ["mahalanobis_lw/task_query (stored)", "mahalanobis_lw/slice_mean", "knn5_cosine/task_query"]
-    choice = {}
-    for m in methods:
-        s_in = scores(m, sets["val"][1])
-        choice[m] = aurocs(s_in, {k: scores(m, sets[f"val_{k}"][1]) for k in ("synthetic", "inverted", "fov4x")})
-    res["ood_validation_auroc"] = choice
+    stored = f"stored ({trust.ood['method']}, task_query)"
+    methods = {stored: (lambda emb: trust.ood_scores(emb["task_query"]), trust.refs)}
+    methods["mahalanobis_lw/task_query"] = fitted(lambda x: ood.fit_reference(x, 32), "task_query")
+    methods["mahalanobis_lw/slice_mean"] = fitted(lambda x: ood.fit_reference(x, 32), "slice_mean")
+    methods["knn5_cosine/every training case"] = (lambda emb: np.mean(
+        [ood.knn_scores(e_ref["task_query"][st], emb["task_query"][st]) for st in trust.refs], axis=0), None)
+    for pts, nb in ((32, 1), (64, 1), (64, 5), (128, 1)):
+        methods[f"knn_cosine/{pts} centroids, k={nb}"] = fitted(
+            lambda x, pts=pts, nb=nb: ood.fit_knn_reference(x, pts, nb), "task_query")
+    res["ood_reference_bytes"] = {m: (None if refs is None else int(sum(
+        t.numel() * t.element_size() for t in ood.to_tensors(refs).values()))) for m, (_, refs) in methods.items()}
+    shifts = ("synthetic", "inverted", "fov4x")
+    res["ood_validation_auroc"] = {m: aurocs(f(sets["val"][1]), {k: f(sets[f"val_{k}"][1]) for k in shifts})
+                                   for m, (f, _) in methods.items()}
+    res["ood_test_auroc_all_methods"] = {m: aurocs(f(sets["test"][1]), {k: f(sets[f"test_{k}"][1]) for k in shifts})
+                                         for m, (f, _) in methods.items()}
+    res["false_flag_rate_test_all_methods"] = {m: float(np.mean(f(sets["test"][1]) > ood.ood_threshold(
+        f(sets["val"][1]), ood.DEFAULT_PERCENTILE))) for m, (f, _) in methods.items()}
     s_test = trust.ood_scores(sets["test"][1]["task_query"])
-    res["ood_test_auroc"] = aurocs(s_test, {k: trust.ood_scores(sets[f"test_{k}"][1]["task_query"])
-                                            for k in ("synthetic", "inverted", "fov4x")})
-    res["ood_test_auroc_all_methods"] = {m: aurocs(scores(m, sets["test"][1]), {
-        k: scores(m, sets[f"test_{k}"][1]) for k in ("synthetic", "inverted", "fov4x")}) for m in methods}
+    res["ood_test_auroc"] = res["ood_test_auroc_all_methods"][stored]
     thr = trust.ood["threshold"]
     res["false_flag_rate_test"] = float(np.mean(s_test > thr))
     res["flag_rate_shifted_test"] = {k: float(np.mean(trust.ood_scores(sets[f"test_{k}"][1]["task_query"]) > thr))
-                                     for k in ("synthetic", "inverted", "fov4x")}
+                                     for k in shifts}
 
     # ---- conformal coverage and ECE on test
     y = task.labels(split["test"])
@@ -159,7 +164,7 @@ def main() -> None:
     res["cost"] = {"predict_s_per_volume_plain": min(t_plain) / len(sample),
                    "predict_s_per_volume_with_trust": min(t_full) / len(sample),
                    "overhead_fraction": min(t_full) / min(t_plain) - 1,
-                   "trust_tensor_bytes": int(sum(v.numel() * 4 for k, v in tensors.items() if k.startswith("trust."))),
+                   "trust_tensor_bytes": int(sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith("trust."))),
                    "plugin_file_bytes": (Path(a.plugin) / "plugin.safetensors").stat().st_size}
     _ = annotate  # the per-case annotation is what Predictor.predict_many adds (timed above)
     res["wall_s"] = round(time.time() - t_start, 1)

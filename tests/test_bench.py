@@ -13,7 +13,7 @@ from anymc3d.bench.runner import cell_path
 from anymc3d.cli import main
 from anymc3d.errors import InputError
 
-OPTS = {"weights": "random", "size": 32, "head_epochs": 5}
+OPTS = {"weights": "random", "size": 32, "head_epochs": 40}
 
 
 def fake_medmnist(path: Path, n=(16, 6, 8), side=8, seed=0) -> Path:
@@ -50,7 +50,10 @@ def test_runner_writes_both_tables(tiny):
         assert col in rows[0]
     for r in measured:
         assert r["task"] == "adrenalmnist3d_28"
-        assert 0.0 <= float(r["auc_mean"]) <= 1.0 and int(r["trainable_params"]) > 0
+        # a bright cube or none on a random backbone: the probe separates the 8 test volumes, the trained
+        # head nearly (0.875 after 40 epochs; it scored 0.0 after 5, before it had learned)
+        floor = {"linear_probe": 0.9, "frozen_mean": 0.8}[r["method"]]
+        assert float(r["auc_mean"]) >= floor and int(r["trainable_params"]) > 0, (r["method"], r["auc_mean"])
         assert float(r["auc_ci_lo"]) <= float(r["auc_mean"]) <= float(r["auc_ci_hi"])
         assert r["auc_std"] == ""  # one seed: no std, never a made-up 0
     md = (out / "results.md").read_text()
@@ -92,7 +95,7 @@ def test_cli_restricts_methods_and_tasks(tiny, capsys):
     suite, out, _ = tiny
     npz = suite.tasks[0].data
     rc = main(["bench", f"medmnist3d:{npz}", "--methods", "linear_probe", "--tasks", "adrenalmnist3d_28",
-               "--out", str(out), "--weights", "random", "--size", "32", "--set", "head_epochs=5", "--quiet"])
+               "--out", str(out), "--weights", "random", "--size", "32", "--set", "head_epochs=40", "--quiet"])
     assert rc == 0
     assert "0 ran, 1 already done" in capsys.readouterr().out
 

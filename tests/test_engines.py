@@ -161,6 +161,16 @@ def test_engine_that_differs_beyond_tolerance_is_not_used(lite0_random, monkeypa
     assert "differs from torch" in capsys.readouterr().err
 
 
+@pytest.mark.skipif("onnxruntime" not in INSTALLED, reason="onnxruntime not installed")
+def test_engine_is_checked_against_fp32_even_under_the_callers_autocast(lite0_random, capsys):
+    """Prediction runs under bf16 autocast; the engine's check compares with eager fp32 all the same, so an
+    exact engine is kept (it was refused at prediction when the reference itself was computed in bf16)."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        r = E.frozen_runner(lite0_random, "embed", _slices(3), engine="onnxruntime")
+    assert r is not None and r.engine == "onnxruntime"
+    assert "differs from torch" not in capsys.readouterr().err
+
+
 def test_auto_picks_the_fastest_by_measurement(lite0_random, monkeypatch, capsys):
     """auto times every engine that passes the check against the caller's torch path: a slow torch
     path loses to an exact fast engine; a slower engine loses to torch."""

@@ -108,13 +108,13 @@ def test_plugin_growth_and_info(toy, capsys):
     from anymc3d.plugins.file import load_tensors
 
     tensors = load_tensors(toy["plugin"] / "plugin.safetensors")
-    trust_bytes = sum(v.numel() * 4 for k, v in tensors.items() if k.startswith("trust."))
+    trust_bytes = sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith("trust."))
     assert 0 < trust_bytes < 1_000_000
     store = toy["root"] / "store"
     assert main(["plugins", "add", str(toy["plugin"]), "--store", str(store), "--name", "toy"]) == 0
     assert main(["plugins", "info", "toy", "--store", str(store)]) == 0
     out = capsys.readouterr().out
-    assert "calibration platt" in out and "mahalanobis_ledoit_wolf" in out and "conformal   lac" in out
+    assert "calibration platt" in out and "knn_cosine on task_query" in out and "conformal   lac" in out
 
 
 # ------------------------------------------------------------------------------------------ old plugins
@@ -252,6 +252,39 @@ def test_operating_point_thresholds_reach_their_targets():
     t_spec = choose_threshold(y, s, "binary", "spec=0.95")
     assert np.mean(s[y == 0] <= t_spec) >= 0.95
     assert t_sens < choose_threshold(y, s, "binary", "platt")  # the accuracy-optimal cut misses positives
+
+
+def test_knn_reference_is_compact_and_flags_a_short_embedding():
+    """The stored k-NN reference is at most ``points`` float16 unit vectors, and it flags what the
+    Mahalanobis reference calls typical: an embedding shrunk towards the training mean (a 4x field of view)."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(4, 64))
+    centres = 4.0 * centres / np.linalg.norm(centres, axis=1, keepdims=True)
+    a = centres[rng.integers(0, 4, 400)] + rng.normal(size=(400, 64)) * 0.3  # training: four directions
+    ref = ood.fit_knn_reference(a[:300], points=16, neighbours=1)
+    assert ref["points"].shape == (16, 64) and ref["points"].dtype == np.float16
+    assert np.allclose(np.linalg.norm(ref["points"].astype(np.float64), axis=1), 1.0, atol=1e-2)
+    shrunk = a[:300].mean(axis=0) + rng.normal(size=(100, 64)) * 0.3  # short, near the mean, no direction
+    s_in, s_out = ood.knn_distance(ref, a[300:]), ood.knn_distance(ref, shrunk)
+    assert roc_auc_score([0] * 100 + [1] * 100, np.r_[s_in, s_out]) > 0.95
+    maha = ood.fit_reference(a[:300], k=8)
+    assert roc_auc_score([0] * 100 + [1] * 100, np.r_[ood.mahalanobis(maha, a[300:]), ood.mahalanobis(maha, shrunk)]) < 0.5
+    # stored and read back through the plugin tensors: float16 points, the same scores
+    back = ood.from_tensors(ood.to_tensors({"image:axial": ref}), ["image:axial"])["image:axial"]
+    assert np.allclose(ood.knn_distance(back, shrunk), s_out, atol=1e-6)
+
+
+def test_ood_threshold_bounds_the_false_flag_rate():
+    """The split-conformal quantile: with 98 validation cases the 99 % threshold is their largest score;
+    over many draws a new in-distribution case lands above it in at most 1 % + noise of them."""
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=98)
+    assert ood.ood_threshold(v, 99.0) == v.max()
+    assert ood.ood_threshold(np.arange(1000.0), 99.0) == 990.0  # the ceil(1001 * 0.99) = 991st smallest
+    flagged = [rng.normal() > ood.ood_threshold(rng.normal(size=98), 99.0) for _ in range(4000)]
+    assert np.mean(flagged) <= 0.015  # expected 1 / 99
+    plain = [rng.normal() > np.percentile(rng.normal(size=98), 99.0) for _ in range(4000)]
+    assert np.mean(plain) > np.mean(flagged)  # the plain percentile flags more than it promises
 
 
 def test_mahalanobis_reference_is_compact_and_separates():

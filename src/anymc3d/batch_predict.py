@@ -14,10 +14,12 @@ IMAGE...``); single-process or under ``torchrun`` (one share of the volumes per 
    line ``anymc3d: error: <file>: <cause>`` and exit code 2, and nothing is written.
    ``--no-input-check`` skips that read (outputs start at once; a bad volume then stops the run
    with the same line after the volumes before it were written, and a rerun resumes).
-3. **Progressive output.** Each rank predicts its share (round robin over the pending volumes) and
-   writes every volume's outputs as soon as it is done, each file atomically (temporary file +
+3. **Progressive output.** Each rank predicts its share (round robin over the pending volumes)
+   through one loader over all of it, whose ``--workers`` read and prepare the next volumes while the
+   model runs (with ``--heatmaps``, one volume at a time), and writes every volume's outputs as soon
+   as it is done, each file atomically (temporary file +
    rename): heatmaps first, the JSON last, so an existing JSON means a finished volume. A rank that
-   dies loses only its volume in flight.
+   dies loses only the volumes in flight (at most one batch).
 4. **Merge.** After a barrier, rank 0 writes ``predictions.csv`` once (several inputs), sorted by case
    id, one row per input volume, from the JSON files (so volumes finished by an earlier run are in it).
 
@@ -71,6 +73,17 @@ class PluginJob:
         if self.explainer is not None:
             res["heatmaps"] = self._heatmaps(item, case_id, mask, out, label)
         return res
+
+    def predict_stream(self, entries: list, out: Path, batch_size: int = 4):
+        """The results of ``entries`` in order, each as its batch is done (one loader over all of them);
+        with heatmaps one at a time, as :meth:`predict`."""
+        if self.explainer is not None:
+            for e in entries:
+                yield self.predict(e.item, e.id, mask=e.mask, out=out, label=e.label)
+            return
+        for res in self.predictor.predict_stream([e.item for e in entries], [e.id for e in entries], batch_size):
+            res["plugin_sha256"] = self.sha
+            yield res
 
     def _heatmaps(self, item, case_id: str, mask, out: Path, label=None) -> dict:
         """Write this volume's maps and figure; with a mask (a manifest's mask column) also its
@@ -324,8 +337,11 @@ def predict_to_folder(job, items: list, out: str | Path, overwrite: bool = False
 
     # 3. this rank's volumes, each written as soon as it is done (JSON last: the completion mark)
     t0 = time.perf_counter()
-    for e in mine:
-        res = job.predict(e.item, e.id, mask=e.mask, out=out, label=e.label)
+    if hasattr(job, "predict_stream"):  # one loader over this rank's volumes, workers preparing ahead
+        results = job.predict_stream(mine, out)
+    else:
+        results = (job.predict(e.item, e.id, mask=e.mask, out=out, label=e.label) for e in mine)
+    for e, res in zip(mine, results):
         write_json(res, out / f"{e.id}.json")
         log(job.line(res))
         if warn is not None:

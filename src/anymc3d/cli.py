@@ -39,12 +39,8 @@ def _operating_point(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).replace("--threshold", "--operating-point")) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="anymc3d", description="3D medical volume classification with one frozen 2D "
-                                "foundation model and a small plugin per task.")
-    p.add_argument("--version", action="version", version=f"anymc3d {__version__}")
-    sub = p.add_subparsers(dest="verb", required=True)
-
+def _add_train_parser(sub) -> None:
+    """The ``train`` verb: data, backbone, plan and training flags."""
     t = sub.add_parser("train", help="train a plugin on a manifest CSV or a MedMNIST .npz (planned to fit --budget)",
                        description="Train a plugin. Without options the settings come from a training plan that "
                        "fits the data and this machine within --budget (docs/plan.md); any flag below overrides "
@@ -61,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--spacing", help="resample to this spacing in mm, e.g. 1.5 or 0.8,0.8,2")
     add_plan_override_args(t)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--lora-rank", type=int, default=8, help="0 = no LoRA (frozen features + query + head)")
-    t.add_argument("--lora-alpha", type=float, default=16.0)
+    t.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 8); 0 = no LoRA (frozen features + query + head)")
+    t.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha (default 16)")
     t.add_argument("--cache", type=Path, metavar="DIR",
                    help="disk cache of frozen activations (shared trunk or --lora-rank 0), reused by later epochs, runs and tasks")
     t.add_argument("--loss", choices=["focal", "bce", "ce"], default="focal")
@@ -81,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     add_data_args(t)
 
+
+def _add_evaluate_parser(sub) -> None:
+    """The ``evaluate`` verb: metrics of a plugin on a labelled split."""
     e = sub.add_parser("evaluate", help="metrics of a plugin on a labelled split")
     e.add_argument("plugin")
     e.add_argument("data")
@@ -95,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "scores (repeatable; the stored operating point is always reported)")
     add_data_args(e)
 
+
+def _add_predict_parser(sub) -> None:
+    """The ``predict`` verb: volumes, a plugin store, coverage and output options."""
     pr = sub.add_parser("predict", help="predict volumes (files, DICOM folders, or a manifest CSV)")
     pr.add_argument("plugin")
     pr.add_argument("images", nargs="*")
@@ -114,12 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip reading every input before the first output (a bad input then stops the run "
                          "after the volumes before it were written; a rerun resumes)")
 
+
+def _add_demo_parser(sub) -> None:
+    """The ``demo`` verb: the whole job on a built-in synthetic dataset."""
     d = sub.add_parser("demo", help="the whole job on a built-in synthetic dataset (no download)")
     d.add_argument("--out", type=Path, default=Path("anymc3d-demo"))
     d.add_argument("--cases", type=int, default=160)
     d.add_argument("--epochs", type=int, default=8)
     d.add_argument("--seed", type=int, default=0)
 
+
+def _add_probe_parser(sub) -> None:
+    """The ``probe`` verb: the frozen-backbone linear-probe baseline."""
     lp = sub.add_parser("probe", help="baseline: frozen backbone + mean pooling + logistic regression")
     lp.add_argument("data")
     add_backbone_args(lp)
@@ -127,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--out", required=True, type=Path)
     lp.add_argument("--seed", type=int, default=0)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anymc3d", description="3D medical volume classification with one frozen 2D "
+                                "foundation model and a small plugin per task.")
+    p.add_argument("--version", action="version", version=f"anymc3d {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_predict_parser(sub)
+    _add_demo_parser(sub)
+    _add_probe_parser(sub)
     sub.add_parser("backbones", help="list registered backbones")
     for mod in _extensions():
         _HANDLERS.update(mod.register(sub))
@@ -169,6 +189,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def _train(a: argparse.Namespace, dist) -> int:
     from .io import check_output_folder
     from .plugins import LoraSpec
+    from .plugins.lora import DEFAULT_ALPHA, DEFAULT_RANK
 
     check_output_folder(a.out, resume=a.resume, overwrite=a.overwrite)  # no silent overwrite, no resume from nothing
     dist.barrier()  # every rank has checked --out before rank 0 writes anything into it
@@ -188,16 +209,15 @@ def _train(a: argparse.Namespace, dist) -> int:
     st = settings_for_training(a, task, log=main_rank)  # the plan (or --no-plan's defaults) with the flags applied
     pre = PreprocessOptions(views=st["views"], size=st["size"], intensity=a.intensity or ("ct" if windows else None),
                             windows=windows, spacing=_spacing(a.spacing), max_slices=st["max_slices"])
-    cfg = TrainConfig(epochs=st["epochs"], batch_size=st["batch_size"], seed=a.seed, loss=a.loss, lr_lora=a.lr_lora,
-                      lr_head=a.lr_head, class_weighting=a.class_weighting, patience=st["patience"],
-                      augment=st["augment"], amp=not a.no_amp, progress=not a.quiet and main_rank,
-                      seg_weight=a.seg_weight, device=dist.rank_device(a.device), workers=st["workers"],
-                      slice_subset=st["slice_subset"], threshold=a.threshold, embed_norm=a.embed_norm,
-                      flip_copies=st.get("flip_copies") or 0, test_flips=list(st.get("test_flips") or []),
-                      ensemble=int(st.get("ensemble") or 1))
+    cfg = TrainConfig.from_plan(st, seed=a.seed, loss=a.loss, lr_lora=a.lr_lora, lr_head=a.lr_head,
+                                class_weighting=a.class_weighting, amp=not a.no_amp,
+                                progress=not a.quiet and main_rank, seg_weight=a.seg_weight,
+                                device=dist.rank_device(a.device), threshold=a.threshold, embed_norm=a.embed_norm)
     cfg.cache_dir = str(a.cache) if getattr(a, "cache", None) else st.get("cache_dir")
     m = train_plugin(task, a.backbone, a.out, weights=a.weights, preprocess=pre,
-                     lora=LoraSpec(r=a.lora_rank, alpha=a.lora_alpha, last_k=st["lora_last_k"]), config=cfg,
+                     lora=LoraSpec(r=DEFAULT_RANK if a.lora_rank is None else a.lora_rank,
+                                   alpha=DEFAULT_ALPHA if a.lora_alpha is None else a.lora_alpha,
+                                   last_k=st["lora_last_k"]), config=cfg,
                      task_name=a.task_name, train_fraction=a.train_fraction, resume=a.resume, plan=st.get("plan"),
                      log=print if main_rank else (lambda *_a, **_k: None))
     if not main_rank:  # torchrun: rank 0 reports and writes

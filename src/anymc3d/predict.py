@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .data.cases import Case
 from .evaluation.conformal import DEFAULT_COVERAGE, check_coverage
-from .evaluation.ood import predict_with_embeddings
+from .evaluation.ood import EmbeddingCapture
 from .io import write_json  # noqa: F401  (anymc3d.predict.write_json: the verbs' JSON writer)
 from .plugins import load_plugin
 from .plugins.trust import annotate
@@ -61,13 +63,24 @@ class Predictor:
         return self.predict_many([item], [case_id])[0]
 
     def predict_many(self, items: list, ids: list | None = None, batch_size: int = 4) -> list[dict]:
+        return list(self.predict_stream(items, ids, batch_size))
+
+    def predict_stream(self, items: list, ids: list | None = None, batch_size: int = 4):
+        """The results of ``items`` in order, each as soon as its batch is done: one loader over all
+        of them, whose workers read and prepare ahead (``predict --out`` writes each as it arrives)."""
         ids = ids or [None] * len(items)
         cases = [self.case(it, i) for it, i in zip(items, ids)]
-        probs, outs, cap = predict_with_embeddings(self.runtime, cases, batch_size)
-        emb = cap.take("task_query")
-        return [annotate(volume_result(self.spec, c.id, p, o, self.source), self.trust, self.spec, p,
-                         {s: e[i:i + 1] for s, e in emb.items()}, self.coverage)
-                for i, (c, p, o) in enumerate(zip(cases, probs, outs))]
+        done = 0
+        with EmbeddingCapture(self.runtime.model) as cap:
+            for probs, outs in self.runtime.predict_batches(cases, batch_size):
+                emb = cap.take("task_query")
+                cap.clear()
+                for j, (p, o) in enumerate(zip(probs, outs)):
+                    case_emb = {s: e[j:j + 1] if o["present"].get(s, False) else np.full_like(e[j:j + 1], np.nan)
+                                for s, e in emb.items()}  # a stream the case lacks has no embedding
+                    yield annotate(volume_result(self.spec, cases[done + j].id, p, o, self.source), self.trust,
+                                   self.spec, p, case_emb, self.coverage)
+                done += len(outs)
 
 
 def case_id_from(item) -> str:

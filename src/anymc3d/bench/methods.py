@@ -206,13 +206,13 @@ def m_frozen_pool(task, out: Path, seed: int, o: dict, pooling="attention", view
 
 
 # ---------------------------------------------------------------------------------- plugin and its ablations
-def m_plugin(task, out: Path, seed: int, o: dict, views=("axial",), r: int = 8, alpha: float = 16.0,
+def m_plugin(task, out: Path, seed: int, o: dict, views=("axial",), r: int | None = None, alpha: float | None = None,
              last_k: int | None = None, train_fraction: float = 1.0, pooling: str = "attention") -> dict:
     from ..plugins import LoraSpec
     from ..training.run import PreprocessOptions, train_plugin
 
     pre = PreprocessOptions(views=list(views), size=o["size"], max_slices=o["max_slices"])
-    lora = LoraSpec(r=r, alpha=alpha, last_k=last_k)
+    lora = LoraSpec(**{k: v for k, v in (("r", r), ("alpha", alpha)) if v is not None}, last_k=last_k)
     cfg = _train_config(o, seed)
     if pooling == "attention":
         m = train_plugin(task, o["backbone"], out, weights=o["weights"], preprocess=pre, lora=lora, config=cfg,
@@ -251,13 +251,11 @@ def m_plan(task, out: Path, seed: int, o: dict) -> dict:
 
     plan = plan_on_rank0(make)  # torchrun: rank 0 plans (it times this machine) and sends the plan on
     pre = PreprocessOptions(views=list(plan.views), size=plan.size, max_slices=plan.max_slices)
-    cfg = TrainConfig(epochs=plan.epochs, batch_size=plan.batch_size, seed=seed, patience=plan.patience,
-                      augment=plan.augment, slice_subset=plan.slice_subset, threshold=plan.threshold,
-                      progress=bool(o.get("progress", False)), device=_device(o),
-                      workers=int(o.get("workers", 0)), cache_dir=o.get("trunk_cache"), embed_norm=_embed_norm(o),
-                      flip_copies=plan.flip_copies, test_flips=list(plan.test_flips), ensemble=plan.ensemble)
+    cfg = TrainConfig.from_plan(plan, seed=seed, progress=bool(o.get("progress", False)), device=_device(o),
+                                workers=int(o.get("workers", 0)), cache_dir=o.get("trunk_cache"),
+                                embed_norm=_embed_norm(o))
     m = train_plugin(task, o["backbone"], out, weights=o["weights"], preprocess=pre,
-                     lora=LoraSpec(r=8, alpha=16.0, last_k=plan.lora_last_k), config=cfg, resume=True,
+                     lora=LoraSpec(last_k=plan.lora_last_k), config=cfg, resume=True,
                      plan=plan.to_dict(), log=_log(o))
     return normalise(m, detail=f"the default training plan (candidate {plan.candidate}): "
                                f"{','.join(plan.views)}, size {plan.size}, LoRA last_k={plan.lora_last_k}, "
@@ -299,7 +297,7 @@ register_method("plugin_lastk1", m_plugin, "plugin", "plugin, LoRA r=8 on the la
 register_method("plugin_lastk2", m_plugin, "plugin", "plugin, LoRA r=8 on the last 2 stages (shared trunk k=2)", last_k=2)
 register_method("plugin_lastk4", m_plugin, "plugin", "plugin, LoRA r=8 on the last 4 stages (shared trunk k=4)", last_k=4)
 register_method("plugin_lastk1_3view", m_plugin, "plugin", "plugin_lastk1, three views", last_k=1, views=THREE)
-# the same shared-trunk plugin on 112-pixel slices (DESIGN.md's probe reference used 112²): 4x4 final maps
+# the same shared-trunk plugin on 112-pixel slices (the outside probe reference used 112², docs/method.md): 4x4 final maps
 register_method("plugin_lastk1_s112", m_plugin, "plugin", "plugin_lastk1 on 112-pixel slices", last_k=1, size=112)
 register_method("plugin_lastk1_3view_s112", m_plugin, "plugin", "plugin_lastk1_3view on 112-pixel slices", last_k=1,
                 views=THREE, size=112)

@@ -2,12 +2,12 @@
 
 Keys are matched against a MedMNIST file's stem (``adrenalmnist3d``, ``adrenalmnist3d_64``) or set
 explicitly with ``quoted: KEY`` in a suite file. Values are test-split AUC / ACC as printed in the
-cited paper (DESIGN.md §2).
+cited paper (docs/method.md, "Data and published numbers").
 """
 from __future__ import annotations
 
 MEDMNIST_V2 = ("Yang et al., MedMNIST v2, Scientific Data 2023 (Table: AdrenalMNIST3D 28³ test)")
-PLANECYCLE = "PlaneCycle (DINOv3 ConvNeXt lifted to 3D), reported best on AdrenalMNIST3D 64³ (DESIGN.md §2)"
+PLANECYCLE = "PlaneCycle (DINOv3 ConvNeXt lifted to 3D), reported best on AdrenalMNIST3D 64³ (docs/method.md)"
 
 QUOTED: dict[str, list[dict]] = {
     "adrenalmnist3d": [

@@ -26,6 +26,7 @@ import shlex
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -169,6 +170,144 @@ class _RankZeroFailed(Exception):
 DDP_KINDS = ("plugin", "plan", "cnn3d")
 
 
+def _plan_cells(suite: Suite, methods: list[str], seeds: int | list[int], tasks: list[str] | None,
+                options: dict | None) -> tuple[list[int], list, dict, list[tuple]]:
+    """Check the methods, seeds, tasks and options -> ``(seeds, task entries, options, cells)``; the cells
+    are ``(entry, method, seed)`` in the order every rank walks them."""
+    for m in methods:
+        get_method(m)
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seeds:
+        raise InputError("--seeds must be >= 1")
+    entries = [suite.task(t) for t in tasks] if tasks else list(suite.tasks)
+    opts = {**DEFAULT_OPTIONS, **suite.options, **(options or {})}
+    unknown = sorted(set(opts) - set(DEFAULT_OPTIONS))
+    if unknown:
+        raise InputError(f"unknown option(s) {unknown}; known: {', '.join(DEFAULT_OPTIONS)}")
+    cells = [(e, m, s) for e in entries for m in methods for s in seeds]
+    return seeds, entries, opts, cells
+
+
+@dataclass
+class _BenchRun:
+    """What the cells of one ``run_bench`` share: the folder, options, this rank's role, progress and counts."""
+    out: Path
+    suite: Suite
+    state: dict
+    opts: dict
+    run_opts: dict
+    ui: _Progress
+    main: bool
+    several: bool
+    command: str | None
+    retry_failed: bool
+    loaded: dict = field(default_factory=dict)
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+    def task(self, entry):
+        """The task of ``entry``, generated or read once (one task kept in memory)."""
+        if entry.name not in self.loaded:
+            self.loaded.clear()  # keep one task in memory
+            self.loaded[entry.name] = materialise(entry, self.out / "data", log=self.ui.log)
+        return self.loaded[entry.name]
+
+
+def _cell_decision(run: _BenchRun, path: Path, fp: str) -> str | None:
+    """Rank 0's view of one cell, shared with every rank: ``skip`` (done with these options), ``changed``
+    (ran with other options) or None (to run)."""
+    from ..runtime import distributed as dist
+
+    decision = None
+    if run.main:
+        old = _read_cell(path) if path.is_file() else None
+        if old and old.get("fingerprint") == fp and (old.get("status") == "ok" or not run.retry_failed):
+            decision = "skip"
+        elif old and old.get("fingerprint") != fp:
+            decision = "changed"
+    return dist.broadcast_object(decision)  # every rank takes rank 0's view of the cells
+
+
+def _compute_cell(run: _BenchRun, cell: dict, entry, method: str, seed: int, m, fp: str, path: Path,
+                  t0: float) -> None:
+    """Set one cell up (rank 0) and run it where it runs; its result or error goes into ``cell``.
+
+    A training cell that fails under torchrun after its set-up is recorded (rank 0) and re-raised."""
+    from ..runtime import distributed as dist
+
+    runs_here = run.main or m.kind in DDP_KINDS
+    work = run.out / "runs" / entry.name / method / f"s{seed}"
+    told = not run.several  # under torchrun: have the other ranks heard whether rank 0's set-up worked?
+    past_setup = False
+    try:
+        if run.main:  # rank 0 generates a synthetic task and prepares the folder; the others read them
+            run.task(entry)
+            prepare_workdir(work, fp)
+        if not told:
+            told = True
+            if not dist.broadcast_object(True):  # False: rank 0 failed and records the cell
+                raise _RankZeroFailed
+        past_setup = True
+        if runs_here:
+            task = run.task(entry)
+            res = m.run(task, work, seed, run.run_opts)
+            cell.update(status="ok", result=res, task_type=task.task_type)
+            run.done += 1
+            run.ui.log(f"   {entry.name} / {method} / seed {seed}: AUC {_f(res.get('auc'))}  ACC {_f(res.get('acc'))}  "
+                       f"({time.time() - t0:.0f} s)")
+    except KeyboardInterrupt:
+        raise
+    except _RankZeroFailed:
+        run.failed += 1
+    except Exception as exc:  # a failing cell is recorded and the bench goes on
+        if not told:  # rank 0's set-up failed before the others heard from it
+            told = True
+            dist.broadcast_object(False)
+        cell.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
+        run.failed += 1
+        run.ui.log(f"   FAILED {entry.name} / {method} / seed {seed}: {type(exc).__name__}: {exc}")
+        if run.several and m.kind in DDP_KINDS and past_setup:  # the others may wait in a collective
+            if run.main:
+                cell["wall_s"] = round(time.time() - t0, 2)
+                write_json(_json_safe(cell), path)
+            raise
+
+
+def _run_cell(run: _BenchRun, entry, method: str, seed: int, where: str) -> None:
+    """One cell: skipped when done, else run and (rank 0) written with the tables rebuilt."""
+    from ..runtime import distributed as dist
+
+    path = cell_path(run.out, entry.name, method, seed)
+    device = run.state["device"]
+    fp = fingerprint(method, run.opts, entry, device)
+    m = get_method(method)
+    decision = _cell_decision(run, path, fp)
+    if decision == "skip":
+        run.skipped += 1
+        run.ui.advance()
+        return
+    if decision == "changed":
+        run.ui.log(f"{path.name}: options changed since it ran, recomputing")
+    label = f"{entry.name} / {method} / seed {seed} ({where})"
+    run.ui.running(label)
+    run.ui.log(f"-> {label}")
+    t0 = time.time()
+    cell = {"task": entry.name, "method": method, "seed": seed, "fingerprint": fp,
+            "options": m.relevant_options(run.opts), "description": m.description,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": run.state["machine"],
+            "device": device,
+            "command": run.command, **({"world_size": dist.world_size()} if m.kind in DDP_KINDS else {})}
+    _compute_cell(run, cell, entry, method, seed, m, fp, path, t0)
+    if run.main:
+        cell["wall_s"] = round(time.time() - t0, 2)
+        write_json(_json_safe(cell), path)
+        write_tables(run.out, run.suite, run.state)
+    if run.several:
+        dist.barrier()  # the rank-0-only cells: the others wait here
+    run.ui.advance()
+
+
 def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str | Path, tasks: list[str] | None = None,
               options: dict | None = None, progress: bool = True, command: str | None = None,
               retry_failed: bool = True, verbose: bool = True) -> dict:
@@ -183,23 +322,11 @@ def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str
     from ..runtime import distributed as dist
 
     out = Path(out)
-    for m in methods:
-        get_method(m)
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    if not seeds:
-        raise InputError("--seeds must be >= 1")
-    entries = [suite.task(t) for t in tasks] if tasks else list(suite.tasks)
-    opts = {**DEFAULT_OPTIONS, **suite.options, **(options or {})}
-    unknown = sorted(set(opts) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise InputError(f"unknown option(s) {unknown}; known: {', '.join(DEFAULT_OPTIONS)}")
-    cells = [(e, m, s) for e in entries for m in methods for s in seeds]
+    seeds, entries, opts, cells = _plan_cells(suite, methods, seeds, tasks, options)
     main, several = dist.is_main(), dist.world_size() > 1
     out.mkdir(parents=True, exist_ok=True)
     ui = _Progress(len(cells), progress and main, verbose and main)
     run_opts = {**opts, "cache_dir": str(out / "cache"), "progress": False, "log": ui.log}
-    done = skipped = failed = 0
-    loaded: dict[str, object] = {}
     device = used_device(opts)
     state = {"suite": suite.name, "source": suite.source, "command": command, "machine": machine(device),
              "device": device,
@@ -207,87 +334,16 @@ def run_bench(suite: Suite, methods: list[str], seeds: int | list[int], out: str
              "options": {k: v for k, v in opts.items()}, "world_size": dist.world_size()}
     if main:
         write_json(_json_safe(state), out / "bench.json")
+    run = _BenchRun(out=out, suite=suite, state=state, opts=opts, run_opts=run_opts, ui=ui, main=main,
+                    several=several, command=command, retry_failed=retry_failed)
     try:
         for i, (entry, method, seed) in enumerate(cells):
-            path = cell_path(out, entry.name, method, seed)
-            fp = fingerprint(method, opts, entry, device)
-            m = get_method(method)
-            decision = None
-            if main:
-                old = _read_cell(path) if path.is_file() else None
-                if old and old.get("fingerprint") == fp and (old.get("status") == "ok" or not retry_failed):
-                    decision = "skip"
-                elif old and old.get("fingerprint") != fp:
-                    decision = "changed"
-            decision = dist.broadcast_object(decision)  # every rank takes rank 0's view of the cells
-            if decision == "skip":
-                skipped += 1
-                ui.advance()
-                continue
-            if decision == "changed":
-                ui.log(f"{path.name}: options changed since it ran, recomputing")
-            label = f"{entry.name} / {method} / seed {seed} (cell {i + 1}/{len(cells)})"
-            ui.running(label)
-            ui.log(f"-> {label}")
-            t0 = time.time()
-            cell = {"task": entry.name, "method": method, "seed": seed, "fingerprint": fp,
-                    "options": m.relevant_options(opts), "description": m.description,
-                    "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": state["machine"],
-                    "device": device,
-                    "command": command, **({"world_size": dist.world_size()} if m.kind in DDP_KINDS else {})}
-            runs_here = main or m.kind in DDP_KINDS
-            work = out / "runs" / entry.name / method / f"s{seed}"
-            told = not several  # under torchrun: have the other ranks heard whether rank 0's set-up worked?
-            past_setup = False
-            try:
-                if main:  # rank 0 generates a synthetic task and prepares the folder; the others read them
-                    if entry.name not in loaded:
-                        loaded.clear()  # keep one task in memory
-                        loaded[entry.name] = materialise(entry, out / "data", log=ui.log)
-                    prepare_workdir(work, fp)
-                if not told:
-                    told = True
-                    if not dist.broadcast_object(True):  # False: rank 0 failed and records the cell
-                        raise _RankZeroFailed
-                past_setup = True
-                if runs_here:
-                    if entry.name not in loaded:
-                        loaded.clear()
-                        loaded[entry.name] = materialise(entry, out / "data", log=ui.log)
-                    task = loaded[entry.name]
-                    res = m.run(task, work, seed, run_opts)
-                    cell.update(status="ok", result=res, task_type=task.task_type)
-                    done += 1
-                    ui.log(f"   {entry.name} / {method} / seed {seed}: AUC {_f(res.get('auc'))}  ACC {_f(res.get('acc'))}  "
-                           f"({time.time() - t0:.0f} s)")
-            except KeyboardInterrupt:
-                raise
-            except _RankZeroFailed:
-                failed += 1
-            except Exception as exc:  # a failing cell is recorded and the bench goes on
-                if not told:  # rank 0's set-up failed before the others heard from it
-                    told = True
-                    dist.broadcast_object(False)
-                cell.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
-                failed += 1
-                ui.log(f"   FAILED {entry.name} / {method} / seed {seed}: {type(exc).__name__}: {exc}")
-                if several and m.kind in DDP_KINDS and past_setup:  # the others may wait in a collective
-                    if main:
-                        cell["wall_s"] = round(time.time() - t0, 2)
-                        write_json(_json_safe(cell), path)
-                    raise
-            if main:
-                cell["wall_s"] = round(time.time() - t0, 2)
-                write_json(_json_safe(cell), path)
-                write_tables(out, suite, state)
-            if several:
-                dist.barrier()  # the rank-0-only cells: the others wait here
-            ui.advance()
+            _run_cell(run, entry, method, seed, f"cell {i + 1}/{len(cells)}")
     finally:
         ui.stop()
         if main:
             write_tables(out, suite, state)
-    return {"ran": done, "skipped": skipped, "failed": failed, "cells": len(cells),
+    return {"ran": run.done, "skipped": run.skipped, "failed": run.failed, "cells": len(cells),
             "csv": str(out / "results.csv"), "md": str(out / "results.md")}
 
 

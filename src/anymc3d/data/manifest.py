@@ -184,6 +184,84 @@ def _labels(path: Path, rows: list[dict], lines: list[int], label_columns: list[
     return task_type, names
 
 
+def _check_columns(path: Path, header: list[str], needed: list[str]) -> None:
+    """Every needed column is in the header (with a hint when the file is not comma-separated)."""
+    cols = set(header)
+    for c in needed:
+        if c not in cols:
+            sep = next((d for d in (";", "\t", "|") if len(header) == 1 and d in header[0]), None)
+            hint = (f"; the header looks {'tab' if sep == chr(9) else repr(sep)}-separated, anymc3d reads "
+                    f"comma-separated CSV" if sep else "")
+            raise InputError(f"{path}: missing column '{c}' (columns: {', '.join(sorted(cols))}){hint}")
+
+
+def _task_labels(path: Path, rows: list[dict], lines: list[int], cols: set, label_columns: list[str],
+                 task_type: str | None, declared_by: str, meta: dict, require_labels: bool,
+                 label_names: list[str] | None) -> tuple[str, list[str], bool]:
+    """``(task type, label names, whether the rows' labels are used)``; without ``require_labels`` (prediction)
+    labels that are absent or fit no task type are not used."""
+    labels_ok = all(c in cols for c in label_columns)
+    try:
+        task_type, names = _labels(path, rows, lines, label_columns, task_type, declared_by, meta) if labels_ok \
+            else (task_type or "binary", ["negative", "positive"])
+    except InputError:
+        if require_labels or task_type is not None:
+            raise
+        labels_ok = False  # prediction: labels that fit no task type are not used
+        task_type, names = "binary", ["negative", "positive"]
+    if label_names:
+        names = list(label_names)
+    if task_type == "binary" and len(names) != 2:
+        raise InputError(f"{path}: a binary task has two label names, got {names}")
+    return task_type, names, labels_ok
+
+
+def _check_id(path: Path, line: int, cid: str, seen: dict, folded: dict) -> None:
+    """``cid`` can name an output file and is unique (also ignoring case); then recorded in ``seen``/``folded``."""
+    problem = id_problem(cid)
+    if problem:
+        raise InputError(f"{path}:row {line}: id {cid!r} {problem}")
+    if cid in seen:
+        raise InputError(f"{path}:row {line}: id '{cid}' is also the id of row {seen[cid]} (ids name the outputs)")
+    if cid.lower() in folded:
+        other, n = folded[cid.lower()]
+        raise InputError(f"{path}:row {line}: id '{cid}' differs only in upper/lower case from '{other}' of row "
+                         f"{n}; on case-insensitive file systems (macOS, Windows) both write the same output file")
+    seen[cid] = line
+    folded[cid.lower()] = (cid, line)
+
+
+def _row_images(path: Path, line: int, r: dict, image_columns: list[str], base: Path) -> dict:
+    """One row's image cells -> ``{column: path or None}``; at least one must be given."""
+    images = {}
+    for c in image_columns:
+        v = r[c].strip()
+        images[c] = None if v.lower() in _MISSING else _existing(path, line, c, base, v, "image")
+    if all(v is None for v in images.values()):
+        cells = ", ".join(f"'{c}'" for c in image_columns)
+        raise InputError(f"{path}:row {line}: no image: the image column{'s' if len(image_columns) > 1 else ''} "
+                         f"{cells} {'are' if len(image_columns) > 1 else 'is'} empty")
+    return images
+
+
+def _row_label(r: dict, task_type: str, label_columns: list[str], names: list[str]) -> np.ndarray:
+    """One row's (already validated) label: 0/1 per label (multi-label), 0/1 (binary) or the class index."""
+    if task_type == "multilabel":
+        return np.array([_BINARY[r[c].strip()] for c in label_columns], dtype=np.int64)
+    if task_type == "binary":
+        return np.array([_BINARY[r[label_columns[0]].strip()]], dtype=np.int64)
+    return np.array([names.index(r[label_columns[0]].strip())], dtype=np.int64)
+
+
+def _row_split(path: Path, line: int, r: dict) -> str | None:
+    """One row's split cell: train, val, test or None (empty)."""
+    split = r["split"].strip().lower() or None
+    if split is not None and split not in _SPLITS:
+        raise InputError(f"{path}:row {line}: split {r['split'].strip()!r} is not one of train, val, test "
+                         f"(or empty)")
+    return split
+
+
 def load_manifest(path: str | Path, image_columns: list[str] | None = None, label_columns: list[str] | None = None,
                   mask_column: str | None = None, task_type: str | None = None, label_names: list[str] | None = None,
                   require_labels: bool = True) -> TaskData:
@@ -205,69 +283,23 @@ def load_manifest(path: str | Path, image_columns: list[str] | None = None, labe
     if not rows:
         raise InputError(f"{path}: manifest has no rows")
     cols = set(header)
-    for c in ["id", *image_columns] + (label_columns if require_labels else []):
-        if c not in cols:
-            sep = next((d for d in (";", "\t", "|") if len(header) == 1 and d in header[0]), None)
-            hint = (f"; the header looks {'tab' if sep == chr(9) else repr(sep)}-separated, anymc3d reads "
-                    f"comma-separated CSV" if sep else "")
-            raise InputError(f"{path}: missing column '{c}' (columns: {', '.join(sorted(cols))}){hint}")
+    _check_columns(path, header, ["id", *image_columns] + (label_columns if require_labels else []))
     has_mask = mask_column in cols
     has_split = "split" in cols
     base = path.parent
-
-    labels_ok = all(c in cols for c in label_columns)
-    try:
-        task_type, names = _labels(path, rows, lines, label_columns, task_type, declared_by, meta) if labels_ok \
-            else (task_type or "binary", ["negative", "positive"])
-    except InputError:
-        if require_labels or task_type is not None:
-            raise
-        labels_ok = False  # prediction: labels that fit no task type are not used
-        task_type, names = "binary", ["negative", "positive"]
-    if label_names:
-        names = list(label_names)
-    if task_type == "binary" and len(names) != 2:
-        raise InputError(f"{path}: a binary task has two label names, got {names}")
+    task_type, names, labels_ok = _task_labels(path, rows, lines, cols, label_columns, task_type, declared_by, meta,
+                                               require_labels, label_names)
 
     cases, seen, folded = [], {}, {}
     for i, (line, r) in enumerate(zip(lines, rows)):
         cid = r["id"].strip() or f"case{i}"
-        problem = id_problem(cid)
-        if problem:
-            raise InputError(f"{path}:row {line}: id {cid!r} {problem}")
-        if cid in seen:
-            raise InputError(f"{path}:row {line}: id '{cid}' is also the id of row {seen[cid]} (ids name the outputs)")
-        if cid.lower() in folded:
-            other, n = folded[cid.lower()]
-            raise InputError(f"{path}:row {line}: id '{cid}' differs only in upper/lower case from '{other}' of row "
-                             f"{n}; on case-insensitive file systems (macOS, Windows) both write the same output file")
-        seen[cid] = line
-        folded[cid.lower()] = (cid, line)
-        images = {}
-        for c in image_columns:
-            v = r[c].strip()
-            images[c] = None if v.lower() in _MISSING else _existing(path, line, c, base, v, "image")
-        if all(v is None for v in images.values()):
-            cells = ", ".join(f"'{c}'" for c in image_columns)
-            raise InputError(f"{path}:row {line}: no image: the image column{'s' if len(image_columns) > 1 else ''} "
-                             f"{cells} {'are' if len(image_columns) > 1 else 'is'} empty")
-        label = None
-        if labels_ok:
-            if task_type == "multilabel":
-                label = np.array([_BINARY[r[c].strip()] for c in label_columns], dtype=np.int64)
-            elif task_type == "binary":
-                label = np.array([_BINARY[r[label_columns[0]].strip()]], dtype=np.int64)
-            else:
-                label = np.array([names.index(r[label_columns[0]].strip())], dtype=np.int64)
+        _check_id(path, line, cid, seen, folded)
+        images = _row_images(path, line, r, image_columns, base)
+        label = _row_label(r, task_type, label_columns, names) if labels_ok else None
         mask = None
         if has_mask and r[mask_column].strip().lower() not in _MISSING:
             mask = MaskPath(_existing(path, line, mask_column, base, r[mask_column].strip(), "mask"))
-        split = None
-        if has_split:
-            split = r["split"].strip().lower() or None
-            if split is not None and split not in _SPLITS:
-                raise InputError(f"{path}:row {line}: split {r['split'].strip()!r} is not one of train, val, test "
-                                 f"(or empty)")
+        split = _row_split(path, line, r) if has_split else None
         cases.append(Case(id=cid, images=images, label=label, mask=mask, split=split))
     return TaskData(name=meta.get("task", path.parent.name), task_type=task_type, label_names=names,
                     inputs=list(image_columns), cases=cases, source=str(path),

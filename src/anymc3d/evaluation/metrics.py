@@ -300,6 +300,129 @@ def bootstrap_ci(
 
 
 # --------------------------------------------------------------------------- main entry
+def _check_options(threshold: Any, n_bootstrap: Any) -> tuple[float, int]:
+    """Validate ``threshold`` (a finite number) and ``n_bootstrap`` (a non-negative integer)."""
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        raise InputError(f"threshold: expected a number, got {threshold!r}") from None
+    if not math.isfinite(threshold):
+        raise InputError(f"threshold: must be finite, got {threshold}")
+    if isinstance(n_bootstrap, bool) or int(n_bootstrap) != n_bootstrap or int(n_bootstrap) < 0:
+        raise InputError(f"n_bootstrap: must be a non-negative integer, got {n_bootstrap!r}")
+    return threshold, int(n_bootstrap)
+
+
+def _binary_metrics(yt: np.ndarray, ys: np.ndarray, names: list[str], threshold: float,
+                    out: dict[str, Any], warnings: list[str]) -> list[int]:
+    """Binary AUC/ACC, rates, confusion matrix and support into ``out``; returns the AUC classes."""
+    n = int(yt.shape[0])
+    out["n_classes"] = 2
+    auc = _sklearn_auc(yt, ys)
+    if auc is None:
+        warnings.append(
+            f"AUC undefined: y_true contains only class {names[int(yt[0])]!r} ({n} cases); auc is None"
+        )
+    pred = ys > threshold
+    c = _counts(yt, pred)
+    out["auc"] = auc
+    out["acc"] = float(np.mean(pred == yt.astype(bool)))
+    out["per_class_auc"] = {names[1]: auc}
+    out.update(_rates(c))
+    out["confusion_matrix"] = [[c["tn"], c["fp"]], [c["fn"], c["tp"]]]
+    out["support"] = {names[0]: int(np.sum(yt == 0)), names[1]: int(np.sum(yt == 1))}
+    return [1]
+
+
+def _multi_predictions(yt: np.ndarray, ys: np.ndarray, task: str, threshold: float,
+                       out: dict[str, Any]) -> np.ndarray:
+    """Argmax (multiclass) or thresholded (multilabel) predictions; ACC and confusion matrix into ``out``."""
+    if task == "multiclass":
+        k = int(ys.shape[1])
+        pred_cls = np.argmax(ys, axis=1)
+        cm = np.zeros((k, k), dtype=np.int64)
+        np.add.at(cm, (yt, pred_cls), 1)
+        out["confusion_matrix"] = cm.tolist()
+        out["acc"] = float(np.mean(pred_cls == yt))
+        return pred_cls
+    pred_ml = ys > threshold
+    out["confusion_matrix"] = {}
+    out["acc"] = float(np.mean(np.mean(pred_ml == yt.astype(bool), axis=0)))
+    return pred_ml
+
+
+def _multi_metrics(yt: np.ndarray, ys: np.ndarray, task: str, names: list[str], threshold: float,
+                   out: dict[str, Any], warnings: list[str]) -> list[int]:
+    """Multiclass/multilabel per-class AUC, rates (+ macro means) and support into ``out``.
+
+    Returns the classes/labels whose AUC is defined on the full set (for the bootstrap).
+    """
+    k = int(ys.shape[1])
+    out["n_classes"] = k
+    per_auc: dict[str, float | None] = {}
+    rates: dict[str, dict[str, float | None]] = {r: {} for r in ("sensitivity", "specificity", "ppv", "npv")}
+    support: dict[str, int] = {}
+    auc_classes: list[int] = []
+    pred = _multi_predictions(yt, ys, task, threshold, out)
+    for i, name in enumerate(names):
+        if task == "multiclass":
+            y_i, s_i, p_i = yt == i, ys[:, i], pred == i
+        else:
+            y_i, s_i, p_i = yt[:, i].astype(bool), ys[:, i], pred[:, i]
+        a = _sklearn_auc(y_i, s_i)
+        per_auc[name] = a
+        if a is None:
+            kind = "class" if task == "multiclass" else "label"
+            state = "has no positive cases" if not y_i.any() else "is positive in every case"
+            warnings.append(f"AUC for {kind} {name!r} undefined ({kind} {state}); left out of the mean")
+        else:
+            auc_classes.append(i)
+        c = _counts(y_i, p_i)
+        for r, v in _rates(c).items():
+            rates[r][name] = v
+        support[name] = int(np.sum(y_i))
+        if task == "multilabel":
+            out["confusion_matrix"][name] = [[c["tn"], c["fp"]], [c["fn"], c["tp"]]]
+    auc = _mean_defined(list(per_auc.values()))
+    if auc is None:
+        warnings.append("AUC undefined for every class/label (only one class present); auc is None")
+    elif len(auc_classes) < k:
+        warnings.append(f"auc is the mean over {len(auc_classes)} of {k} classes/labels with a defined AUC")
+    out["auc"] = auc
+    out["per_class_auc"] = per_auc
+    for r, d in rates.items():
+        out[r] = d
+        out[f"{r}_macro"] = _mean_defined(list(d.values()))
+    out["support"] = support
+    return auc_classes
+
+
+def _bootstrap_cis(yt: np.ndarray, ys: np.ndarray, task: str, threshold: float, auc_defined: bool,
+                   auc_classes: list[int], n_bootstrap: int, seed: int, warnings: list[str]) -> dict[str, Any]:
+    """95% percentile-bootstrap CIs of ACC and (when defined on the full set) AUC over ``auc_classes``."""
+    ci: dict[str, Any] = {"level": 0.95, "auc": None, "acc": None}
+    n_valid = {"auc": 0, "acc": 0}
+    if n_bootstrap > 0:
+        acc_vals = _bootstrap_values(_acc_fn(task, threshold), yt, ys, n_bootstrap, seed)
+        n_valid["acc"] = len(acc_vals)
+        if acc_vals:
+            ci["acc"] = [float(v) for v in np.percentile(acc_vals, [2.5, 97.5])]
+        if auc_defined:
+            auc_vals = _bootstrap_values(_auc_fn(task, auc_classes), yt, ys, n_bootstrap, seed)
+            n_valid["auc"] = len(auc_vals)
+            if auc_vals:
+                ci["auc"] = [float(v) for v in np.percentile(auc_vals, [2.5, 97.5])]
+            else:
+                warnings.append("AUC confidence interval undefined: no bootstrap resample had both classes")
+            if 0 < len(auc_vals) < 0.9 * n_bootstrap:  # count always in ci["n_valid"]
+                warnings.append(
+                    f"AUC CI uses {len(auc_vals)} of {n_bootstrap} bootstrap resamples "
+                    "(resamples with an undefined AUC were skipped)"
+                )
+    ci["n_valid"] = n_valid
+    return ci
+
+
 def compute_metrics(
     y_true: Any,
     y_score: Any,
@@ -317,107 +440,18 @@ def compute_metrics(
     and ``per_class_auc`` has the positive class only; for multiclass/multilabel the rates are
     ``{name: value}`` dicts. Undefined quantities are ``None``.
     """
-    try:
-        threshold = float(threshold)
-    except (TypeError, ValueError):
-        raise InputError(f"threshold: expected a number, got {threshold!r}") from None
-    if not math.isfinite(threshold):
-        raise InputError(f"threshold: must be finite, got {threshold}")
-    if isinstance(n_bootstrap, bool) or int(n_bootstrap) != n_bootstrap or int(n_bootstrap) < 0:
-        raise InputError(f"n_bootstrap: must be a non-negative integer, got {n_bootstrap!r}")
-    n_bootstrap = int(n_bootstrap)
-
+    threshold, n_bootstrap = _check_options(threshold, n_bootstrap)
     yt, ys, task, names = prepare_inputs(y_true, y_score, task_type, label_names)
     n = int(yt.shape[0])
     warnings: list[str] = []
     out: dict[str, Any] = {"task_type": task, "n": n, "threshold": threshold, "label_names": names}
-
     if task == "binary":
-        out["n_classes"] = 2
-        auc = _sklearn_auc(yt, ys)
-        if auc is None:
-            warnings.append(
-                f"AUC undefined: y_true contains only class {names[int(yt[0])]!r} ({n} cases); auc is None"
-            )
-        pred = ys > threshold
-        c = _counts(yt, pred)
-        out["auc"] = auc
-        out["acc"] = float(np.mean(pred == yt.astype(bool)))
-        out["per_class_auc"] = {names[1]: auc}
-        out.update(_rates(c))
-        out["confusion_matrix"] = [[c["tn"], c["fp"]], [c["fn"], c["tp"]]]
-        out["support"] = {names[0]: int(np.sum(yt == 0)), names[1]: int(np.sum(yt == 1))}
-        auc_classes: list[int] = [1]
+        auc_classes = _binary_metrics(yt, ys, names, threshold, out, warnings)
     else:
-        k = int(ys.shape[1])
-        out["n_classes"] = k
-        per_auc: dict[str, float | None] = {}
-        rates: dict[str, dict[str, float | None]] = {r: {} for r in ("sensitivity", "specificity", "ppv", "npv")}
-        support: dict[str, int] = {}
-        auc_classes = []
-        if task == "multiclass":
-            pred_cls = np.argmax(ys, axis=1)
-            cm = np.zeros((k, k), dtype=np.int64)
-            np.add.at(cm, (yt, pred_cls), 1)
-            out["confusion_matrix"] = cm.tolist()
-            out["acc"] = float(np.mean(pred_cls == yt))
-        else:
-            pred_ml = ys > threshold
-            out["confusion_matrix"] = {}
-            out["acc"] = float(np.mean(np.mean(pred_ml == yt.astype(bool), axis=0)))
-        for i, name in enumerate(names):
-            if task == "multiclass":
-                y_i, s_i, p_i = yt == i, ys[:, i], pred_cls == i
-            else:
-                y_i, s_i, p_i = yt[:, i].astype(bool), ys[:, i], pred_ml[:, i]
-            a = _sklearn_auc(y_i, s_i)
-            per_auc[name] = a
-            if a is None:
-                kind = "class" if task == "multiclass" else "label"
-                state = "has no positive cases" if not y_i.any() else "is positive in every case"
-                warnings.append(f"AUC for {kind} {name!r} undefined ({kind} {state}); left out of the mean")
-            else:
-                auc_classes.append(i)
-            c = _counts(y_i, p_i)
-            for r, v in _rates(c).items():
-                rates[r][name] = v
-            support[name] = int(np.sum(y_i))
-            if task == "multilabel":
-                out["confusion_matrix"][name] = [[c["tn"], c["fp"]], [c["fn"], c["tp"]]]
-        auc = _mean_defined(list(per_auc.values()))
-        if auc is None:
-            warnings.append("AUC undefined for every class/label (only one class present); auc is None")
-        elif len(auc_classes) < k:
-            warnings.append(f"auc is the mean over {len(auc_classes)} of {k} classes/labels with a defined AUC")
-        out["auc"] = auc
-        out["per_class_auc"] = per_auc
-        for r, d in rates.items():
-            out[r] = d
-            out[f"{r}_macro"] = _mean_defined(list(d.values()))
-        out["support"] = support
-
+        auc_classes = _multi_metrics(yt, ys, task, names, threshold, out, warnings)
     # ---- bootstrap CIs (AUC over the classes that are defined on the full set)
-    ci: dict[str, Any] = {"level": 0.95, "auc": None, "acc": None}
-    n_valid = {"auc": 0, "acc": 0}
-    if n_bootstrap > 0:
-        acc_vals = _bootstrap_values(_acc_fn(task, threshold), yt, ys, n_bootstrap, seed)
-        n_valid["acc"] = len(acc_vals)
-        if acc_vals:
-            ci["acc"] = [float(v) for v in np.percentile(acc_vals, [2.5, 97.5])]
-        if out["auc"] is not None:
-            auc_vals = _bootstrap_values(_auc_fn(task, auc_classes), yt, ys, n_bootstrap, seed)
-            n_valid["auc"] = len(auc_vals)
-            if auc_vals:
-                ci["auc"] = [float(v) for v in np.percentile(auc_vals, [2.5, 97.5])]
-            else:
-                warnings.append("AUC confidence interval undefined: no bootstrap resample had both classes")
-            if 0 < len(auc_vals) < 0.9 * n_bootstrap:  # count always in ci["n_valid"]
-                warnings.append(
-                    f"AUC CI uses {len(auc_vals)} of {n_bootstrap} bootstrap resamples "
-                    "(resamples with an undefined AUC were skipped)"
-                )
-    ci["n_valid"] = n_valid
-    out["ci"] = ci
+    out["ci"] = _bootstrap_cis(yt, ys, task, threshold, out["auc"] is not None, auc_classes,
+                               n_bootstrap, seed, warnings)
     out["n_bootstrap"] = n_bootstrap
     out["seed"] = int(seed)
     out["warnings"] = warnings

@@ -5,20 +5,22 @@ slice embeddings, is read at prediction through forward hooks on the model's poo
 (:class:`EmbeddingCapture`): no second pass and no change to the model's outputs. The hook also
 keeps the plain mean of the slice embeddings (``slice_mean``), the alternative feature.
 
-**Reference (stored in the plugin).** Per stream: the mean and a Ledoit-Wolf shrinkage covariance
-(scikit-learn) of the training embeddings, stored as its top ``k`` eigenvectors and eigenvalues plus
-one isotropic variance for the remaining directions (the mean of the remaining eigenvalues; the
-shrinkage already pulls them towards one value). For EfficientNet-Lite0 (D = 1280) and k = 32 that is
-about 170 kB per stream in float32, where the full covariance would be 6.5 MB.
+**Reference (stored in the plugin).** Per stream, the method chosen on validation
+(:data:`DEFAULT_METHOD`, docs/results.md "Trust in each answer"): ``knn_cosine``, the L2-normalised
+training embeddings summarised by :data:`DEFAULT_REFERENCE_POINTS` k-means centroids (scikit-learn),
+re-normalised and kept in float16. For EfficientNet-Lite0 (D = 1280) that is 160 kB per stream, where
+the training embeddings themselves would be 6 MB for 1188 cases.
 
-**Score.** The squared Mahalanobis distance under that covariance divided by D (about 1 for a
-training-like case), averaged over the streams a case has. The flag threshold is a percentile
+**Score.** The cosine distance to the nearest :data:`DEFAULT_NEIGHBOURS` reference points, averaged
+over the streams a case has. It ignores an embedding's length, which is why it flags a case whose
+embedding is short (a 4x larger field of view shrinks the gland; its pooled embedding lies near the
+training mean, where a Mahalanobis distance calls it typical). The flag threshold is a percentile
 (99th by default) of the validation cases' scores, which the plugin stores with the scores
 themselves, so every answer also carries the score's percentile among validation cases.
 
-The k-NN distance (:func:`knn_scores`) is kept as the comparison ``benchmarks/trust.py`` measures:
-it needs the training embeddings themselves (6 MB per stream for 1188 cases), which is what the
-compact reference avoids.
+The Ledoit-Wolf Mahalanobis reference (:func:`fit_reference`: mean, top ``k`` eigen-directions and
+one residual variance) was the first stored method; plugins written with it still score with it
+(:func:`stream_score` reads which one a stream holds), and ``benchmarks/trust.py`` measures both.
 """
 from __future__ import annotations
 
@@ -27,6 +29,12 @@ import torch
 
 #: eigen-directions kept per stream
 DEFAULT_K = 32
+#: the stored OOD method (chosen on validation; see the module docstring)
+DEFAULT_METHOD = "knn_cosine"
+#: k-means centroids of the normalised training embeddings kept per stream
+DEFAULT_REFERENCE_POINTS = 64
+#: nearest reference points whose cosine distances are averaged
+DEFAULT_NEIGHBOURS = 1
 #: validation percentile above which a case is flagged
 DEFAULT_PERCENTILE = 99.0
 FEATURES = ("task_query", "slice_mean")
@@ -150,22 +158,50 @@ def mahalanobis(ref: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     return (inside + outside) / x.shape[1]
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+
+
+def fit_knn_reference(x: np.ndarray, points: int = DEFAULT_REFERENCE_POINTS, neighbours: int = DEFAULT_NEIGHBOURS,
+                      seed: int = 0) -> dict[str, np.ndarray]:
+    """The ``knn_cosine`` reference of x (N, D): at most ``points`` unit vectors (k-means centroids of the
+    normalised rows, re-normalised; the rows themselves when there are no more than ``points``), float16."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x).all(axis=1)]
+    if len(x) < 3:
+        raise ValueError(f"an OOD reference needs at least 3 embeddings, got {len(x)}")
+    u = _unit(x)
+    if len(u) > points:
+        from sklearn.cluster import KMeans
+
+        u = _unit(KMeans(n_clusters=int(points), n_init=3, random_state=seed).fit(u).cluster_centers_)
+    return {"points": u.astype(np.float16), "neighbours": np.array([int(neighbours)], np.float32)}
+
+
+def knn_distance(ref: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Mean cosine distance of each row of x to its nearest reference points (NaN rows -> NaN)."""
+    t = np.asarray(ref["points"], dtype=np.float64)
+    k = int(min(int(np.asarray(ref["neighbours"]).ravel()[0]), len(t)))
+    d = 1.0 - _unit(x) @ _unit(t).T
+    return np.sort(d, axis=1)[:, :k].mean(axis=1)
+
+
+def stream_score(ref: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """One stream's score under whichever reference it stores (k-NN points or the Mahalanobis reference)."""
+    return knn_distance(ref, x) if "points" in ref else mahalanobis(ref, x)
+
+
 def combined_score(refs: dict[str, dict], emb: dict[str, np.ndarray]) -> np.ndarray:
     """Mean over a case's streams of the per-stream score (streams the case lacks are left out)."""
-    per = np.stack([mahalanobis(refs[s], emb[s]) for s in refs], axis=1)
+    per = np.stack([stream_score(refs[s], emb[s]) for s in refs], axis=1)
     with np.errstate(invalid="ignore"):
         return np.nanmean(np.where(np.isfinite(per), per, np.nan), axis=1)
 
 
 def knn_scores(train: np.ndarray, x: np.ndarray, k: int = 5) -> np.ndarray:
-    """Mean cosine distance to the k nearest training embeddings (the comparison method)."""
-    t = np.asarray(train, dtype=np.float64)
-    t = t / np.linalg.norm(t, axis=1, keepdims=True).clip(1e-12)
-    q = np.asarray(x, dtype=np.float64)
-    q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
-    d = 1.0 - q @ t.T
-    k = min(k, t.shape[0])
-    return np.sort(d, axis=1)[:, :k].mean(axis=1)
+    """Mean cosine distance to the k nearest of all the training embeddings given (the uncompressed comparison)."""
+    return knn_distance({"points": _unit(train), "neighbours": np.array([k])}, x)
 
 
 def percentile_of(val_scores: np.ndarray, s: float) -> float:
@@ -175,18 +211,34 @@ def percentile_of(val_scores: np.ndarray, s: float) -> float:
 
 
 def ood_threshold(val_scores: np.ndarray, percentile: float = DEFAULT_PERCENTILE) -> float:
-    return float(np.percentile(np.asarray(val_scores, dtype=np.float64), percentile))
+    """The split-conformal quantile of the validation scores: the ceil((n + 1) p / 100)-th smallest (the
+    largest when n is too small for it). A new case like the validation ones then scores above it with
+    probability at most 1 - p / 100 (at most 1 / (n + 1) when the largest is used): the false-flag
+    rate is bounded whatever the number of validation cases, which a plain percentile is not."""
+    v = np.sort(np.asarray(val_scores, dtype=np.float64).ravel())
+    v = v[np.isfinite(v)]
+    if not len(v):
+        raise ValueError("an OOD threshold needs at least one finite validation score")
+    k = int(np.ceil((len(v) + 1) * float(percentile) / 100.0))
+    return float(v[min(max(k, 1), len(v)) - 1])
+
+
+#: the tensors each kind of stream reference stores
+REFERENCE_KEYS = (("points", "neighbours"), ("mean", "basis", "eigvals", "resid"))
 
 
 def to_tensors(refs: dict[str, dict], prefix: str = "trust.ood.") -> dict[str, torch.Tensor]:
-    return {f"{prefix}{s}.{k}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+    """float16 reference points stay float16 (half the bytes); everything else is float32."""
+    return {f"{prefix}{s}.{k}": torch.from_numpy(np.ascontiguousarray(
+                v, dtype=np.float16 if np.asarray(v).dtype == np.float16 else np.float32))
             for s, r in refs.items() for k, v in r.items()}
 
 
 def from_tensors(tensors: dict[str, torch.Tensor], streams: list[str], prefix: str = "trust.ood.") -> dict[str, dict]:
     refs = {}
     for s in streams:
-        keys = ("mean", "basis", "eigvals", "resid")
-        if all(f"{prefix}{s}.{k}" in tensors for k in keys):
-            refs[s] = {k: tensors[f"{prefix}{s}.{k}"].float().numpy() for k in keys}
+        for keys in REFERENCE_KEYS:
+            if all(f"{prefix}{s}.{k}" in tensors for k in keys):
+                refs[s] = {k: tensors[f"{prefix}{s}.{k}"].float().numpy() for k in keys}
+                break
     return refs

@@ -206,55 +206,77 @@ class Explainer:
         label_w: dict[str, dict[str, np.ndarray]] = {lab: {} for lab, _, _ in targets}
         canon_by_input: dict[str, dict[str, np.ndarray]] = {lab: {} for lab, _, _ in targets}
         for s in streams:
-            inp, view = s.split(":")
-            spec, rec = self.specs[inp], prepared.records[inp]
-            a = sw[s]
-            with torch.no_grad():
-                z = model.head(emb[s]).float().cpu()  # (S, n_outputs) per-slice logits (eval: dropout off)
-            if self.spec.task_type == "multiclass":
-                z = z - z.mean(dim=1, keepdim=True)
-            if self.method == "attention":
-                base = _upsample(att[s], spec.size)
-                per_label = {lab: base for lab, _, _ in targets}
-            else:
-                from .gradcam import slice_cams
-
-                cams = slice_cams(model, s, stacks[s].to(self.runtime.device), [(i, sg) for _, i, sg in targets],
-                                  self.cam_layers)
-                per_label = {lab: cams[(i, sg)].float().cpu() for lab, i, sg in targets}
-            for lab, i, sg in targets:
-                w = a
-                if self.method == "attention" and self.spec.task_type != "binary":
-                    c = torch.relu(z[:, i] - (a * z[:, i]).sum())
-                    if float((a * c).sum()) > 0:
-                        w = a * c / (a * c).sum()
-                label_w[lab][s] = w.numpy()
-                weighted = per_label[lab] * w[:, None, None]
-                canon = slices_to_canonical(weighted, spec, view, rec) * vw[s]
-                prev = canon_by_input[lab].get(inp)
-                canon_by_input[lab][inp] = canon if prev is None else prev + canon
-
+            att_s = att[s] if self.method == "attention" else None
+            self._stream_maps(s, prepared, stacks[s], emb[s], att_s, sw[s], vw[s], targets, label_w, canon_by_input)
         ref = next(k for k in self.spec.inputs if k in prepared.records)
         rec_ref = prepared.records[ref]
         maps, canonical = {}, {}
         for lab, _, _ in targets:
-            total = None
-            for inp, arr in canon_by_input[lab].items():
-                arr = _to_reference(arr, prepared.records[inp], rec_ref)
-                total = arr if total is None else total + arr
-            total = np.clip(total, 0, None)
-            heat = np.clip(canonical_to_input(total, rec_ref, order=1), 0, None).astype(np.float32)
-            if self.smooth_mm > 0:  # Gaussian, sigma in mm on the input grid (anisotropic spacing respected)
-                spacing = np.sqrt((np.asarray(rec_ref.input_affine)[:3, :3] ** 2).sum(axis=0))
-                heat = ndimage.gaussian_filter(heat, sigma=self.smooth_mm / spacing, mode="constant")
-                total = ndimage.gaussian_filter(total, sigma=self.smooth_mm / np.sqrt(
-                    (np.asarray(rec_ref.canonical_affine)[:3, :3] ** 2).sum(axis=0)), mode="constant")
-            scale = float(heat.max())
-            if scale > 0:
-                heat /= scale
-                total = total / scale
-            maps[lab], canonical[lab] = heat, total.astype(np.float32)
+            maps[lab], canonical[lab] = self._label_map(canon_by_input[lab], prepared, rec_ref)
+        probabilities, raw_probabilities = self._probabilities(probs)
+        return Heatmaps(id=case.id, method=self.method, labels=[t[0] for t in targets], maps=maps,
+                        canonical=canonical, record=rec_ref, reference_input=ref,
+                        canonical_image=prepared.arrays[ref].numpy(),
+                        slice_weights={s: v.numpy() for s, v in sw.items()}, label_slice_weights=label_w,
+                        view_weights=vw, probabilities=probabilities, raw_probabilities=raw_probabilities,
+                        seconds=time.perf_counter() - t0,
+                        source=prepared.sources.get(ref, ""))
 
+    def _stream_maps(self, s: str, prepared, stack: torch.Tensor, emb: torch.Tensor, att: torch.Tensor | None,
+                     a: torch.Tensor, vw: float, targets: list[tuple[str, int, float]],
+                     label_w: dict, canon_by_input: dict) -> None:
+        """One stream's per-label slice maps, weighted by its slice and view weights, added (in canonical
+        space) to ``canon_by_input[label][input]``; the slice weights used go to ``label_w[label][s]``."""
+        model = self.model
+        inp, view = s.split(":")
+        spec, rec = self.specs[inp], prepared.records[inp]
+        with torch.no_grad():
+            z = model.head(emb).float().cpu()  # (S, n_outputs) per-slice logits (eval: dropout off)
+        if self.spec.task_type == "multiclass":
+            z = z - z.mean(dim=1, keepdim=True)
+        if self.method == "attention":
+            base = _upsample(att, spec.size)
+            per_label = {lab: base for lab, _, _ in targets}
+        else:
+            from .gradcam import slice_cams
+
+            cams = slice_cams(model, s, stack.to(self.runtime.device), [(i, sg) for _, i, sg in targets],
+                              self.cam_layers)
+            per_label = {lab: cams[(i, sg)].float().cpu() for lab, i, sg in targets}
+        for lab, i, sg in targets:
+            w = a
+            if self.method == "attention" and self.spec.task_type != "binary":
+                c = torch.relu(z[:, i] - (a * z[:, i]).sum())
+                if float((a * c).sum()) > 0:
+                    w = a * c / (a * c).sum()
+            label_w[lab][s] = w.numpy()
+            weighted = per_label[lab] * w[:, None, None]
+            canon = slices_to_canonical(weighted, spec, view, rec) * vw
+            prev = canon_by_input[lab].get(inp)
+            canon_by_input[lab][inp] = canon if prev is None else prev + canon
+
+    def _label_map(self, by_input: dict[str, np.ndarray], prepared, rec_ref) -> tuple[np.ndarray, np.ndarray]:
+        """One label's inputs summed on the reference grid -> (input-grid map, canonical map), both
+        clipped at 0, optionally smoothed and scaled so the input-grid map peaks at 1."""
+        total = None
+        for inp, arr in by_input.items():
+            arr = _to_reference(arr, prepared.records[inp], rec_ref)
+            total = arr if total is None else total + arr
+        total = np.clip(total, 0, None)
+        heat = np.clip(canonical_to_input(total, rec_ref, order=1), 0, None).astype(np.float32)
+        if self.smooth_mm > 0:  # Gaussian, sigma in mm on the input grid (anisotropic spacing respected)
+            spacing = np.sqrt((np.asarray(rec_ref.input_affine)[:3, :3] ** 2).sum(axis=0))
+            heat = ndimage.gaussian_filter(heat, sigma=self.smooth_mm / spacing, mode="constant")
+            total = ndimage.gaussian_filter(total, sigma=self.smooth_mm / np.sqrt(
+                (np.asarray(rec_ref.canonical_affine)[:3, :3] ** 2).sum(axis=0)), mode="constant")
+        scale = float(heat.max())
+        if scale > 0:
+            heat /= scale
+            total = total / scale
+        return heat, total.astype(np.float32)
+
+    def _probabilities(self, probs) -> tuple[dict[str, float], dict[str, float]]:
+        """``(calibrated, raw)`` probabilities per label name (calibrated == raw without a trust model)."""
         names = self.spec.label_names
 
         def as_dict(pr) -> dict[str, float]:
@@ -265,13 +287,7 @@ class Explainer:
         trust = getattr(self.model, "trust", None)  # the calibrated probability, as every verb reports it
         raw_probabilities = as_dict(probs)
         probabilities = as_dict(trust.calibrate(np.asarray(probs)[None])[0]) if trust is not None else raw_probabilities
-        return Heatmaps(id=case.id, method=self.method, labels=[t[0] for t in targets], maps=maps,
-                        canonical=canonical, record=rec_ref, reference_input=ref,
-                        canonical_image=prepared.arrays[ref].numpy(),
-                        slice_weights={s: v.numpy() for s, v in sw.items()}, label_slice_weights=label_w,
-                        view_weights=vw, probabilities=probabilities, raw_probabilities=raw_probabilities,
-                        seconds=time.perf_counter() - t0,
-                        source=prepared.sources.get(ref, ""))
+        return probabilities, raw_probabilities
 
     def _forward(self, slices: dict, masks: dict, present: torch.Tensor):
         """The plugin's forward pass on the runtime, with hooks that keep each stream's slice

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..evaluation.threshold import DEFAULT_POLICY
 from .fingerprint import fingerprint, write_fingerprint
 from .planner import FIELDS, Plan, fmt_duration, make_plan, parse_budget, plan_table
 
@@ -19,7 +20,7 @@ DEFAULT_BUDGET = "30m"
 
 def plan_for(task, backbone: str, budget: str | float | None = DEFAULT_BUDGET, device: str = "auto",
              weights: str | None = None, overrides: dict | None = None, out: str | Path | None = None,
-             threshold: str = "platt", timings: dict | None = None, log=print) -> tuple[Plan, dict, dict]:
+             threshold: str = DEFAULT_POLICY, timings: dict | None = None, log=print) -> tuple[Plan, dict, dict]:
     """Fingerprint ``task``, time the candidates on ``device`` (unless ``timings`` is given) and plan.
     Writes fingerprint.json, timings.json and plan.json into ``out`` when given."""
     from ..backbones import default_input_size

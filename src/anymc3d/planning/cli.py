@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
+from ..evaluation.threshold import DEFAULT_POLICY
 from . import DEFAULT_BUDGET
-from .planner import FIELDS, Plan, plan_table
+from .planner import FIELDS, Plan, none_for_all, plan_table
 
 #: ``anymc3d train --no-plan``: the fixed settings of earlier releases (full-depth LoRA, augmentation,
 #: the backbone's slice size, axial, 30 epochs)
@@ -61,7 +62,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                        help="skip planning: full-depth LoRA, augmentation, the backbone's slice size, axial, 30 epochs")
     g.add_argument("--timings", type=Path, metavar="FILE",
                    help="plan from this timings.json (of an earlier `anymc3d plan` on this machine) instead of timing now")
-    g.add_argument("--threshold", type=_threshold, default="platt",
+    g.add_argument("--threshold", type=_threshold, default=DEFAULT_POLICY,
                    help="binary decision threshold on validation: platt (default), youden, or a number")
 
 
@@ -115,11 +116,7 @@ def overrides_from(a: argparse.Namespace) -> dict:
 
 
 def _apply(plan_or_fixed: dict, overrides: dict) -> dict:
-    d = {**plan_or_fixed, **overrides}
-    d["lora_last_k"] = d["lora_last_k"] or None
-    d["slice_subset"] = d["slice_subset"] or None
-    d["max_slices"] = d.get("max_slices") or None
-    return d
+    return none_for_all({**plan_or_fixed, **overrides})
 
 
 def plan_on_rank0(make) -> Plan:

@@ -87,10 +87,8 @@ def choose_threads(fn, dev: torch.device) -> dict:
 
 
 def _model(backbone, task: TaskData, spec_pre, last_k: int | None) -> AnyMC3D:
-    spec = PluginSpec(task="timing", task_type=task.task_type, label_names=task.label_names, inputs=task.inputs[:1],
-                      preprocess={task.inputs[0]: spec_pre.to_dict()}, backbone=backbone.name,
-                      backbone_fingerprint=backbone.fingerprint, input_size=backbone.input_size,
-                      lora=LoraSpec(r=8, alpha=16.0, last_k=last_k))
+    spec = PluginSpec.for_task(task, {task.inputs[0]: spec_pre}, backbone, task="timing", inputs=task.inputs[:1],
+                               lora=LoraSpec(last_k=last_k))
     return AnyMC3D(backbone, spec, adapter_prefix=f"t{last_k or 0}_")
 
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..evaluation.threshold import DEFAULT_POLICY
 from .fingerprint import in_plane_size, slices_per_view
 
 PLAN_VERSION = 1
@@ -45,6 +46,15 @@ MAX_EPOCHS = 100
 OVERHEAD_S = 15.0  # building the model, writing the plugin, metrics and report
 #: the measured quality order: each candidate's expected validation AUC, with the commands that measured it
 PRIORS_FILE = Path(__file__).with_name("priors.json")
+
+
+#: count fields where a flag's 0 ("all": full-depth LoRA, every slice) is None in a plan
+ALL_IS_NONE = ("lora_last_k", "slice_subset", "max_slices")
+
+
+def none_for_all(d: dict) -> dict:
+    """``d`` with its count fields' 0 ("all" from ``--lora-last-k all`` / ``--slice-subset all``) as None."""
+    return {**d, **{k: d.get(k) or None for k in ALL_IS_NONE}}
 
 
 @dataclass
@@ -65,7 +75,7 @@ class Plan:
     workers: int = 0
     device: str = "cpu"
     threads: int | None = None       # CPU threads to train with (measured: all, or 1 when the cores are busy)
-    threshold: str = "platt"
+    threshold: str = DEFAULT_POLICY
     budget_s: float | None = None
     estimate_s: float = 0.0
     estimate: dict = field(default_factory=dict)
@@ -277,7 +287,7 @@ def describe(c: dict) -> str:
 
 
 def make_plan(fp: dict, timings: dict, budget_s: float | None, backbone_size: int,
-              overrides: dict | None = None, threshold: str = "platt", priors: dict[str, float] | None = None,
+              overrides: dict | None = None, threshold: str = DEFAULT_POLICY, priors: dict[str, float] | None = None,
               priors_file: str | Path | None = None) -> Plan:
     """The plan for fingerprint ``fp`` on the machine of ``timings`` within ``budget_s`` seconds.
 
@@ -298,9 +308,7 @@ def make_plan(fp: dict, timings: dict, budget_s: float | None, backbone_size: in
     for i, c in enumerate(cands):
         c = {**c, "epochs": epochs_for(fp, c["epochs"], int(overrides.get("batch_size", 8)))}
         c = {**c, **{k: v for k, v in overrides.items() if k in c}}
-        c["lora_last_k"] = c["lora_last_k"] or None   # 0 = "all" (full depth) from the flag
-        c["slice_subset"] = c["slice_subset"] or None
-        c["max_slices"] = c.get("max_slices") or None
+        c = none_for_all(c)
         est = estimate(c, fp, timings, size)
         considered.append((i, c, est))
         rows.append({"name": c["name"], "estimate_s": est["total"], "prior": priors.get(c["name"]),

@@ -12,12 +12,17 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 
+#: the paper's LoRA rank and scale (docs/method.md): the one place these defaults are written
+DEFAULT_RANK = 8
+DEFAULT_ALPHA = 16.0
+
+
 @dataclass
 class LoraSpec:
     """r=0 disables LoRA (a pooling-only plugin on fully frozen features)."""
 
-    r: int = 8
-    alpha: float = 16.0
+    r: int = DEFAULT_RANK
+    alpha: float = DEFAULT_ALPHA
     dropout: float = 0.0
     last_k: int | None = None  # LoRA only on the last k blocks/stages ("shared trunk")
 

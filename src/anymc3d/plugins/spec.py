@@ -51,6 +51,20 @@ class PluginSpec:
     #: in plugin.safetensors); None in files written before them
     trust: dict[str, Any] | None = None
 
+    @classmethod
+    def for_task(cls, data, specs: dict, on, **fields) -> "PluginSpec":
+        """The one way a spec is built: ``data`` (a ``TaskData``: name, type, labels, inputs; None when
+        ``fields`` give them), ``specs`` (input -> ``PreprocessSpec`` or its dict), ``on``: the backbone
+        (name, fingerprint, input size; None when ``fields`` give them); ``fields``: every other field, and
+        overrides of the task's (``task=``, ``inputs=``, ...)."""
+        base: dict[str, Any] = {"preprocess": {k: v if isinstance(v, dict) else v.to_dict() for k, v in specs.items()}}
+        if data is not None:
+            base.update(task=data.name, task_type=data.task_type, label_names=list(data.label_names),
+                        inputs=list(data.inputs))
+        if on is not None:
+            base.update(backbone=on.name, backbone_fingerprint=on.fingerprint, input_size=on.input_size)
+        return cls(**{**base, **fields})
+
     def __post_init__(self) -> None:
         if self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")

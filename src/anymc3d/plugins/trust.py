@@ -6,7 +6,8 @@ the training split) and stored with the plugin:
 * ``plugin.json`` field ``trust`` (small): the calibration (Platt a, b / temperature), the OOD method,
   feature, rank k, flag percentile and threshold, the conformal score's name, the operating point;
 * ``plugin.safetensors`` tensors under ``trust.`` (covered by the file's sha256 like the rest):
-  ``trust.ood.<stream>.{mean,basis,eigvals,resid}`` (the reference, :mod:`anymc3d.evaluation.ood`),
+  ``trust.ood.<stream>.{points,neighbours}`` (the k-NN reference, :mod:`anymc3d.evaluation.ood`;
+  plugins written before it hold ``{mean,basis,eigvals,resid}``, a Mahalanobis reference, and keep it),
   ``trust.val.probs`` (raw validation probabilities), ``trust.val.labels``, ``trust.val.ood`` (the
   validation cases' OOD scores: the percentiles and the flag threshold).
 
@@ -94,7 +95,8 @@ class Trust:
 
 # ------------------------------------------------------------------------------------------- fit
 def fit_trust(model, runtime, train_cases: list, val_cases: list, y_val, batch_size: int = 4,
-              k: int = ood.DEFAULT_K, percentile: float = ood.DEFAULT_PERCENTILE, seed: int = 0,
+              points: int = ood.DEFAULT_REFERENCE_POINTS, neighbours: int = ood.DEFAULT_NEIGHBOURS,
+              percentile: float = ood.DEFAULT_PERCENTILE, seed: int = 0,
               log=print, train_runtime=None) -> Trust:
     """Predict the training cases (up to :data:`MAX_REFERENCE_CASES`) and the validation cases with the
     trained model, fit the OOD reference on the training embeddings, and keep the validation
@@ -116,7 +118,8 @@ def fit_trust(model, runtime, train_cases: list, val_cases: list, y_val, batch_s
     finally:
         spec.test_flips = flips
     emb_tr = cap_tr.take("task_query")
-    refs = {s: ood.fit_reference(x, k) for s, x in emb_tr.items() if np.isfinite(x).all(axis=1).sum() >= 3}
+    refs = {s: ood.fit_knn_reference(x, points, neighbours, seed) for s, x in emb_tr.items()
+            if np.isfinite(x).all(axis=1).sum() >= 3}
     vprobs, _, cap_v = ood.predict_with_embeddings(runtime, val_cases, batch_size)
     y_val = np.asarray(y_val)
     labels = y_val.astype(np.float32) if spec.task_type == "multilabel" else y_val.astype(int).ravel()
@@ -125,11 +128,12 @@ def fit_trust(model, runtime, train_cases: list, val_cases: list, y_val, batch_s
     if refs:
         vs = trust.ood_scores(cap_v.take("task_query"))
         trust.val_ood = vs.astype(np.float32)
-        trust.ood = {"method": "mahalanobis_ledoit_wolf", "feature": "task_query", "k": int(k),
+        trust.ood = {"method": ood.DEFAULT_METHOD, "feature": "task_query", "points": int(points),
+                     "neighbours": int(neighbours),
                      "percentile": float(percentile), "threshold": ood.ood_threshold(vs[np.isfinite(vs)], percentile),
                      "streams": list(refs), "n_reference": int(len(train_cases))}
     log(f"trust: calibration {trust.calibration['method'] if trust.calibration else 'none'}; OOD reference "
-        f"{len(refs)} stream(s) from {len(train_cases)} training cases (k={k}); conformal scores from "
+        f"{len(refs)} stream(s) from {len(train_cases)} training cases ({points} points); conformal scores from "
         f"{len(val_cases)} validation cases ({time.time() - t0:.0f} s)")
     return trust
 

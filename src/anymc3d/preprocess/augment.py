@@ -1,4 +1,4 @@
-"""nnU-Net-style 3D augmentation from MONAI dictionary transforms (DESIGN.md §1 recipe).
+"""nnU-Net-style 3D augmentation from MONAI dictionary transforms (the paper's recipe, docs/method.md).
 
 Applied to canonical (C, X, Y, Z) volumes *before* slicing, so every view of a case sees the same
 3D transform, and a mask (key "mask") follows the image with nearest-neighbour interpolation.

@@ -1,7 +1,7 @@
 """Where the runtime computes: ``--device auto|cpu|cuda|cuda:N|mps`` and the precision policy.
 
-``auto`` is CUDA when available, else Apple MPS, else the CPU. Policy per device type (DESIGN.md,
-measured on the CPU for full-depth LoRA on EfficientNet-Lite0 at 64², one training step of
+``auto`` is CUDA when available, else Apple MPS, else the CPU. Policy per device type
+(measured on the CPU for full-depth LoRA on EfficientNet-Lite0 at 64², one training step of
 8 x 28 slices, one thread: fp32 10.0 ms per slice, bf16 autocast 11.0, channels_last + bf16 7.9,
 ``torch.compile`` 11.2):
 

@@ -136,15 +136,24 @@ class Runtime:
     def predict(self, cases: Sequence, batch_size: int = 4, progress: bool = False) -> tuple[np.ndarray, list[dict]]:
         """Probabilities (N, n_outputs) and per-case outputs of prepared cases (or :class:`Case`s, read
         by the loader's workers) without augmentation."""
+        probs, outs = [], []
+        for p, o in tqdm(self.predict_batches(cases, batch_size), desc="predict", disable=not progress, leave=False,
+                         total=math.ceil(len(cases) / batch_size)):
+            probs.append(p)
+            outs += o
+        return np.concatenate(probs), outs
+
+    @torch.no_grad()
+    def predict_batches(self, cases: Sequence, batch_size: int = 4):
+        """``(probabilities (B, n_outputs), per-case outputs)`` per batch of ``cases``, in order, from one
+        loader over all of them: its workers read and prepare the next batches while this one runs
+        (streaming prediction writes each case as its batch arrives)."""
         model = self.model
         model.eval()
-        probs, outs = [], []
-        it = self.loader(cases, eval_plans(len(cases), batch_size))
-        for (slices, masks, present, _, from_trunk), meta in tqdm(it, desc="predict", disable=not progress, leave=False):
+        for (slices, masks, present, _, from_trunk), meta in self.loader(cases, eval_plans(len(cases), batch_size)):
             out = self.forward(slices, masks, present, from_trunk=from_trunk)
-            probs.append(model.probabilities(out.logits).float().cpu().numpy())
-            outs += case_outputs(model.streams, out, masks, present, meta)
-        return np.concatenate(probs), outs
+            yield model.probabilities(out.logits).float().cpu().numpy(), case_outputs(model.streams, out, masks,
+                                                                                       present, meta)
 
 
 #: the dimensions of a (B, S, C, H, W) slice batch that each test-time flip reverses
@@ -183,10 +192,9 @@ def frozen_embeddings(backbone, cases: Sequence, specs: dict, views: Sequence[st
     from ..plugins.spec import PluginSpec
 
     inputs = list(specs)
-    spec = PluginSpec(task="frozen-features", task_type="binary", label_names=["0", "1"], inputs=inputs,
-                      preprocess={k: {**v.to_dict(), "views": list(views)} for k, v in specs.items()},
-                      backbone=backbone.name, backbone_fingerprint=backbone.fingerprint,
-                      input_size=backbone.input_size, lora=LoraSpec(r=0))
+    spec = PluginSpec.for_task(None, {k: {**v.to_dict(), "views": list(views)} for k, v in specs.items()}, backbone,
+                               task="frozen-features", task_type="binary", label_names=["0", "1"], inputs=inputs,
+                               lora=LoraSpec(r=0))
     model = AnyMC3D(backbone, spec, autocast=amp)
     rt = Runtime(model, specs, device=device, amp=amp, cache=cache, cache_trunk=True, workers=workers)
     rows, secs = [], 0.0

@@ -92,15 +92,8 @@ _ERR = {"model": Error}
 _AUTH = {401: {**_ERR, "description": "missing or wrong bearer token"}}
 
 
-def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
-    """The service for ``config``. The store is loaded here, once (``engines``: already loaded ones)."""
-    engines = engines if engines is not None else load_engines(config)
-    admission = Admission(config.queue, len(engines))
-    workers = Workers(engines, admission)
-    workspace = Workspace()
-    results = ResultStore(config.results_ttl_s, root=workspace.results, max_bytes=config.max_results_bytes)
-    reader_args = config.reader_args()
-    redact = Redactor(config.plugins, workspace.root)
+def _lifespan(config: ServeConfig, workers: Workers, results: ResultStore, workspace: Workspace):
+    """The app's lifespan: a sweeper of expired results while it runs; workers, results, workspace closed after."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -118,11 +111,11 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
             results.close()
             workspace.close()
 
-    # docs_url / redoc_url off: those pages load Swagger UI / ReDoc from a CDN (the service works offline)
-    app = FastAPI(title="anymc3d serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="3D volume classification: every task of one plugin store on one loaded backbone.")
-    app.state.config, app.state.engines, app.state.admission = config, engines, admission
-    app.state.workers, app.state.results, app.state.workspace = workers, results, workspace
+    return lifespan
+
+
+def _auth(config: ServeConfig) -> tuple[list, dict]:
+    """``(dependencies, responses)`` of a route that needs the token: empty when the service has none."""
     bearer = HTTPBearer(auto_error=False, description="the token of `anymc3d serve --token-file`")
 
     def require_token(cred: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
@@ -135,6 +128,11 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
     # the schema declares the bearer scheme only when the service requires it (it documents this service)
     secured = [Depends(require_token)] if config.token is not None else []
     auth_doc = _AUTH if config.token is not None else {}
+    return secured, auth_doc
+
+
+def _add_error_handlers(app: FastAPI, redact: Redactor) -> None:
+    """Every error answer is ``{"detail": "<one line>"}`` with server paths redacted."""
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError):
@@ -152,6 +150,11 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
     async def _http_error(_request: Request, exc: StarletteHTTPException):
         return JSONResponse({"detail": redact(str(exc.detail))}, status_code=exc.status_code, headers=exc.headers)
 
+
+def _add_info_routes(app: FastAPI, config: ServeConfig, engines: list, admission: Admission, redact: Redactor,
+                     secured: list, auth_doc: dict) -> None:
+    """``GET /healthz`` (public) and ``GET /v1/plugins``."""
+
     @app.get("/healthz", response_model=Health, tags=["service"])
     def healthz() -> Health:
         """Liveness: the store is loaded and the service answers. No token needed."""
@@ -165,22 +168,45 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
         """The tasks this service runs (one per compatible plugin of the store) and the plugins it skipped."""
         return redact.json(plugins_info(engines[0]))
 
-    @app.post("/v1/predict", tags=["predict"], dependencies=secured,
-              responses={200: {"description": "the JSON of `anymc3d predict --plugins` (+ `heatmaps`, `result` "
-                                               "with heatmaps=true)",
-                               "content": {"application/json": {"schema": {"type": "object"}}}},
-                         400: {**_ERR, "description": "unusable request: file type, empty upload, bad zip, unknown task"},
-                         **auth_doc,
-                         403: {**_ERR, "description": "cross-origin request (an Origin that is not this service's)"},
-                         408: {**_ERR, "description": "the upload did not arrive within --upload-timeout / above "
-                                                      "--min-upload-rate"},
-                         413: {**_ERR, "description": "upload (or a zip's content or member count) over the limit"},
-                         422: {**_ERR, "description": "the volume cannot be used (the CLI's message), its header "
-                                                      "points outside the upload, or a bad parameter"},
-                         503: {**_ERR, "description": "request queue full; see Retry-After",
-                               "headers": {"Retry-After": {"schema": {"type": "integer"},
-                                                           "description": "seconds"}}},
-                         507: {**_ERR, "description": "this request's heatmap files alone exceed --max-results-mb"}})
+
+def _predict_responses(auth_doc: dict) -> dict:
+    """The OpenAPI responses of ``POST /v1/predict``."""
+    return {200: {"description": "the JSON of `anymc3d predict --plugins` (+ `heatmaps`, `result` "
+                                 "with heatmaps=true)",
+                  "content": {"application/json": {"schema": {"type": "object"}}}},
+            400: {**_ERR, "description": "unusable request: file type, empty upload, bad zip, unknown task"},
+            **auth_doc,
+            403: {**_ERR, "description": "cross-origin request (an Origin that is not this service's)"},
+            408: {**_ERR, "description": "the upload did not arrive within --upload-timeout / above "
+                                         "--min-upload-rate"},
+            413: {**_ERR, "description": "upload (or a zip's content or member count) over the limit"},
+            422: {**_ERR, "description": "the volume cannot be used (the CLI's message), its header "
+                                         "points outside the upload, or a bad parameter"},
+            503: {**_ERR, "description": "request queue full; see Retry-After",
+                  "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                              "description": "seconds"}}},
+            507: {**_ERR, "description": "this request's heatmap files alone exceed --max-results-mb"}}
+
+
+async def _save_upload(file: UploadFile, config: ServeConfig, workspace: Workspace):
+    """The uploaded volume saved into the workspace; its problems as 413 / 422 / 400."""
+    try:
+        return await run_in_threadpool(save_upload, file.file, file.filename, config.max_upload_bytes,
+                                       config.max_unzipped_bytes, config.max_zip_members, workspace.uploads)
+    except UploadTooLarge as exc:
+        raise ServiceError(413, str(exc)) from exc
+    except NotInline as exc:
+        raise ServiceError(422, str(exc)) from exc
+    except BadUpload as exc:
+        raise ServiceError(400, str(exc)) from exc
+
+
+def _add_predict_route(app: FastAPI, config: ServeConfig, engines: list, workers: Workers, results: ResultStore,
+                       workspace: Workspace, redact: Redactor, secured: list, auth_doc: dict) -> None:
+    """``POST /v1/predict``: every task (or ``tasks``) on one uploaded volume."""
+    reader_args = config.reader_args()
+
+    @app.post("/v1/predict", tags=["predict"], dependencies=secured, responses=_predict_responses(auth_doc))
     async def predict(request: Request,
                       file: UploadFile = File(..., description="one .nii/.nii.gz/.nrrd/.mha/.npy volume, or a "
                                                                ".zip of one DICOM series"),
@@ -188,15 +214,7 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
                       heatmaps: bool = Query(False, description="also compute heatmaps (NIfTI + PNG URLs)")):
         """Every task (or ``tasks``) on one uploaded volume."""
         task_list = parse_tasks(tasks, engines[0])
-        try:
-            upload = await run_in_threadpool(save_upload, file.file, file.filename, config.max_upload_bytes,
-                                             config.max_unzipped_bytes, config.max_zip_members, workspace.uploads)
-        except UploadTooLarge as exc:
-            raise ServiceError(413, str(exc)) from exc
-        except NotInline as exc:
-            raise ServiceError(422, str(exc)) from exc
-        except BadUpload as exc:
-            raise ServiceError(400, str(exc)) from exc
+        upload = await _save_upload(file, config, workspace)
         rid = ""
         try:
             out = await workers.run(run_request, upload, task_list, heatmaps, results, reader_args,
@@ -211,6 +229,10 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
             if isinstance(t, dict) and "plugin" in t:
                 t["plugin"] = name
         return Response(json.dumps(redact.json(out), default=float), media_type="application/json")
+
+
+def _add_file_routes(app: FastAPI, config: ServeConfig, results: ResultStore, secured: list, auth_doc: dict) -> None:
+    """``GET /v1/results/{id}/{file}``, the viewer at ``GET /`` and its ``/static`` files."""
 
     @app.get("/v1/results/{result_id}/{name:path}", tags=["predict"], dependencies=secured,
              responses={**auth_doc, 404: {**_ERR, "description": "unknown or expired result, or no such file"},
@@ -231,11 +253,38 @@ def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
                             headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+
+def _add_middleware(app: FastAPI, config: ServeConfig, admission: Admission) -> None:
+    """Outermost first: security headers, TrustedHost (no DNS rebinding), then the Guard."""
     app.add_middleware(Guard, token=config.token, max_body=config.max_upload_bytes, admission=admission,
                        allowed_origins=config.allowed_origins, upload_timeout_s=config.upload_timeout_s,
                        min_rate_bps=config.min_upload_rate_kib * 1024)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=config.allowed_hosts, www_redirect=False)
     app.add_middleware(SecurityHeaders)  # outermost: also on the 400 of TrustedHost and the Guard's answers
+
+
+def create_app(config: ServeConfig, engines: list | None = None) -> FastAPI:
+    """The service for ``config``. The store is loaded here, once (``engines``: already loaded ones)."""
+    engines = engines if engines is not None else load_engines(config)
+    admission = Admission(config.queue, len(engines))
+    workers = Workers(engines, admission)
+    workspace = Workspace()
+    results = ResultStore(config.results_ttl_s, root=workspace.results, max_bytes=config.max_results_bytes)
+    redact = Redactor(config.plugins, workspace.root)
+
+    # docs_url / redoc_url off: those pages load Swagger UI / ReDoc from a CDN (the service works offline)
+    app = FastAPI(title="anymc3d serve", version=__version__, lifespan=_lifespan(config, workers, results, workspace),
+                  docs_url=None, redoc_url=None,
+                  description="3D volume classification: every task of one plugin store on one loaded backbone.")
+    app.state.config, app.state.engines, app.state.admission = config, engines, admission
+    app.state.workers, app.state.results, app.state.workspace = workers, results, workspace
+    secured, auth_doc = _auth(config)
+    _add_error_handlers(app, redact)
+    _add_info_routes(app, config, engines, admission, redact, secured, auth_doc)
+    _add_predict_route(app, config, engines, workers, results, workspace, redact, secured, auth_doc)
+    _add_file_routes(app, config, results, secured, auth_doc)
+    _add_middleware(app, config, admission)
     return app
 
 

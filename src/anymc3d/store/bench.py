@@ -41,10 +41,9 @@ def make_plugins(backbone: str, weights: str | None, size: int, last_k: int | No
     bb = create_backbone(backbone, weights=weights, input_size=size)
     paths = []
     for i in range(n):
-        spec = PluginSpec(task=f"t{i}", task_type="binary", label_names=["neg", "pos"], inputs=["image"],
-                          preprocess={"image": PreprocessSpec(size=size, intensity="minmax", orientation=None).to_dict()},
-                          backbone=bb.name, backbone_fingerprint=bb.fingerprint, input_size=bb.input_size,
-                          lora=LoraSpec(r=8, last_k=last_k))
+        spec = PluginSpec.for_task(None, {"image": PreprocessSpec(size=size, intensity="minmax", orientation=None)}, bb,
+                                   task=f"t{i}", task_type="binary", label_names=["neg", "pos"], inputs=["image"],
+                                   lora=LoraSpec(last_k=last_k))
         torch.manual_seed(i)
         m = AnyMC3D(bb, spec, adapter_prefix=f"b{i}_")
         with torch.no_grad():

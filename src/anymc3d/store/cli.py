@@ -113,8 +113,9 @@ def _print_info(d: dict) -> None:
     print("  calibration " + ("null" if not cal else f"{cal['method']} (" + ", ".join(
         f"{k} {v:.4g}" for k, v in cal.items() if k in ("a", "b", "t")) + f"; {cal.get('n')} validation cases)"))
     print("  OOD         " + ("null" if not ood else
-                              f"{ood['method']} on {ood['feature']} ({len(ood['streams'])} stream(s), k={ood['k']}, "
-                              f"{ood.get('n_reference')} training cases); flag above {ood['threshold']:.4g} "
+                              f"{ood['method']} on {ood['feature']} ({len(ood['streams'])} stream(s), " + (
+                                  f"{ood['points']} points, {ood['neighbours']} neighbour(s), " if "points" in ood
+                                  else f"k={ood.get('k')}, ") + f"{ood.get('n_reference')} training cases); flag above {ood['threshold']:.4g} "
                               f"(validation {ood['percentile']:g}th percentile)"
                               + (f"; {size / 1024:.0f} kB" if size else "")))
     print("  conformal   " + ("null" if not conf else f"{conf['score']} scores of {conf['n']} validation cases"))

@@ -1,6 +1,9 @@
 """Plugin training: AdamW in two groups, warmup + cosine, validation every epoch,
 best-by-validation-AUROC, early stopping, resumable checkpoints, per-epoch CSV log.
 
+:class:`Trainer` runs it in named phases (:func:`build_optimizer`, :class:`Checkpoint`, :class:`TrainLog`,
+``train_epoch``, ``validate``, ``run``); :func:`fit` is its one-call wrapper.
+
 Determinism: shuffling and augmentation are re-seeded from (seed, epoch) at the start of every
 epoch, so a resumed run follows the same path as an uninterrupted one.
 """
@@ -22,7 +25,7 @@ from .. import __version__
 from ..errors import InputError
 from ..evaluation import compute_metrics
 from ..evaluation.run import metric_scores
-from ..evaluation.threshold import choose_threshold
+from ..evaluation.threshold import DEFAULT_POLICY, choose_threshold
 from ..io import atomic_write
 from ..plugins.embed_norm import FIT_CASES
 from ..plugins.model import AnyMC3D
@@ -33,7 +36,8 @@ from . import distributed as ddp
 from .decoder import SegDecoder3D, dice_ce_loss
 from .losses import classification_loss
 
-__all__ = ["Batcher", "TrainConfig", "class_weights", "config_changes", "fit", "metric_scores", "seed_everything"]
+__all__ = ["Batcher", "Checkpoint", "TrainConfig", "TrainLog", "Trainer", "build_optimizer", "class_weights",
+           "config_changes", "fit", "metric_scores", "seed_everything"]
 
 
 @dataclass
@@ -62,12 +66,28 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     workers: int = 0               # DataLoader worker processes (augmentation, slicing); 0 = in the main process
     slice_subset: int | None = None  # train on at most this many random slices per volume and view (None: all)
-    threshold: str | float = "platt"  # decision-threshold policy on validation (anymc3d.evaluation.threshold)
+    threshold: str | float = DEFAULT_POLICY  # decision-threshold policy on validation (anymc3d.evaluation.threshold)
     embed_norm: str = "auto"       # auto | none | center_scale (anymc3d.plugins.embed_norm; auto: the backbone's)
     flip_copies: int = 0           # flipped copies of every training volume (runtime.batching.FLIP_COPIES), cached
                                    # like the originals; each epoch shows every case as itself or one copy
     test_flips: list = field(default_factory=list)  # in-plane flips averaged at every prediction (PluginSpec.test_flips)
     ensemble: int = 1              # members trained together on one trunk (PluginSpec.ensemble)
+
+    @classmethod
+    def from_plan(cls, plan, **overrides) -> "TrainConfig":
+        """The config a training plan trains with: its training fields (an ``anymc3d.planning.Plan`` or the
+        settings dict ``anymc3d train`` makes of it; a missing or None field keeps this class's default),
+        then ``overrides``, the caller's own settings (seed, device, ...). The one place a plan becomes a config."""
+        d = plan if isinstance(plan, dict) else asdict(plan)
+        values = {k: d[k] for k in PLAN_FIELDS if d.get(k) is not None}
+        if "test_flips" in values:
+            values["test_flips"] = list(values["test_flips"])
+        return cls(**{**values, **overrides})
+
+
+#: the plan fields that are training settings (anymc3d.planning.planner.Plan)
+PLAN_FIELDS = ("epochs", "batch_size", "patience", "augment", "slice_subset", "workers", "flip_copies", "test_flips",
+               "ensemble", "threshold")
 
 
 #: settings that do not change what training computes, so a run may resume with them changed
@@ -152,152 +172,281 @@ def copy_order(order: list[int], n: int, copies: int, seed: int, epoch: int) -> 
     return [i + n * int(pick[i]) for i in order]
 
 
-def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCase], val: list[PreparedCase],
-        cfg: TrainConfig, out_dir: Path, resume: bool = False, runtime: Runtime | None = None) -> dict:
-    """Train ``model``'s plugin parameters; returns a summary. The best state is left loaded in ``model``.
-
-    Batches come from ``runtime`` (made from ``cfg`` when not given): a DataLoader whose workers
-    augment and slice, the activation cache for un-augmented batches, and the device."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    task_type = model.spec.task_type
-    rt = runtime or make_runtime(model, specs, cfg)
-    device = rt.device
-    train, n_cases = with_flip_copies(train, cfg.flip_copies), len(train)
-    model.set_trainable(True)
+def build_optimizer(model: AnyMC3D, decoder: torch.nn.Module | None, cfg: TrainConfig, steps_per_epoch: int):
+    """AdamW in groups: LoRA (``lr_lora`` / ``wd_lora``; absent without LoRA) and the head with the task
+    queries and the auxiliary mask decoder (``lr_head`` / ``wd_head``), under :func:`warmup_cosine` over the
+    whole run. Returns ``(optimizer, scheduler, the trained parameters)``."""
     lora = list(model.lora_parameters().values())
     head = list(model.head_parameters().values())
-    use_seg = cfg.seg_weight > 0 and any(c.mask is not None for c in train)
-    decoder = SegDecoder3D(model.backbone.embed_dim, cfg.seg_hidden).to(device) if use_seg else None
     if decoder is not None:
         head = head + list(decoder.parameters())  # trained with the head's settings, never saved
     groups = [{"params": head, "lr": cfg.lr_head, "weight_decay": cfg.wd_head}]
     if lora:
         groups.insert(0, {"params": lora, "lr": cfg.lr_lora, "weight_decay": cfg.wd_lora})
     opt = torch.optim.AdamW(groups)
-    bs, steps_per_epoch = ddp.local_batch(n_cases, cfg.batch_size)  # torchrun: batch_size is the global batch
-    total = steps_per_epoch * cfg.epochs
-    sched = warmup_cosine(opt, total, int(cfg.warmup_epochs * steps_per_epoch))
-    labels_np = np.stack([c.label.numpy() for c in train])
-    cw = class_weights(labels_np, task_type, cfg.class_weighting)
-    cw = cw.to(device) if cw is not None else None
-    step_module = ddp.train_step(rt, decoder)  # DistributedDataParallel under torchrun, else the plain step
+    sched = warmup_cosine(opt, steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch))
+    return opt, sched, lora + head
 
-    ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.csv"
-    start_epoch, best, best_state, bad, history = 0, -math.inf, None, 0, []
-    if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        changed = config_changes(json.loads(ck.get("config", "{}")), asdict(cfg))
+
+class Checkpoint:
+    """``checkpoint.pt``: the run's whole state after every epoch (rank 0 writes it, atomically), and
+    its restore on ``resume``, refused when the checkpoint was written with other result-changing
+    settings (:func:`config_changes`)."""
+
+    def __init__(self, path: Path, cfg: TrainConfig) -> None:
+        self.path, self.cfg = path, cfg
+
+    def save(self, t: "Trainer", epoch: int) -> None:
+        if not ddp.is_main():  # torchrun: rank 0 alone writes the checkpoint
+            return
+        ck = {"epoch": epoch, "trainable": {k: v.cpu() for k, v in t.model.trainable_state().items()},
+              "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "best": t.best,
+              "best_state": t.best_state, "bad_epochs": t.bad, "history": json.dumps(t.log.history),
+              "config": json.dumps(asdict(self.cfg))}
+        if t.decoder is not None:
+            ck["decoder"] = t.decoder.state_dict()
+        with atomic_write(self.path) as tmp:
+            torch.save(ck, tmp)
+
+    def restore(self, t: "Trainer") -> bool:
+        """Load the checkpoint (when there is one) into ``t``; whether there was one."""
+        if not self.path.is_file():
+            return False
+        ck = torch.load(self.path, map_location=t.device, weights_only=True)
+        changed = config_changes(json.loads(ck.get("config", "{}")), asdict(self.cfg))
         if changed:
-            raise InputError(f"{ckpt_path}: written with other training settings ({'; '.join(changed)}); "
+            raise InputError(f"{self.path}: written with other training settings ({'; '.join(changed)}); "
                              "resume with the same settings or train into a new folder")
-        model.load_trainable_state(ck["trainable"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start_epoch, best, best_state, bad = ck["epoch"] + 1, ck["best"], ck["best_state"], ck["bad_epochs"]
-        if decoder is not None and "decoder" in ck:
-            decoder.load_state_dict(ck["decoder"])
-        history = json.loads(ck["history"])
-    t0 = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
-    if not cfg.augment and start_epoch < cfg.epochs:
-        # every epoch reads the same frozen trunk: compute it once, up front, with its own progress bar
-        rt.fill_cache(list(train) + list(val), cfg.batch_size, cfg.progress)
-    if start_epoch == 0:  # a resumed run has its statistics back from the checkpoint
-        fit_embed_norm(model, rt, train[:n_cases], cfg)
-    bar = progress_bar(steps_per_epoch * (cfg.epochs - start_epoch), cfg.progress and ddp.is_main())
-    for epoch in range(start_epoch, cfg.epochs):
-        seed_everything(cfg.seed * 1000 + epoch)  # dropout RNG per (seed, epoch): a resumed run matches
-        model.train()
-        order = ddp.epoch_order(n_cases, cfg.seed * 1000, epoch)  # this rank's cases (DistributedSampler)
-        order = copy_order(order, n_cases, cfg.flip_copies, cfg.seed, epoch)
-        losses, seg_losses = [], []
-        if decoder is not None:
-            decoder.train()
+        t.model.load_trainable_state(ck["trainable"])
+        t.opt.load_state_dict(ck["optimizer"])
+        t.sched.load_state_dict(ck["scheduler"])
+        t.start_epoch, t.best, t.best_state, t.bad = ck["epoch"] + 1, ck["best"], ck["best_state"], ck["bad_epochs"]
+        if t.decoder is not None and "decoder" in ck:
+            t.decoder.load_state_dict(ck["decoder"])
+        t.log.history = json.loads(ck["history"])
+        return True
+
+
+class TrainLog:
+    """The per-epoch history rows, ``train_log.csv`` (rank 0, atomically rewritten after every epoch),
+    the progress bar over every step of the run and the one line per epoch under it."""
+
+    def __init__(self, path: Path, progress: bool) -> None:
+        self.path, self.progress = path, progress
+        self.history: list[dict] = []
+        self.bar = None
+        self.t0 = time.time()
+
+    def start_clock(self) -> None:
+        """``elapsed_s`` counts from now, continued from the history's last row on resume."""
+        self.t0 = time.time() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
+
+    def open_bar(self, total_steps: int) -> None:
+        self.bar = progress_bar(total_steps, self.progress and ddp.is_main())
+
+    def elapsed(self) -> float:
+        return round(time.time() - self.t0, 2)
+
+    def step(self, mean_loss: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss={mean_loss:.4f}", refresh=False)
+
+    def add(self, row: dict) -> None:
+        self.history.append(row)
+        if self.progress and ddp.is_main():
+            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if ddp.is_main():  # torchrun: rank 0 alone writes the log
+            with atomic_write(self.path) as tmp:
+                with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                    w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in self.history for k in r)))
+                    w.writeheader()
+                    w.writerows(self.history)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Trainer:
+    """One training run of a model's plugin parameters, in named phases: the optimiser
+    (:func:`build_optimizer`), :meth:`resume` (:class:`Checkpoint`), :meth:`prepare` (trunk cache,
+    embedding statistics), :meth:`train_epoch`, :meth:`validate`, and :meth:`run`, the epoch loop
+    with best-state tracking and early stopping.
+
+    Batches come from ``runtime`` (made from ``cfg`` when not given): a DataLoader whose workers
+    augment and slice, the activation cache for un-augmented batches, and the device."""
+
+    def __init__(self, model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCase],
+                 val: list[PreparedCase], cfg: TrainConfig, out_dir: Path, runtime: Runtime | None = None) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        self.model, self.val, self.cfg = model, val, cfg
+        self.task_type = model.spec.task_type
+        self.rt = runtime or make_runtime(model, specs, cfg)
+        self.device = self.rt.device
+        self.train, self.n_cases = with_flip_copies(train, cfg.flip_copies), len(train)
+        model.set_trainable(True)
+        use_seg = cfg.seg_weight > 0 and any(c.mask is not None for c in self.train)
+        self.decoder = SegDecoder3D(model.backbone.embed_dim, cfg.seg_hidden).to(self.device) if use_seg else None
+        self.bs, self.steps_per_epoch = ddp.local_batch(self.n_cases, cfg.batch_size)  # batch_size: the global batch
+        self.opt, self.sched, self.params = build_optimizer(model, self.decoder, cfg, self.steps_per_epoch)
+        cw = class_weights(np.stack([c.label.numpy() for c in self.train]), self.task_type, cfg.class_weighting)
+        self.cw = cw.to(self.device) if cw is not None else None
+        self.step_module = ddp.train_step(self.rt, self.decoder)  # DistributedDataParallel under torchrun
+        self.checkpoint = Checkpoint(out_dir / "checkpoint.pt", cfg)
+        self.log = TrainLog(out_dir / "train_log.csv", cfg.progress)
+        self.start_epoch, self.best, self.best_state, self.bad = 0, -math.inf, None, 0
+
+    def resume(self) -> bool:
+        """Continue from ``checkpoint.pt`` when there is one (same settings only); whether there was one."""
+        return self.checkpoint.restore(self)
+
+    def prepare(self) -> None:
+        """Before the first epoch: the frozen trunk of a run without augmentation, computed once up front
+        (every epoch reads the same), and the embedding statistics of a run that is not resumed."""
+        if not self.cfg.augment and self.start_epoch < self.cfg.epochs:
+            self.rt.fill_cache(list(self.train) + list(self.val), self.cfg.batch_size, self.cfg.progress)
+        if self.start_epoch == 0:  # a resumed run has its statistics back from the checkpoint
+            fit_embed_norm(self.model, self.rt, self.train[:self.n_cases], self.cfg)
+
+    def plans(self, epoch: int) -> list[BatchPlan]:
+        """This rank's batches of ``epoch``: the case order and augmentation seeds from (seed, epoch) only."""
+        cfg = self.cfg
+        order = ddp.epoch_order(self.n_cases, cfg.seed * 1000, epoch)  # this rank's cases (DistributedSampler)
+        order = copy_order(order, self.n_cases, cfg.flip_copies, cfg.seed, epoch)
         plans = []
-        for step in range(steps_per_epoch):
-            idx = order[step * bs:(step + 1) * bs]
+        for step in range(self.steps_per_epoch):
+            idx = order[step * self.bs:(step + 1) * self.bs]
             if idx:
                 aug_seed = ((cfg.seed * 1_000_003 + epoch * 10_007 + step * 101) % (2**31) + ddp.rank_seed_offset(
                     cfg.batch_size)) if cfg.augment else None
-                plans.append(BatchPlan(idx, aug_seed, with_masks=decoder is not None))
-        bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-        subset = None
-        if cfg.slice_subset and decoder is None:  # the mask loss needs every slice of its stack
-            subset = (int(cfg.slice_subset), torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 17))
-        for batch, _meta in rt.loader(train, plans):
-            slices, masks, present, y, from_trunk = batch[:5]
-            with_seg = decoder is not None and bool(batch[6].any())  # batches without any mask add no seg loss
-            targets = rt.to_device(batch[5]) if with_seg else None
-            out, seg_logits = step_module(slices, masks, present, from_trunk, targets, subset)
-            y = y.to(device)
-            # an ensemble trains each member on its own loss (the members stay independent), mean over members
-            loss = sum(classification_loss(z.float(), y, task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha, cw)
-                       for z in (out.member_logits or [out.logits])) / max(1, len(out.member_logits))
-            if with_seg:
-                has_mask = batch[6].to(device)
-                seg = [dice_ce_loss(seg_logits[s], t, has_mask) for s, t in targets.items()]
-                seg_losses.append(float(sum(seg).detach()) / max(1, len(seg)))
-                loss = loss + cfg.seg_weight * sum(seg) / max(1, len(seg))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(lora + head, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix_str(f"loss={np.mean(losses):.4f}", refresh=False)
+                plans.append(BatchPlan(idx, aug_seed, with_masks=self.decoder is not None))
+        return plans
+
+    def slice_subset(self, epoch: int):
+        """``(slices per stack, generator)`` of ``cfg.slice_subset``, or None (also with the mask loss,
+        which needs every slice of its stack)."""
+        if self.cfg.slice_subset and self.decoder is None:
+            return int(self.cfg.slice_subset), torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch + 17)
+        return None
+
+    def step(self, batch: tuple, subset) -> tuple[float, float | None]:
+        """One optimiser step on a loader batch; its loss and its mask loss (None without one)."""
+        cfg = self.cfg
+        slices, masks, present, y, from_trunk = batch[:5]
+        with_seg = self.decoder is not None and bool(batch[6].any())  # batches without any mask add no seg loss
+        targets = self.rt.to_device(batch[5]) if with_seg else None
+        out, seg_logits = self.step_module(slices, masks, present, from_trunk, targets, subset)
+        y = y.to(self.device)
+        # an ensemble trains each member on its own loss (the members stay independent), mean over members
+        loss = sum(classification_loss(z.float(), y, self.task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha,
+                                       self.cw)
+                   for z in (out.member_logits or [out.logits])) / max(1, len(out.member_logits))
+        seg_loss = None
+        if with_seg:
+            has_mask = batch[6].to(self.device)
+            seg = [dice_ce_loss(seg_logits[s], t, has_mask) for s, t in targets.items()]
+            seg_loss = float(sum(seg).detach()) / max(1, len(seg))
+            loss = loss + cfg.seg_weight * sum(seg) / max(1, len(seg))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        return loss.item(), seg_loss
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over this rank's cases of ``epoch``; the epoch's row (losses averaged over the ranks)."""
+        seed_everything(self.cfg.seed * 1000 + epoch)  # dropout RNG per (seed, epoch): a resumed run matches
+        self.model.train()
+        if self.decoder is not None:
+            self.decoder.train()
+        plans = self.plans(epoch)
+        if self.log.bar is not None:
+            self.log.bar.set_description(f"epoch {epoch + 1}/{self.cfg.epochs}")
+        subset = self.slice_subset(epoch)
+        losses, seg_losses = [], []
+        for batch, _meta in self.rt.loader(self.train, plans):
+            loss, seg_loss = self.step(batch, subset)
+            losses.append(loss)
+            if seg_loss is not None:
+                seg_losses.append(seg_loss)
+            if self.log.bar is not None:
+                self.log.step(np.mean(losses))
         row = {"epoch": epoch + 1, "train_loss": ddp.mean_over_ranks(float(np.mean(losses)) if losses else float("nan"))}
         # every rank joins the gather, also one whose batches carried no mask this epoch
         seg_loss = ddp.mean_over_ranks(float(np.mean(seg_losses)) if seg_losses else None)
         if seg_loss is not None:
             row["train_seg_loss"] = seg_loss
-        if val:
-            probs = ddp.gathered_predict(rt, val, cfg.batch_size)  # every rank gets every case's row
-            yv = np.stack([c.label.numpy() for c in val])
-            yv = yv[:, 0] if task_type != "multilabel" else yv
-            sv = metric_scores(probs, task_type)
-            thr = choose_threshold(yv, sv, task_type, cfg.threshold)
-            m = compute_metrics(yv, sv, task_type, model.spec.label_names, threshold=thr, n_bootstrap=0)
-            row.update(val_auc=m["auc"], val_acc=m["acc"], val_threshold=round(thr, 4))
-            score = m["auc"] if m["auc"] is not None else m["acc"]
-        else:
-            score = -row["train_loss"]
-        row["lr_head"] = opt.param_groups[-1]["lr"]
-        row["elapsed_s"] = round(time.time() - t0, 2)
-        improved = score > best
-        if improved:
-            best, bad = score, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.trainable_state().items()}
-        else:
-            bad += 1
-        row["best"] = improved
-        history.append(row)
-        if cfg.progress and ddp.is_main():
-            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        if ddp.is_main():  # torchrun: rank 0 alone writes the log and the checkpoint
-            with atomic_write(log_path) as tmp:
-                with open(tmp, "w", newline="", encoding="utf-8") as fh:
-                    w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
-                    w.writeheader()
-                    w.writerows(history)
-        ck = {"epoch": epoch, "trainable": {k: v.cpu() for k, v in model.trainable_state().items()},
-              "optimizer": opt.state_dict(),
-              "scheduler": sched.state_dict(), "best": best, "best_state": best_state, "bad_epochs": bad,
-              "history": json.dumps(history), "config": json.dumps(asdict(cfg))}
-        if decoder is not None:
-            ck["decoder"] = decoder.state_dict()
-        if ddp.is_main():
-            with atomic_write(ckpt_path) as tmp:
-                torch.save(ck, tmp)
-        if val and bad >= cfg.patience:
-            break
-    bar.close()
-    if best_state is not None:
-        model.load_trainable_state(best_state)
-    model.eval()
-    best_row = max((r for r in history), key=lambda r: r.get("val_auc") or -1) if val else history[-1]
-    return {"epochs_run": len(history), "best_epoch": best_row["epoch"], "best_val_auc": best_row.get("val_auc"),
-            "best_val_acc": best_row.get("val_acc"), "train_wall_s": history[-1]["elapsed_s"] if history else 0.0,
-            "history": history, "config": asdict(cfg), "version": __version__,
-            "decoder_params": int(sum(p.numel() for p in decoder.parameters())) if decoder is not None else 0}
+        return row
+
+    def validate(self) -> tuple[dict, float | None]:
+        """The validation row (AUROC, accuracy at the threshold policy's threshold) and the score the best
+        state is chosen by (AUROC, else accuracy); ``({}, None)`` without validation cases."""
+        if not self.val:
+            return {}, None
+        probs = ddp.gathered_predict(self.rt, self.val, self.cfg.batch_size)  # every rank gets every case's row
+        yv = np.stack([c.label.numpy() for c in self.val])
+        yv = yv[:, 0] if self.task_type != "multilabel" else yv
+        sv = metric_scores(probs, self.task_type)
+        thr = choose_threshold(yv, sv, self.task_type, self.cfg.threshold)
+        m = compute_metrics(yv, sv, self.task_type, self.model.spec.label_names, threshold=thr, n_bootstrap=0)
+        row = {"val_auc": m["auc"], "val_acc": m["acc"], "val_threshold": round(thr, 4)}
+        return row, m["auc"] if m["auc"] is not None else m["acc"]
+
+    def track_best(self, score: float) -> bool:
+        """Keep the trainable state when ``score`` beats the best so far, else count a bad epoch; whether it did."""
+        if score > self.best:
+            self.best, self.bad = score, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.trainable_state().items()}
+            return True
+        self.bad += 1
+        return False
+
+    def run(self) -> dict:
+        """The epoch loop (from the checkpoint's next epoch after :meth:`resume`): train, validate, keep the
+        best state, log, checkpoint, stop after ``patience`` epochs without a better validation score. The
+        best state is left loaded in the model; returns the summary."""
+        cfg = self.cfg
+        self.log.start_clock()
+        self.prepare()
+        self.log.open_bar(self.steps_per_epoch * (cfg.epochs - self.start_epoch))
+        for epoch in range(self.start_epoch, cfg.epochs):
+            row = self.train_epoch(epoch)
+            val_row, score = self.validate()
+            row.update(val_row)
+            row["lr_head"] = self.opt.param_groups[-1]["lr"]
+            row["elapsed_s"] = self.log.elapsed()
+            row["best"] = self.track_best(-row["train_loss"] if score is None else score)
+            self.log.add(row)
+            self.checkpoint.save(self, epoch)
+            if self.val and self.bad >= cfg.patience:
+                break
+        self.log.close()
+        if self.best_state is not None:
+            self.model.load_trainable_state(self.best_state)
+        self.model.eval()
+        return self.summary()
+
+    def summary(self) -> dict:
+        history = self.log.history
+        best_row = max((r for r in history), key=lambda r: r.get("val_auc") or -1) if self.val else history[-1]
+        return {"epochs_run": len(history), "best_epoch": best_row["epoch"], "best_val_auc": best_row.get("val_auc"),
+                "best_val_acc": best_row.get("val_acc"), "train_wall_s": history[-1]["elapsed_s"] if history else 0.0,
+                "history": history, "config": asdict(self.cfg), "version": __version__,
+                "decoder_params": int(sum(p.numel() for p in self.decoder.parameters()))
+                if self.decoder is not None else 0}
+
+
+def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCase], val: list[PreparedCase],
+        cfg: TrainConfig, out_dir: Path, resume: bool = False, runtime: Runtime | None = None) -> dict:
+    """Train ``model``'s plugin parameters (a :class:`Trainer` run; ``resume``: continue from
+    ``out_dir/checkpoint.pt`` when there is one); returns a summary. The best state is left loaded in ``model``.
+
+    Batches come from ``runtime`` (made from ``cfg`` when not given): a DataLoader whose workers
+    augment and slice, the activation cache for un-augmented batches, and the device."""
+    trainer = Trainer(model, specs, train, val, cfg, out_dir, runtime=runtime)
+    if resume:
+        trainer.resume()
+    return trainer.run()

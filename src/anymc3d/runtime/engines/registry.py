@@ -181,7 +181,8 @@ def frozen_runner(backbone, cut: str, x: torch.Tensor, engine: str | None = None
     if memo in _runners:
         return _runners[memo][0]
     probe = x[:PROBE_SLICES].detach().float()
-    with torch.no_grad(), adapters_off(backbone.model):
+    # the reference is eager fp32 even when the caller runs under bf16 autocast (prediction does)
+    with torch.no_grad(), adapters_off(backbone.model), torch.autocast("cpu", enabled=False):
         ref = FrozenPass(backbone, cut).eval()(probe).float()
     candidates = [n for n in ENGINES if n != "torch"] if name == "auto" else [name]
     built: dict[str, Runner] = {}
@@ -191,8 +192,9 @@ def frozen_runner(backbone, cut: str, x: torch.Tensor, engine: str | None = None
                 note(f"engine {n} is not installed ({INSTALL_HINT}); using torch")
             continue
         try:
-            r = build_runner(n, backbone, cut, probe, threads, cache)
-            diff = _differs(r(probe), ref)
+            with torch.autocast("cpu", enabled=False):  # the export traces the fp32 graph
+                r = build_runner(n, backbone, cut, probe, threads, cache)
+                diff = _differs(r(probe), ref)
         except Exception as exc:  # an export the engine cannot take: torch does the work
             note(f"engine {n} could not run {backbone.name} at {cut} ({type(exc).__name__}: "
                  f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); using torch")
@@ -205,7 +207,9 @@ def frozen_runner(backbone, cut: str, x: torch.Tensor, engine: str | None = None
     if name != "auto":
         chosen = built.get(name)
     elif not built:
-        note(f"engine auto: no other engine installed ({INSTALL_HINT}); using torch")
+        installed = any(ENGINES[n].available() for n in candidates)
+        note("engine auto: " + ("no other engine passed its check against torch" if installed else
+                                f"no other engine installed ({INSTALL_HINT})") + "; using torch")
     else:
         if torch_path is None:
             torch_path = build_runner("torch", backbone, cut, probe, threads)
