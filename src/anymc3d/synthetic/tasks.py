@@ -79,25 +79,25 @@ class SyntheticDataset:
 # ---------------------------------------------------------------------------------------------
 # knob parsing
 # ---------------------------------------------------------------------------------------------
-def _size3(size) -> tuple[int, int, int]:
-    if np.isscalar(size):
-        size = (size, size, size)
+def _triple(name: str, value, cast, what: str) -> tuple:
+    """``value`` as 3 numbers of type ``cast`` (a scalar is repeated); InputError naming ``what`` if not."""
+    if np.isscalar(value):
+        value = (value, value, value)
     try:
-        s = tuple(int(v) for v in size)
+        return tuple(cast(v) for v in value)
     except (TypeError, ValueError):
-        raise InputError(f"synthetic: size must be an int or 3 ints, got {size!r}") from None
+        raise InputError(f"synthetic: {name} must be {what}, got {value!r}") from None
+
+
+def _size3(size) -> tuple[int, int, int]:
+    s = _triple("size", size, int, "an int or 3 ints")
     if len(s) != 3 or min(s) < MIN_SIZE:
         raise InputError(f"synthetic: size must be an int or 3 ints, each >= {MIN_SIZE}; got {size!r}")
     return s  # type: ignore[return-value]
 
 
 def _spacing3(spacing) -> tuple[float, float, float]:
-    if np.isscalar(spacing):
-        spacing = (spacing, spacing, spacing)
-    try:
-        s = tuple(float(v) for v in spacing)
-    except (TypeError, ValueError):
-        raise InputError(f"synthetic: spacing must be a float or 3 floats, got {spacing!r}") from None
+    s = _triple("spacing", spacing, float, "a float or 3 floats")
     if len(s) != 3 or not all(np.isfinite(v) and v > 0 for v in s):
         raise InputError(f"synthetic: spacing must be 3 positive numbers, got {spacing!r}")
     return s  # type: ignore[return-value]
