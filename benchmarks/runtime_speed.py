@@ -60,7 +60,9 @@ def main() -> None:
     model = AnyMC3D(bb, spec)
     if Runtime is not None:
         rt = Runtime(model, {"image": pre}, device=a.device)
-        forward, device, path = rt.forward, rt.device, "runtime"
+        from anymc3d.runtime.batching import Batch
+
+        forward, device, path = (lambda s, m, pr: rt.forward(Batch(s, m, pr))), rt.device, "runtime"
     else:
         device = torch.device(a.device)
         model.to(device)

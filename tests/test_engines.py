@@ -260,6 +260,9 @@ def test_machine_timings_name_the_engine(binary_manifest, monkeypatch):
     t = measure_timings(task, "efficientnet_lite0", SIZE, device="cpu", weights="random", batch_size=2,
                         max_slices_timed=4, n_cases=2)
     assert t["engine"] == "torch" and t["trunk_fwd_s"] > 0
+    # the steps are the Trainer's: the last-stage tail trains on cached activations, so its step costs
+    # a fraction of a step through the whole backbone
+    assert 0 < t["tail_step_s"] < t["full_step_s"] and 0 < t["tail_fwd_s"] < t["full_fwd_s"]
     if INSTALLED:
         monkeypatch.undo()
         monkeypatch.setenv("ANYMC3D_ENGINE_CACHE", str(binary_manifest.parent / "engines-timing"))

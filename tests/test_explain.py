@@ -301,3 +301,40 @@ def test_explain_cli_multilabel_manifest_and_predict_heatmaps(lite0, tmp_path):
     assert nib.load(str(out3 / "c0_heatmap.nii.gz")).shape == SHAPE
     # a label the plugin does not have fails with one line and exit code 2
     assert main(["explain", str(bplugin), str(data / "images"), "--labels", "nope", "--out", str(out2)]) == 2
+
+
+def test_predict_heatmaps_reads_and_runs_each_volume_once(lite0, tmp_path, monkeypatch):
+    """``predict --heatmaps`` reports the pass that made the heatmaps: the same result as ``predict``
+    (probabilities, slice and view weights), from one full read of the volume."""
+    from anymc3d.cli import main
+    from anymc3d.io.readers import registry
+    from anymc3d.plugins.file import save_plugin
+
+    _write_case(tmp_path / "data", "c0", LESION, 0)
+    model = make_model(lite0, size=64)  # its random head answers well inside (0, 1)
+    plugin = tmp_path / "plugin"
+    save_plugin(model, plugin)
+    image = tmp_path / "data" / "images" / "c0.nii.gz"
+    reads = []
+    real = registry._read_volume
+
+    def counted(p, affine, content_warnings, header_only=False):
+        reads.append(header_only)
+        return real(p, affine, content_warnings, header_only)
+
+    monkeypatch.setattr(registry, "_read_volume", counted)
+    results = {}
+    for name, extra in (("plain", []), ("heat", ["--heatmaps"])):
+        reads.clear()
+        out = tmp_path / name
+        assert main(["predict", str(plugin), str(image), "--out", str(out), "--engine", "torch", *extra]) == 0
+        assert reads.count(False) == 1, (name, reads)  # one full read (the input check reads the header)
+        results[name] = json.loads((out / "c0.json").read_text())
+    plain, heat = results["plain"], results["heat"]
+    assert 0.01 < plain["probabilities"]["present"] < 0.99
+    assert "heatmaps" in heat and (tmp_path / "heat" / "c0_heatmap.nii.gz").is_file()
+    for k, v in plain["probabilities"].items():
+        assert abs(heat["probabilities"][k] - v) < 1e-6, k
+    assert heat["predicted"] == plain["predicted"]
+    for s, w in plain["slice_weights"].items():
+        np.testing.assert_allclose(heat["slice_weights"][s], w, atol=1e-6)

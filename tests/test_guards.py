@@ -140,6 +140,21 @@ def test_input_check_plans_every_volume_before_writing(env, tmp_path, capfd):
     assert _one_error_line(capfd).startswith(f"{thin}: ") and not out.exists()
 
 
+def test_voxel_problems_stop_the_run_at_that_volume(env, tmp_path, capfd):
+    """The input check reads headers only: a NaN volume passes it and stops the run, with the one line,
+    when it is read for its prediction (nothing of its own is written)."""
+    good = bc.nifti(tmp_path / "a.nii.gz", bc.volume(0))
+    arr = bc.volume(1)
+    arr[2, 3, 4] = np.nan
+    nan = bc.nifti(tmp_path / "b.nii.gz", arr)
+    out = tmp_path / "out"
+    capfd.readouterr()
+    assert main(["predict", str(env["plugin"]), str(good), str(nan), "--out", str(out), "--weights", "random"]) == 2
+    line = _one_error_line(capfd)
+    assert line.startswith(f"{nan}: ") and "NaN" in line
+    assert not (out / "b.json").exists()
+
+
 def test_python_api_raises(env, tmp_path):
     from anymc3d.predict import load
 

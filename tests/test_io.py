@@ -220,3 +220,50 @@ def test_write_nifti_round_trip(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["c.nii", "h.nii.gz"]
     with pytest.raises(InputError):
         write_nifti(a, REF_AFFINE, tmp_path / "h.png")
+
+
+def _formats(tmp_path: Path) -> list[Path]:
+    """The reference volume in every format with a header reader, plus 4D NIfTI, ITK and .npy inputs."""
+    a = _ref_array()
+    paths = [tmp_path / "ref.nii", tmp_path / "ref.nii.gz"]
+    for p in paths:
+        nib.save(nib.Nifti1Image(a, REF_AFFINE), str(p))
+    for suffix in (".nrrd", ".mha"):
+        sitk.WriteImage(_itk_image(a), str(tmp_path / f"ref{suffix}"))
+        paths.append(tmp_path / f"ref{suffix}")
+    np.save(tmp_path / "ref.npy", a)
+    np.save(tmp_path / "c.npy", np.stack([a, -a, a]).astype(np.float32))
+    nib.save(nib.Nifti1Image(np.stack([a, -a, a], -1).astype(np.float32), REF_AFFINE), str(tmp_path / "c.nii"))
+    vec = sitk.Compose(*[_itk_image(a.astype(np.float32) * k) for k in (1, 2, 3)])
+    sitk.WriteImage(vec, str(tmp_path / "c.mha"))
+    return paths + [tmp_path / "ref.npy", tmp_path / "c.npy", tmp_path / "c.nii", tmp_path / "c.mha"]
+
+
+def test_header_only_reads_agree_with_full_reads(tmp_path: Path) -> None:
+    """``header_only=True``: the shape and affine a full read gives, and no voxel in memory."""
+    for p in _formats(tmp_path):
+        full, head = read_volume(p), read_volume(p, header_only=True)
+        assert head.meta["header_only"] and "header_only" not in full.meta, p
+        assert head.array.shape == full.array.shape, p
+        np.testing.assert_allclose(head.affine, full.affine, atol=1e-6, err_msg=str(p))
+        assert head.array.strides == (0,) * head.array.ndim and not head.array.flags.writeable, p
+
+
+def test_header_only_refuses_what_the_header_shows_and_leaves_the_voxels(tmp_path: Path) -> None:
+    a = _ref_array().astype(np.float32)
+    big = tmp_path / "big.nii.gz"
+    nib.save(nib.Nifti1Image(a, REF_AFFINE), str(big))
+    for kw in ({}, {"header_only": True}):  # the same refusal from the header as from a full read
+        with pytest.raises(InputError, match="declares"):
+            read_volume(big, max_voxels=100, **kw)
+    flat = tmp_path / "flat.nii"
+    nib.save(nib.Nifti1Image(a[:, :, :1], REF_AFFINE), str(flat))
+    with pytest.raises(InputError, match="2D image"):
+        read_volume(flat, header_only=True)
+    # NaN voxels: only a full read sees them
+    a[1, 2, 3] = np.nan
+    nan = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(a, REF_AFFINE), str(nan))
+    assert read_volume(nan, header_only=True).array.shape == SHAPE
+    with pytest.raises(InputError, match="1 NaN"):
+        read_volume(nan)

@@ -38,13 +38,13 @@ def member_probabilities(model, item) -> list[float]:
     pred = Predictor(model)
     rt = Runtime(model, pred.specs, device="cpu")
     prepared = prepare_case(pred.case(item, "x"), pred.specs)
-    slices, masks, present, _, _ = rt.batcher.batch([prepared])
+    b = rt.batcher.batch([prepared])
     model.eval()
     out = []
     with torch.no_grad():
         for m in [model, *model.members]:
             m.autocast, m.channels_last = model.autocast, model.channels_last
-            o = m._forward_one(slices, masks, present, False, False)
+            o = m._forward_one(b.slices, b.masks, b.present, False, False)
             out.append(float(model.probabilities(o.logits.float())[0, 0]))
     return out
 
@@ -121,13 +121,13 @@ def test_test_time_flips_are_stored_and_average_the_flipped_slices(tmp_path):
     from anymc3d.runtime.engine import Runtime
 
     rt = Runtime(model, pred.specs, device="cpu")
-    slices, masks, present, _, _ = rt.batcher.batch([prepare_case(pred.case(volume(1), "x"), pred.specs)])
+    batch = rt.batcher.batch([prepare_case(pred.case(volume(1), "x"), pred.specs)])
     model.spec.test_flips = []
     zs = []
     with torch.no_grad():
         for f in (None, "w", "h"):
-            x = slices if f is None else flip_slices(slices, f)
-            zs.append(float(rt.forward(x, masks, present).logits.double()[0, 0]))
+            x = batch if f is None else batch.replace(slices=flip_slices(batch.slices, f))
+            zs.append(float(rt.forward(x).logits.double()[0, 0]))
     assert max(zs) - min(zs) > 1e-3  # the flips change the answer, so the average is not a no-op
     want = float(np.mean(1 / (1 + np.exp(-np.array(zs)))))
     assert got == pytest.approx(want, rel=1e-4, abs=1e-9)

@@ -264,7 +264,8 @@ def test_optimisation_reduces_training_loss(prepared_binary):
     model = AnyMC3D(bb, make_spec(bb, r=4, head_dropout=0.0))
     model.set_trainable(True)
     batcher = Batcher(model, specs)
-    slices, masks, present, y = batcher.batch(prepared["train"])[:4]
+    b = batcher.batch(prepared["train"])
+    slices, masks, present, y = b.slices, b.masks, b.present, b.labels
 
     def loss_now():
         out = model(slices, masks, present)

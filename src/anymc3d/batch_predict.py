@@ -8,12 +8,14 @@ IMAGE...``); single-process or under ``torchrun`` (one share of the volumes per 
    sha256 is recorded in every JSON - or, with ``--heatmaps``, a heatmap file missing) and sends
    the list to every rank; ``--overwrite`` redoes every volume. Leftover temporaries
    (``.tmp-*``) of a killed run are removed.
-2. **Bad input fails before anything is written.** Every rank reads each of its volumes once
-   (the same reader and checks as prediction: corrupt files, NaN, dimensions, size limit, DICOM
-   gaps); the ranks compare notes, and if any volume is bad the run stops with the project's one
-   line ``anymc3d: error: <file>: <cause>`` and exit code 2, and nothing is written.
-   ``--no-input-check`` skips that read (outputs start at once; a bad volume then stops the run
-   with the same line after the volumes before it were written, and a rerun resumes).
+2. **Bad input fails before anything is written.** Every rank checks each of its volumes from its
+   header (the reader's checks without reading a voxel: unreadable or truncated files, voxel type,
+   dimensions, channels, size limit, geometry; a DICOM series folder is read whole, for its gaps),
+   and plans its preprocessing (the allocation guards); the ranks compare notes, and if any volume is
+   bad the run stops with the project's one line ``anymc3d: error: <file>: <cause>`` and exit code 2,
+   and nothing is written. What only the voxels show (NaN/Inf values, a damaged .nii.gz) stops the
+   run, with the same line, when that volume is read for its prediction; the volumes before it are
+   written and a rerun resumes. ``--no-input-check`` skips the check (outputs start at once).
 3. **Progressive output.** Each rank predicts its share (round robin over the pending volumes)
    through one loader over all of it, whose ``--workers`` read and prepare the next volumes while the
    model runs (with ``--heatmaps``, one volume at a time), and writes every volume's outputs as soon
@@ -68,10 +70,15 @@ class PluginJob:
         return [(v, self.predictor.specs[k], n) for k, v in case.images.items() if v is not None]
 
     def predict(self, item, case_id: str, mask=None, out: Path | None = None, label=None) -> dict:
-        res = self.predictor.predict(item, case_id=case_id)
+        """One volume's result; with heatmaps, from the pass that made them (read and run once)."""
+        if self.explainer is None:
+            res = self.predictor.predict(item, case_id=case_id)
+        else:
+            hm = self.explainer.explain(item, case_id=case_id)
+            o = hm.output
+            res = self.predictor.result(case_id, o["probabilities"], o["case"], o["embeddings"])
+            res["heatmaps"] = self._heatmaps(hm, case_id, mask, out, label)
         res["plugin_sha256"] = self.sha
-        if self.explainer is not None:
-            res["heatmaps"] = self._heatmaps(item, case_id, mask, out, label)
         return res
 
     def predict_stream(self, entries: list, out: Path, batch_size: int = 4):
@@ -85,12 +92,11 @@ class PluginJob:
             res["plugin_sha256"] = self.sha
             yield res
 
-    def _heatmaps(self, item, case_id: str, mask, out: Path, label=None) -> dict:
+    def _heatmaps(self, hm, case_id: str, mask, out: Path, label=None) -> dict:
         """Write this volume's maps and figure; with a mask (a manifest's mask column) also its
         localisation scores, kept in the volume's JSON until the merge writes ``localization.json``."""
         from .explain.localization import load_mask, score_case
 
-        hm = self.explainer.explain(item, case_id=case_id)
         m = load_mask(mask, hm.record) if mask is not None else None
         files = self.explainer.write(hm, out, figure=True, top_k=6, mask=m)
         entry = {"method": hm.method, "labels": hm.labels, "files": [p.name for p in files]}
@@ -231,10 +237,12 @@ class _Entry(NamedTuple):
 
 
 def check_inputs(job, entries: list[_Entry]) -> tuple[int, str] | None:
-    """Read every volume of ``entries`` once with the project's reader and plan its preprocessing (the
-    allocation guards of the resampled grid, the slice stacks and the heatmaps: no voxel is resampled);
-    the first problem as (index, message), or None. Nothing is kept in memory; reader warnings are not
-    printed here (the prediction of that volume prints them)."""
+    """Check every volume of ``entries`` from its header (``read_volume(..., header_only=True)``: the
+    reader's checks of size, voxel type, dimensions, channels and geometry, no voxel read) and plan its
+    preprocessing (the allocation guards of the resampled grid, the slice stacks and the heatmaps);
+    the first problem as (index, message), or None. What only the voxels show (NaN/Inf, a damaged
+    .nii.gz) stops the run when that volume is predicted, with the same one line. Reader warnings are
+    not printed here (the prediction of that volume prints them)."""
     import contextlib
     import io
 
@@ -251,7 +259,7 @@ def check_inputs(job, entries: list[_Entry]) -> tuple[int, str] | None:
                 for img, spec, n_heat in plans:
                     vol = img if isinstance(img, Volume) else read.get(str(img))
                     if vol is None:
-                        vol = read[str(img)] = read_volume(img)
+                        vol = read[str(img)] = read_volume(img, header_only=True)
                     if spec is not None:
                         record = plan_volume(vol, spec)
                         if n_heat:

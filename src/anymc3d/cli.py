@@ -113,8 +113,8 @@ def _add_predict_parser(sub) -> None:
     pr.add_argument("--no-amp", action="store_true",
                     help="full fp32 (no bf16 autocast, no TF32): CPU and GPU answers then agree to 1e-4")
     pr.add_argument("--no-input-check", action="store_true",
-                    help="skip reading every input before the first output (a bad input then stops the run "
-                         "after the volumes before it were written; a rerun resumes)")
+                    help="skip checking every input's header before the first output (a bad input then stops "
+                         "the run after the volumes before it were written; a rerun resumes)")
 
 
 def _add_demo_parser(sub) -> None:

@@ -78,9 +78,16 @@ class Predictor:
                 for j, (p, o) in enumerate(zip(probs, outs)):
                     case_emb = {s: e[j:j + 1] if o["present"].get(s, False) else np.full_like(e[j:j + 1], np.nan)
                                 for s, e in emb.items()}  # a stream the case lacks has no embedding
-                    yield annotate(volume_result(self.spec, cases[done + j].id, p, o, self.source), self.trust,
-                                   self.spec, p, case_emb, self.coverage)
+                    yield self.result(cases[done + j].id, p, o, case_emb)
                 done += len(outs)
+
+    def result(self, case_id: str, probs: np.ndarray, case: dict, embeddings: dict) -> dict:
+        """The JSON-ready result of one case from its forward pass: the model's ``probs`` (n_outputs,),
+        its ``case`` outputs (slice / view weights, presence) and pooled ``embeddings`` (stream -> (1, D)),
+        with the plugin's calibration, conformal set and OOD score. Also how ``predict --heatmaps``
+        reports the pass that made the heatmaps (:attr:`anymc3d.explain.heatmap.Heatmaps.output`)."""
+        return annotate(volume_result(self.spec, case_id, probs, case, self.source), self.trust, self.spec, probs,
+                        embeddings, self.coverage)
 
 
 def case_id_from(item) -> str:

@@ -42,7 +42,8 @@ from ..io import check_allocation, write_nifti
 from ..preprocess import PreprocessSpec, canonical_to_input, slices_to_canonical
 from ..preprocess.spatial import SpatialRecord
 from ..runtime.batching import prepare_case
-from ..runtime.engine import Runtime
+from ..evaluation.ood import EmbeddingCapture
+from ..runtime.engine import Runtime, case_outputs
 from ..volume import Volume
 from .attention import capture_cls_attention
 
@@ -69,6 +70,11 @@ class Heatmaps:
     source: str = ""
     raw_probabilities: dict[str, float] = field(default_factory=dict)  # the model's own
     extra: dict = field(default_factory=dict)
+    #: the forward pass as prediction reports it: ``probabilities`` (n_outputs,) of the model, ``case``
+    #: (slice / view weights, presence, sources, warnings) and ``embeddings`` (stream -> (1, D) pooled
+    #: embedding, for the OOD score); ``Predictor.result`` turns it into predict's JSON, so
+    #: ``predict --heatmaps`` reads and runs each volume once
+    output: dict = field(default_factory=dict)
 
     @property
     def affine(self) -> np.ndarray:
@@ -195,10 +201,16 @@ class Explainer:
             check_heatmaps(prepared.sources.get(inp, rec.input_path), rec, len(targets))
         model = self.model
         model.eval()
-        slices, masks, present, _, _ = self.runtime.batcher.batch([prepared])
-        stacks = {s: x[0] for s, x in slices.items()}
+        batch = self.runtime.batcher.batch([prepared])
+        stacks = {s: x[0] for s, x in batch.slices.items()}
         streams = [s for s in model.streams if s in stacks]
-        emb, att, out = self._forward(slices, masks, present)
+        with EmbeddingCapture(model) as cap:  # the pooled embeddings, for the OOD score of the shared result
+            emb, att, out = self._forward(batch)
+        meta = [{"id": case.id, "sources": prepared.sources, "warnings": list(prepared.warnings)}]
+        row = case_outputs(model.streams, out, batch, meta)[0]
+        output = {"probabilities": model.probabilities(out.logits).float().cpu().numpy()[0], "case": row,
+                  "embeddings": {s: e[0:1] if row["present"].get(s, False) else np.full_like(e[0:1], np.nan)
+                                 for s, e in cap.take("task_query").items()}}
         sw = {s: out.slice_weights[s][0].float().cpu() for s in streams}
         vw = {s: float(out.view_weights[0, model.streams.index(s)]) for s in streams}
         probs = model.probabilities(out.logits.float())[0].cpu().numpy()
@@ -220,7 +232,7 @@ class Explainer:
                         slice_weights={s: v.numpy() for s, v in sw.items()}, label_slice_weights=label_w,
                         view_weights=vw, probabilities=probabilities, raw_probabilities=raw_probabilities,
                         seconds=time.perf_counter() - t0,
-                        source=prepared.sources.get(ref, ""))
+                        source=prepared.sources.get(ref, ""), output=output)
 
     def _stream_maps(self, s: str, prepared, stack: torch.Tensor, emb: torch.Tensor, att: torch.Tensor | None,
                      a: torch.Tensor, vw: float, targets: list[tuple[str, int, float]],
@@ -289,13 +301,13 @@ class Explainer:
         probabilities = as_dict(trust.calibrate(np.asarray(probs)[None])[0]) if trust is not None else raw_probabilities
         return probabilities, raw_probabilities
 
-    def _forward(self, slices: dict, masks: dict, present: torch.Tensor):
+    def _forward(self, batch):
         """The plugin's forward pass on the runtime, with hooks that keep each stream's slice
         embeddings and (attention method) the last block's class-to-patch attention."""
         model = self.model
         emb: dict[str, torch.Tensor] = {}
         att: dict[str, torch.Tensor] = {}
-        stacks = slices
+        stacks = batch.slices
         use_att = self.method == "attention"
         ctx = capture_cls_attention(model.backbone) if use_att else contextlib.nullcontext([])
         handles = []
@@ -312,7 +324,7 @@ class Explainer:
                 handles.append(model.slice_pool[s.replace(":", "__")].register_forward_hook(hook))
             try:
                 with torch.no_grad():
-                    out = self.runtime.forward(slices, masks, present)
+                    out = self.runtime.forward(batch.replace(from_trunk=False))
             finally:
                 for h in handles:
                     h.remove()

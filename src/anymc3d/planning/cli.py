@@ -10,11 +10,19 @@ from ..evaluation.threshold import DEFAULT_POLICY
 from . import DEFAULT_BUDGET
 from .planner import FIELDS, Plan, none_for_all, plan_table
 
-#: ``anymc3d train --no-plan``: the fixed settings of earlier releases (full-depth LoRA, augmentation,
-#: the backbone's slice size, axial, 30 epochs)
-FIXED_DEFAULTS = {"size": None, "views": ["axial"], "lora_last_k": None, "augment": True, "slice_subset": None,
-                  "max_slices": None, "epochs": 30, "batch_size": 8, "patience": 10, "flip_copies": 0,
-                  "test_flips": [], "ensemble": 1}
+#: ``anymc3d train --no-plan``: the fixed settings of earlier releases (full-depth LoRA, the backbone's
+#: slice size, axial, every slice); the training fields (30 epochs, augmentation, ...) are
+#: :class:`anymc3d.training.trainer.TrainConfig`'s own defaults (:func:`fixed_settings`)
+FIXED_DEFAULTS = {"size": None, "views": ["axial"], "lora_last_k": None, "max_slices": None}
+
+
+def fixed_settings() -> dict:
+    """The ``--no-plan`` settings: :data:`FIXED_DEFAULTS` and every plan field (``FIELDS``) that
+    ``TrainConfig`` holds, at its default there."""
+    from ..training.trainer import TrainConfig
+
+    cfg = TrainConfig()
+    return {**FIXED_DEFAULTS, **{k: getattr(cfg, k) for k in FIELDS if k not in FIXED_DEFAULTS and hasattr(cfg, k)}}
 
 
 def _count_or_all(flag: str, unit: str):
@@ -141,7 +149,7 @@ def settings_for_training(a: argparse.Namespace, task, log: bool = True) -> dict
     Under torchrun rank 0 plans (and writes the plan files) and every rank trains with its plan."""
     overrides = overrides_from(a)
     if getattr(a, "no_plan", False):
-        st = _apply(FIXED_DEFAULTS, overrides)
+        st = _apply(fixed_settings(), overrides)
         st["workers"] = a.workers
         return st
     quiet = a.quiet or not log
@@ -203,5 +211,5 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["FIXED_DEFAULTS", "InputError", "add_plan_args", "add_plan_override_args", "cmd_plan", "overrides_from",
+__all__ = ["FIXED_DEFAULTS", "InputError", "add_plan_args", "fixed_settings", "add_plan_override_args", "cmd_plan", "overrides_from",
            "register", "settings_for_training"]

@@ -13,13 +13,19 @@ cases of the data, and times on the planned device, through :class:`anymc3d.runt
 * a training step through the whole backbone with LoRA everywhere (``full_step_s``) and its
   inference (``full_fwd_s``).
 
+The training steps are :meth:`anymc3d.training.trainer.Trainer.step` itself, on the runtime
+training makes (its precision, its activation cache, its loss and optimiser), so the timed step
+is the step that trains.
+
 The result is a plain dict (``timings.json``); :func:`anymc3d.planning.planner.make_plan` takes it as
 an argument, so planning is deterministic for a given table (tests inject one).
 """
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,12 +34,11 @@ from ..data import TaskData
 from ..plugins import LoraSpec, PluginSpec
 from ..plugins.model import AnyMC3D
 from ..preprocess import PreprocessOptions
-from ..runtime.batching import collate, prepare_case, slice_streams
-from ..runtime.device import resolve_device
+from ..runtime.batching import Batch, collate, prepare_case, slice_streams
 from ..runtime.cache import frozen_engine
-from ..runtime.engine import Runtime
+from ..runtime.device import resolve_device
 from ..runtime.engines import engine_name
-from ..training.losses import classification_loss
+from ..training.trainer import Trainer, TrainConfig
 
 
 def machine_info(device: str = "auto") -> dict:
@@ -106,59 +111,49 @@ def measure_timings(task: TaskData, backbone_name: str, size: int, device: str =
 
     full = _model(bb, task, spec_pre, None)
     tail = _model(bb, task, spec_pre, 1)
-    rt_full = Runtime(full, specs, device=device)
-    rt_tail = Runtime(tail, specs, device=device)
-    dev = rt_full.device
-    aug = rt_full.batcher
-    t0 = time.perf_counter()
-    for i, p in enumerate(prepared):
-        aug._augment(p, 1000 + i)
-    aug_s = (time.perf_counter() - t0) / len(prepared)
+    with tempfile.TemporaryDirectory() as tmp:  # the Trainers' logs and checkpoints: none is written here
+        # the training steps are the Trainer's own (its loss, optimiser and schedule), on training's runtime
+        cfg = TrainConfig(device=device, batch_size=batch_size, progress=False, augment=False)
+        # local: under torchrun rank 0 alone times (the other ranks wait for its plan), so no DDP here
+        t_full = Trainer(full, specs, prepared, [], cfg, Path(tmp) / "full", local=True)
+        t_tail = Trainer(tail, specs, prepared, [], cfg, Path(tmp) / "tail", local=True)
+        rt_full, rt_tail = t_full.rt, t_tail.rt
+        dev = rt_full.device
+        t0 = time.perf_counter()
+        for i, p in enumerate(prepared):
+            rt_full.batcher.augment(p, 1000 + i)
+        aug_s = (time.perf_counter() - t0) / len(prepared)
 
-    # one training batch of real slices: batch_size stacks of up to max_slices_timed slices
-    stream = full.streams[0]
-    stacks = [slice_streams(p, specs, full.streams)[stream][:max_slices_timed] for p in prepared]
-    stacks = (stacks * (batch_size // len(stacks) + 1))[:batch_size]
-    slices, masks, present = collate([{stream: s} for s in stacks], [stream])
-    n = int(sum(int(m.sum()) for m in masks.values()))
-    y = torch.stack([prepared[i % len(prepared)].label for i in range(batch_size)])
-    tt = task.task_type
+        # one training batch of real slices: batch_size stacks of up to max_slices_timed slices
+        stream = full.streams[0]
+        stacks = [slice_streams(p, specs, full.streams)[stream][:max_slices_timed] for p in prepared]
+        stacks = (stacks * (batch_size // len(stacks) + 1))[:batch_size]
+        slices, masks, present = collate([{stream: s} for s in stacks], [stream])
+        n = int(sum(int(m.sum()) for m in masks.values()))
+        y = torch.stack([prepared[i % len(prepared)].label for i in range(batch_size)])
+        batch = Batch(slices, masks, present, y)
+        # the tail's batch is served from the activation cache (filled by the warm-up call), as in training
+        cached = batch.replace(from_trunk=rt_tail.cache_trunk)
 
-    def step(model, rt, x, from_trunk):
-        opt = torch.optim.AdamW([p for p in {**model.lora_parameters(), **model.head_parameters()}.values()], lr=1e-6)
+        def infer(trainer, b):
+            @torch.no_grad()
+            def run():
+                trainer.model.eval()
+                trainer.rt.forward(b)
+            return run
 
-        def run():
-            model.train()
-            out = model(rt.to_device(x), rt.to_device(masks), rt.to_device(present), from_trunk=from_trunk)
-            loss = classification_loss(out.logits.float(), y.to(dev), tt, "focal", 2.0, 0.25, None)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return run
-
-    def infer(model, rt, x, from_trunk):
-        @torch.no_grad()
-        def run():
-            model.eval()
-            model(rt.to_device(x), rt.to_device(masks), rt.to_device(present), from_trunk=from_trunk)
-        return run
-
-    full.set_trainable(True)
-    tail.set_trainable(True)
-    flat = slices[stream].flatten(0, 1)[masks[stream].reshape(-1)].to(dev)
-    threads = choose_threads(lambda: tail.trunk(flat), dev)
-    full_step = _timed(step(full, rt_full, slices, False), dev, repeats) / n
-    full_fwd = _timed(infer(full, rt_full, slices, False), dev, repeats) / n
-    # the frozen trunk as the trunk-cache fill will run it: through the engine of --engine (auto: measured)
-    runner = frozen_engine(tail, stream, flat) if dev.type == "cpu" else None
-    trunk_fwd = _timed((lambda: runner(flat)) if runner is not None else (lambda: tail.trunk(flat)), dev, repeats) / n
-    h = tail.trunk(flat)
-    b, s = masks[stream].shape
-    acts = {stream: h.new_zeros(b * s, *h.shape[1:])}
-    acts[stream][masks[stream].reshape(-1).to(dev)] = h
-    acts[stream] = acts[stream].view(b, s, *h.shape[1:]).float().cpu()
-    tail_step = _timed(step(tail, rt_tail, acts, True), dev, repeats) / n
-    tail_fwd = _timed(infer(tail, rt_tail, acts, True), dev, repeats) / n
+        flat = slices[stream].flatten(0, 1)[masks[stream].reshape(-1)].to(dev)
+        threads = choose_threads(lambda: tail.trunk(flat), dev)
+        full_step = _timed(lambda: t_full.step(batch, None), dev, repeats) / n
+        full_fwd = _timed(infer(t_full, batch), dev, repeats) / n
+        # the frozen trunk as the trunk-cache fill will run it: through the engine of --engine (auto: measured)
+        runner = frozen_engine(tail, stream, flat) if dev.type == "cpu" else None
+        trunk_fwd = _timed((lambda: runner(flat)) if runner is not None else (lambda: tail.trunk(flat)), dev,
+                           repeats) / n
+        h = tail.trunk(flat)
+        tail_step = _timed(lambda: t_tail.step(cached, None), dev, repeats) / n
+        tail_fwd = _timed(infer(t_tail, cached), dev, repeats) / n
+    del t_full, t_tail
     del full, tail, rt_full, rt_tail, bb
     return {**machine_info(device), **threads, "backbone": backbone_name, "size": int(size), "batch_size": batch_size,
             "slices_timed": n, "engine": engine_name(runner), "prep_s_per_volume": prep_s, "aug_s_per_volume": aug_s,

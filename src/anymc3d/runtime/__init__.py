@@ -9,6 +9,7 @@ from anymc3d._lazy import lazy_exports
 _EXPORTS = {
     "ActivationCache": ".cache",
     "PluginActivations": ".cache",
+    "Batch": ".batching",
     "Batcher": ".batching",
     "BatchPlan": ".batching",
     "PreparedCase": ".batching",

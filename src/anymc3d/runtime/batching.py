@@ -10,6 +10,7 @@ its augmentation seed, so any number of workers gives the same batches as none.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -142,8 +143,44 @@ def slice_subset(per_case: list[dict[str, torch.Tensor]], k: int, generator: tor
     return out
 
 
+@dataclass
+class Batch:
+    """One padded batch of slices, as :class:`Batcher` builds it and :meth:`Runtime.forward` takes it.
+
+    ``slices``: stream 'input:view' -> (B, S, C, size, size); ``masks``: stream -> (B, S) bool, True
+    on real slices; ``present``: (B, n_streams) bool, which streams each case has; ``labels``: (B, ...)
+    or None (prediction); ``from_trunk``: the batch may be served from the activation cache;
+    ``seg_targets`` (mask batches only): stream -> (B, S, size, size) segmentation targets of the first
+    input's streams, with ``has_mask`` (B,) saying which cases carry a mask."""
+
+    slices: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    present: torch.Tensor
+    labels: torch.Tensor | None = None
+    from_trunk: bool = False
+    seg_targets: dict[str, torch.Tensor] | None = None
+    has_mask: torch.Tensor | None = None
+
+    @property
+    def with_seg(self) -> bool:
+        """Whether any case of the batch carries a mask (batches without one add no mask loss)."""
+        return self.has_mask is not None and bool(self.has_mask.any())
+
+    def pin_memory(self) -> "Batch":
+        """The batch in pinned memory (the DataLoader calls this with ``pin_memory=True``)."""
+        def pin(x):
+            if isinstance(x, dict):
+                return {k: pin(v) for k, v in x.items()}
+            return x.pin_memory() if isinstance(x, torch.Tensor) else x
+        return Batch(**{f.name: pin(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def replace(self, **fields) -> "Batch":
+        """A copy with ``fields`` replaced (e.g. flipped or perturbed slices)."""
+        return dataclasses.replace(self, **fields)
+
+
 class Batcher:
-    """Turns prepared cases into (slices, masks, present, labels, from_trunk) batches: CPU data work only.
+    """Turns prepared cases into :class:`Batch` es: CPU data work only.
 
     ``from_trunk`` says that the batch may be served from the activation cache (an un-augmented
     batch of a shared-trunk or pooling-only plugin with ``cache_trunk``); the slices are still the
@@ -156,7 +193,7 @@ class Batcher:
         self.cache_trunk = cache_trunk and (model.last_k is not None or model.spec.lora.r == 0)
         self.trunk_patches = model.last_k is not None
 
-    def _augment(self, case: PreparedCase, seed: int) -> dict[str, torch.Tensor]:
+    def augment(self, case: PreparedCase, seed: int) -> dict[str, torch.Tensor]:
         """Augmented copies of the case's inputs (and of its mask, under the key "mask")."""
         keys = sorted(case.arrays)
         shapes = {tuple(case.arrays[k].shape[1:]) for k in keys}
@@ -178,28 +215,28 @@ class Batcher:
             out[k] = torch.as_tensor(aug({k: case.arrays[k]})[k]).float()
         return out
 
-    def batch(self, cases: list[PreparedCase], augment_seed: int | None = None, with_masks: bool = False):
-        """Returns slices, slice masks, stream presence, labels, from_trunk and (with_masks) the
-        segmentation targets: stream -> (B, S, size, size) for the first input's streams, and a
-        (B,) flag saying which cases have a mask."""
+    def batch(self, cases: list[PreparedCase], augment_seed: int | None = None, with_masks: bool = False) -> Batch:
+        """The :class:`Batch` of ``cases`` (augmented with ``augment_seed``; with segmentation targets
+        when ``with_masks``)."""
         # mask batches need the tail's patch tokens: a cached trunk (cut trunk:k) still gives them,
         # cached class embeddings (pooling-only plugins) do not
         from_trunk = self.cache_trunk and augment_seed is None and (not with_masks or self.trunk_patches)
         per_case, seg = [], []
         for i, c in enumerate(cases):
-            arrays = self._augment(c, augment_seed + i) if augment_seed is not None else dict(c.arrays)
+            arrays = self.augment(c, augment_seed + i) if augment_seed is not None else dict(c.arrays)
             mask = arrays.pop("mask", c.mask)
             per_case.append(slice_streams(c, self.specs, self.streams, arrays))
             if with_masks:
                 seg.append(self._mask_slices(mask))
         slices, masks, present = collate(per_case, self.streams)
         labels = torch.stack([c.label for c in cases]) if cases[0].label is not None else None
+        batch = Batch(slices, masks, present, labels, from_trunk)
         if not with_masks:
-            return slices, masks, present, labels, from_trunk
+            return batch
         seg_streams = [s for s in self.streams if s.split(":")[0] == self.first_input]
         targets, _, _ = collate([{s: m[s] for s in seg_streams} if m else {} for m in seg], seg_streams)
-        has_mask = torch.tensor([m is not None for m in seg])
-        return slices, masks, present, labels, from_trunk, {s: t[:, :, 0] for s, t in targets.items()}, has_mask
+        return batch.replace(seg_targets={s: t[:, :, 0] for s, t in targets.items()},
+                             has_mask=torch.tensor([m is not None for m in seg]))
 
     def _mask_slices(self, mask: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
         if mask is None:

@@ -6,7 +6,7 @@ validation, ``evaluate``, ``predict``, ``predict --plugins``, ``explain``, the b
 the frozen-feature extractors all go through it:
 
 * :meth:`Runtime.loader` - batches from a ``DataLoader`` (workers read, preprocess, augment, slice);
-* :meth:`Runtime.forward` - a batch on the device: cached activations where the batch allows it,
+* :meth:`Runtime.forward` - a :class:`~anymc3d.runtime.batching.Batch` on the device: cached activations where the batch allows it,
   else the backbone with the stream's adapter (``AnyMC3D.embed_slices``) -> ``ModelOutput``;
 * :meth:`Runtime.predict` - probabilities and per-case outputs (slice / view weights, presence);
 * :func:`frozen_embeddings` - per-case class embeddings of a frozen backbone (baselines).
@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..plugins.model import ModelOutput, average_outputs
-from .batching import Batcher, BatchPlan, batch_loader, collate, eval_plans, per_case_stacks, slice_subset
+from .batching import Batch, Batcher, BatchPlan, batch_loader, collate, eval_plans, per_case_stacks, slice_subset
 from .cache import ActivationCache, PluginActivations, cut_point, frozen_engine
 from .device import place, resolve_device
 
@@ -77,9 +77,9 @@ class Runtime:
                     per_case[i][s] = acts
         return per_case, secs
 
-    def forward(self, slices: dict, masks: dict | None, present: torch.Tensor | None, from_trunk: bool = False,
-                keep_patches: bool = False, subset: tuple[int, torch.Generator] | None = None) -> ModelOutput:
-        """A batch from :class:`Batcher` on the device (gradients flow where the caller allows them).
+    def forward(self, batch: Batch, keep_patches: bool = False,
+                subset: tuple[int, torch.Generator] | None = None) -> ModelOutput:
+        """A :class:`Batch` on the device (gradients flow where the caller allows them).
 
         ``subset=(k, generator)``: use at most k random slices per case and stream (training); with
         cached activations the subset is drawn after the cache lookup, so the cache still hits.
@@ -90,15 +90,16 @@ class Runtime:
         runs last, so hooks (heatmaps) see the slices as they are."""
         flips = list(getattr(self.model.spec, "test_flips", None) or [])
         if not flips or self.model.training:
-            return self._forward_once(slices, masks, present, from_trunk, keep_patches, subset)
-        outs = [self._forward_once(flip_slices(slices, f), masks, present, from_trunk, False, subset) for f in flips]
-        outs.append(self._forward_once(slices, masks, present, from_trunk, keep_patches, subset))
+            return self._forward_once(batch, keep_patches, subset)
+        outs = [self._forward_once(batch.replace(slices=flip_slices(batch.slices, f)), False, subset) for f in flips]
+        outs.append(self._forward_once(batch, keep_patches, subset))
         return average_outputs(outs, self.model.spec.task_type)
 
-    def _forward_once(self, slices: dict, masks: dict | None, present: torch.Tensor | None, from_trunk: bool,
-                      keep_patches: bool, subset: tuple[int, torch.Generator] | None) -> ModelOutput:
+    def _forward_once(self, batch: Batch, keep_patches: bool,
+                      subset: tuple[int, torch.Generator] | None) -> ModelOutput:
         self.last_shared_s = 0.0
-        if from_trunk and self.activations is not None:
+        slices, masks, present = batch.slices, batch.masks, batch.present
+        if batch.from_trunk and self.activations is not None:
             per_case, self.last_shared_s = self.frozen_per_case(slices, masks)
             if subset is not None:
                 per_case = slice_subset(per_case, *subset)
@@ -126,9 +127,9 @@ class Runtime:
             return 0.0
         secs = 0.0
         it = self.loader(cases, eval_plans(len(cases), batch_size))
-        for (slices, masks, _, _, _), _meta in tqdm(it, desc=desc, total=math.ceil(len(cases) / batch_size),
-                                                    disable=not progress, leave=False, unit="batch"):
-            secs += self.frozen_per_case(slices, masks)[1]
+        for batch, _meta in tqdm(it, desc=desc, total=math.ceil(len(cases) / batch_size),
+                                 disable=not progress, leave=False, unit="batch"):
+            secs += self.frozen_per_case(batch.slices, batch.masks)[1]
         return secs
 
     # ---- prediction ---------------------------------------------------------------------------
@@ -150,10 +151,9 @@ class Runtime:
         (streaming prediction writes each case as its batch arrives)."""
         model = self.model
         model.eval()
-        for (slices, masks, present, _, from_trunk), meta in self.loader(cases, eval_plans(len(cases), batch_size)):
-            out = self.forward(slices, masks, present, from_trunk=from_trunk)
-            yield model.probabilities(out.logits).float().cpu().numpy(), case_outputs(model.streams, out, masks,
-                                                                                       present, meta)
+        for batch, meta in self.loader(cases, eval_plans(len(cases), batch_size)):
+            out = self.forward(batch)
+            yield model.probabilities(out.logits).float().cpu().numpy(), case_outputs(model.streams, out, batch, meta)
 
 
 #: the dimensions of a (B, S, C, H, W) slice batch that each test-time flip reverses
@@ -165,8 +165,9 @@ def flip_slices(slices: dict, flip: str) -> dict:
     return {s: x.flip(FLIP_DIMS[flip]) for s, x in slices.items()}
 
 
-def case_outputs(streams: list[str], out: ModelOutput, masks: dict, present: torch.Tensor, meta: list[dict]) -> list[dict]:
+def case_outputs(streams: list[str], out: ModelOutput, batch: Batch, meta: list[dict]) -> list[dict]:
     """Per case of a batch: slice weights of its real slices, view weights, which streams were present."""
+    masks, present = batch.masks, batch.present
     sw = {s: w.float().cpu() for s, w in out.slice_weights.items() if s in masks}
     vw = out.view_weights.float().cpu()
     rows = []
@@ -200,8 +201,8 @@ def frozen_embeddings(backbone, cases: Sequence, specs: dict, views: Sequence[st
     rows, secs = [], 0.0
     t0 = time.perf_counter()
     it = rt.loader(cases, eval_plans(len(cases), batch_size))
-    for (slices, masks, _, _, _), _meta in tqdm(it, desc=desc, disable=not progress, leave=False):
-        per_case, sec = rt.frozen_per_case(slices, masks)
+    for batch, _meta in tqdm(it, desc=desc, disable=not progress, leave=False):
+        per_case, sec = rt.frozen_per_case(batch.slices, batch.masks)
         secs += sec
         rows += [[c[s].float().numpy() if s in c else None for s in model.streams] for c in per_case]
     return rows, (secs if secs > 0 else time.perf_counter() - t0)

@@ -164,15 +164,15 @@ class MultiPredictor:
                 failed.append({"name": a.name, "reason": f"none of the inputs {a.model.spec.inputs} is present"})
                 continue
             prepared = prepare_case(Case(case.id, case.images), a.specs, memo)
-            slices, masks, present, _, from_trunk = a.runtime.batcher.batch([prepared])
+            batch = a.runtime.batcher.batch([prepared])
             timing["read_preprocess"] += time.perf_counter() - t_read
             sources.update(prepared.sources)
             t1 = time.perf_counter()
             with EmbeddingCapture(a.model) as cap:  # the pooled embeddings, for the OOD score
-                out = a.runtime.forward(slices, masks, present, from_trunk=from_trunk)
+                out = a.runtime.forward(batch)
             probs = a.model.probabilities(out.logits).float().cpu().numpy()[0]
             meta = [{"id": case_id, "sources": prepared.sources, "warnings": list(prepared.warnings)}]
-            row = case_outputs(a.model.streams, out, masks, present, meta)[0]
+            row = case_outputs(a.model.streams, out, batch, meta)[0]
             emb = {s: (e if row["present"].get(s, False) else e * float("nan")) for s, e in cap.take().items()}
             results[a.name] = annotate(volume_result(a.model.spec, case_id, probs, row, str(a.path)),
                                        getattr(a.model, "trust", None), a.model.spec, probs, emb, self.coverage)

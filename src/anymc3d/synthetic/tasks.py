@@ -110,6 +110,15 @@ def _prob(name: str, p: float) -> float:
     return p
 
 
+def _binary_lesions(size, spacing, seed: int, n_cases: int, prevalence, lesion_radius, lesion_radius_mm):
+    """The start of every binary lesion task: its grid, its random generator, balanced labels at
+    ``prevalence`` (drawn first) and the lesion radius in mm."""
+    grid = Grid(_size3(size), _spacing3(spacing))
+    rng = np.random.default_rng(seed)
+    labels = _balanced_binary(rng, n_cases, _prob("prevalence", prevalence))
+    return grid, rng, labels, _radius_mm(grid, lesion_radius, lesion_radius_mm)
+
+
 def _radius_mm(grid: Grid, lesion_radius: float, lesion_radius_mm: float | None) -> float:
     r = float(lesion_radius_mm) if lesion_radius_mm is not None else float(lesion_radius) * grid.spacing[0]
     if not r > 0:
@@ -241,10 +250,7 @@ def lesion_binary(
     for o in organs:
         if o not in LESION_ORGANS:
             raise InputError(f"synthetic: organ must be one of {LESION_ORGANS + ('any',)}, got {organ!r}")
-    grid = Grid(_size3(size), _spacing3(spacing))
-    rng = np.random.default_rng(seed)
-    labels = _balanced_binary(rng, n_cases, _prob("prevalence", prevalence))
-    r = _radius_mm(grid, lesion_radius, lesion_radius_mm)
+    grid, rng, labels, r = _binary_lesions(size, spacing, seed, n_cases, prevalence, lesion_radius, lesion_radius_mm)
     where = rng.integers(0, len(organs), size=n_cases)
     specs = [[_ct_spec(organs[w], r, contrast)] if y else [] for y, w in zip(labels, where)]
     return _assemble("lesion_binary", "binary", ["absent", "present"], labels, specs, {"image": "ct"},
@@ -329,10 +335,7 @@ def elongated(
         raise InputError(f"synthetic: elongation must be > 1, got {elongation}")
     if organ not in LESION_ORGANS:
         raise InputError(f"synthetic: organ must be one of {LESION_ORGANS}, got {organ!r}")
-    grid = Grid(_size3(size), _spacing3(spacing))
-    rng = np.random.default_rng(seed)
-    labels = _balanced_binary(rng, n_cases, _prob("prevalence", prevalence))
-    r = _radius_mm(grid, lesion_radius, lesion_radius_mm)
+    grid, rng, labels, r = _binary_lesions(size, spacing, seed, n_cases, prevalence, lesion_radius, lesion_radius_mm)
     specs = [[_ct_spec(organ, r, contrast, stretch=(1.0, 1.0, float(elongation)) if y else (1.0, 1.0, 1.0))]
              for y in labels]
     return _assemble("elongated", "binary", ["round", "elongated"], labels, specs, {"image": "ct"},
@@ -353,10 +356,7 @@ def t2_only(
         raise InputError(f"synthetic: organ must be one of {LESION_ORGANS}, got {organ!r}")
     if not 0 <= bias < 1 or not 0 <= texture < 1:
         raise InputError("synthetic: t2_only needs 0 <= bias < 1 and 0 <= texture < 1 (fractions)")
-    grid = Grid(_size3(size), _spacing3(spacing))
-    rng = np.random.default_rng(seed)
-    labels = _balanced_binary(rng, n_cases, _prob("prevalence", prevalence))
-    r = _radius_mm(grid, lesion_radius, lesion_radius_mm)
+    grid, rng, labels, r = _binary_lesions(size, spacing, seed, n_cases, prevalence, lesion_radius, lesion_radius_mm)
     specs = [[_LesionSpec(organ, "t2_hyperintense" if contrast >= 0 else "t2_hypointense", r,
                           {"t1": float(t1_contrast), "t2": float(contrast)})] if y else []
              for y in labels]

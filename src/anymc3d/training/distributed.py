@@ -71,11 +71,9 @@ class TrainStep(nn.Module):
         self.decoder = decoder
         self._runtime = [runtime]  # not a submodule: the runtime is not an nn.Module
 
-    def forward(self, slices, masks, present, from_trunk: bool = False, seg_targets: dict | None = None,
-                subset=None):
+    def forward(self, batch, seg_targets: dict | None = None, subset=None):
         rt = self._runtime[0]
-        out = rt.forward(slices, masks, present, keep_patches=self.decoder is not None, from_trunk=from_trunk,
-                         subset=subset)
+        out = rt.forward(batch, keep_patches=self.decoder is not None, subset=subset)
         seg = None
         if self.decoder is not None and seg_targets is not None:
             seg = {s: self.decoder(out.patches[s], t.shape[-2:]) for s, t in seg_targets.items()}

@@ -30,7 +30,7 @@ from ..io import atomic_write
 from ..plugins.embed_norm import FIT_CASES
 from ..plugins.model import AnyMC3D
 from ..preprocess import PreprocessSpec
-from ..runtime.batching import FLIP_COPIES, Batcher, BatchPlan, PreparedCase, flip_case
+from ..runtime.batching import FLIP_COPIES, Batch, Batcher, BatchPlan, PreparedCase, flip_case
 from ..runtime.engine import Runtime
 from . import distributed as ddp
 from .decoder import SegDecoder3D, dice_ce_loss
@@ -274,10 +274,12 @@ class Trainer:
     with best-state tracking and early stopping.
 
     Batches come from ``runtime`` (made from ``cfg`` when not given): a DataLoader whose workers
-    augment and slice, the activation cache for un-augmented batches, and the device."""
+    augment and slice, the activation cache for un-augmented batches, and the device. Under torchrun the
+    step is DistributedDataParallel, unless ``local`` (one process alone: the planner times steps on rank 0)."""
 
     def __init__(self, model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCase],
-                 val: list[PreparedCase], cfg: TrainConfig, out_dir: Path, runtime: Runtime | None = None) -> None:
+                 val: list[PreparedCase], cfg: TrainConfig, out_dir: Path, runtime: Runtime | None = None,
+                 local: bool = False) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         self.model, self.val, self.cfg = model, val, cfg
@@ -292,7 +294,8 @@ class Trainer:
         self.opt, self.sched, self.params = build_optimizer(model, self.decoder, cfg, self.steps_per_epoch)
         cw = class_weights(np.stack([c.label.numpy() for c in self.train]), self.task_type, cfg.class_weighting)
         self.cw = cw.to(self.device) if cw is not None else None
-        self.step_module = ddp.train_step(self.rt, self.decoder)  # DistributedDataParallel under torchrun
+        # DistributedDataParallel under torchrun; ``local``: this process alone (the planner's timing on rank 0)
+        self.step_module = ddp.TrainStep(self.rt, self.decoder) if local else ddp.train_step(self.rt, self.decoder)
         self.checkpoint = Checkpoint(out_dir / "checkpoint.pt", cfg)
         self.log = TrainLog(out_dir / "train_log.csv", cfg.progress)
         self.start_epoch, self.best, self.best_state, self.bad = 0, -math.inf, None, 0
@@ -330,21 +333,20 @@ class Trainer:
             return int(self.cfg.slice_subset), torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch + 17)
         return None
 
-    def step(self, batch: tuple, subset) -> tuple[float, float | None]:
+    def step(self, batch: Batch, subset) -> tuple[float, float | None]:
         """One optimiser step on a loader batch; its loss and its mask loss (None without one)."""
         cfg = self.cfg
-        slices, masks, present, y, from_trunk = batch[:5]
-        with_seg = self.decoder is not None and bool(batch[6].any())  # batches without any mask add no seg loss
-        targets = self.rt.to_device(batch[5]) if with_seg else None
-        out, seg_logits = self.step_module(slices, masks, present, from_trunk, targets, subset)
-        y = y.to(self.device)
+        with_seg = self.decoder is not None and batch.with_seg  # batches without any mask add no seg loss
+        targets = self.rt.to_device(batch.seg_targets) if with_seg else None
+        out, seg_logits = self.step_module(batch, targets, subset)
+        y = batch.labels.to(self.device)
         # an ensemble trains each member on its own loss (the members stay independent), mean over members
         loss = sum(classification_loss(z.float(), y, self.task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha,
                                        self.cw)
                    for z in (out.member_logits or [out.logits])) / max(1, len(out.member_logits))
         seg_loss = None
         if with_seg:
-            has_mask = batch[6].to(self.device)
+            has_mask = batch.has_mask.to(self.device)
             seg = [dice_ce_loss(seg_logits[s], t, has_mask) for s, t in targets.items()]
             seg_loss = float(sum(seg).detach()) / max(1, len(seg))
             loss = loss + cfg.seg_weight * sum(seg) / max(1, len(seg))
@@ -445,7 +447,8 @@ def fit(model: AnyMC3D, specs: dict[str, PreprocessSpec], train: list[PreparedCa
     ``out_dir/checkpoint.pt`` when there is one); returns a summary. The best state is left loaded in ``model``.
 
     Batches come from ``runtime`` (made from ``cfg`` when not given): a DataLoader whose workers
-    augment and slice, the activation cache for un-augmented batches, and the device."""
+    augment and slice, the activation cache for un-augmented batches, and the device. Under torchrun the
+    step is DistributedDataParallel, unless ``local`` (one process alone: the planner times steps on rank 0)."""
     trainer = Trainer(model, specs, train, val, cfg, out_dir, runtime=runtime)
     if resume:
         trainer.resume()

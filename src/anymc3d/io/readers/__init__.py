@@ -22,34 +22,37 @@ checks), :mod:`.quiet` (muting the libraries), :mod:`.nifti`, :mod:`.itk`, :mod:
 """
 from __future__ import annotations
 
-from anymc3d.io.readers.checks import (NEAR_EMPTY_FRACTION, check_declared_size, content_problem, geometry_problem,
-                                       spacing_problem)
+from anymc3d.io.readers.checks import (NEAR_EMPTY_FRACTION, check_declared_size, check_layout, content_problem,
+                                       geometry_problem, spacing_problem)
 from anymc3d.io.readers.dicom import read_dicom_series
-from anymc3d.io.readers.itk import _make_sitk_reader, itk_to_ras_affine
-from anymc3d.io.readers.nifti import read_nifti
-from anymc3d.io.readers.npy import read_npy, read_npy_header
+from anymc3d.io.readers.itk import _make_sitk_reader, itk_to_ras_affine, make_sitk_header_reader
+from anymc3d.io.readers.nifti import read_nifti, read_nifti_header
+from anymc3d.io.readers.npy import read_npy, read_npy_file_header, read_npy_header
 from anymc3d.io.readers.quiet import _keep_locale  # noqa: F401  (tests restore the locale with it)
 from anymc3d.io.readers.registry import DIRECTORY, Reader, read_volume, register_reader, registered_suffixes
 
-register_reader(".nii", read_nifti)
-register_reader(".nii.gz", read_nifti)
-for _suffix, _fmt in ((".nrrd", "nrrd"), (".nhdr", "nrrd"), (".mha", "mha"), (".mhd", "mha")):
-    register_reader(_suffix, _make_sitk_reader(_fmt))
-register_reader(".dcm", _make_sitk_reader("dicom"))  # single (multi-frame) DICOM file
-register_reader(DIRECTORY, read_dicom_series)
-register_reader(".npy", read_npy)
+register_reader(".nii", read_nifti, header=read_nifti_header)
+register_reader(".nii.gz", read_nifti, header=read_nifti_header)
+for _suffix, _fmt in ((".nrrd", "nrrd"), (".nhdr", "nrrd"), (".mha", "mha"), (".mhd", "mha"), (".dcm", "dicom")):
+    # .dcm: a single (multi-frame) DICOM file
+    register_reader(_suffix, _make_sitk_reader(_fmt), header=make_sitk_header_reader(_fmt))
+register_reader(DIRECTORY, read_dicom_series)  # no header reader yet: header_only reads a series whole
+register_reader(".npy", read_npy, header=read_npy_file_header)
 
 __all__ = [
     "DIRECTORY",
     "NEAR_EMPTY_FRACTION",
     "Reader",
     "check_declared_size",
+    "check_layout",
     "content_problem",
     "geometry_problem",
     "itk_to_ras_affine",
     "read_dicom_series",
     "read_nifti",
+    "read_nifti_header",
     "read_npy",
+    "read_npy_file_header",
     "read_npy_header",
     "read_volume",
     "register_reader",

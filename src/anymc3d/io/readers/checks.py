@@ -36,6 +36,20 @@ def _check_numeric(path: Path, dtype, fmt: str) -> None:
 
 
 def _validate_array(arr: np.ndarray, path: Path) -> np.ndarray:
+    """``arr`` checked (:func:`check_layout`, then NaN/Inf) and as contiguous float32."""
+    check_layout(arr, path)
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(out)
+    if not finite.all():
+        n_nan = int(np.isnan(out).sum())
+        n_inf = int(out.size - finite.sum() - n_nan)
+        raise _fail(path, f"contains {n_nan} NaN and {n_inf} Inf voxel values (after conversion to float32)")
+    return out
+
+
+def check_layout(arr: np.ndarray, path: Path) -> None:
+    """Voxel type, emptiness, dimensionality, a 2D image and the channel count: what the shape alone
+    decides (a header-only read is checked this far)."""
     if arr.dtype.kind not in "biuf":
         raise _fail(path, f"has non-numeric voxel type {arr.dtype}")
     if arr.size == 0:
@@ -50,13 +64,6 @@ def _validate_array(arr: np.ndarray, path: Path) -> np.ndarray:
         raise _fail(path, f"has {arr.shape[0]} channels (4D, read as C,X,Y,Z = {'x'.join(map(str, arr.shape))}); the "
                           f"backbone takes {' or '.join(map(str, channels))}: give each sequence as its own 3D file "
                           f"(one manifest image column each)")
-    out = np.ascontiguousarray(arr, dtype=np.float32)
-    finite = np.isfinite(out)
-    if not finite.all():
-        n_nan = int(np.isnan(out).sum())
-        n_inf = int(out.size - finite.sum() - n_nan)
-        raise _fail(path, f"contains {n_nan} NaN and {n_inf} Inf voxel values (after conversion to float32)")
-    return out
 
 
 def content_problem(arr: np.ndarray) -> Optional[str]:

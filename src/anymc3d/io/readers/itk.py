@@ -89,6 +89,42 @@ def _sitk_header(path: Path, fmt: str):
     return reader
 
 
+def _sitk_layout(path: Path, size: tuple[int, ...], ncomp: int) -> tuple[int, ...]:
+    """The array shape :func:`_sitk_image_to_volume` gives an image of ITK ``size`` (x, y, z[, t]) and
+    ``ncomp`` components per pixel, with the same refusals."""
+    dim = len(size)
+    if dim < 3:
+        raise _fail(path, f"is a 2D image (size {'x'.join(map(str, size))}); a 3D volume is needed")
+    if ncomp > 1:
+        if dim > 3:
+            raise _fail(path, f"is a {dim}D multi-component image; expected 3D")
+        return (ncomp, *size)
+    if dim == 3:
+        return size
+    if dim == 4:  # a 4th ITK axis (time/sequence) is treated as channels
+        return (size[3], *size[:3])
+    raise _fail(path, f"has {dim} dimensions; expected a 3D volume")
+
+
+def make_sitk_header_reader(fmt: str) -> Reader:
+    """The header-only reader of :func:`_make_sitk_reader`'s format: the same header checks, a read-only
+    zero array of the declared shape, the affine from the header's geometry (no voxel read)."""
+    def header(path: Path) -> Volume:
+        reader = _sitk_header(path, fmt)
+        shape = _sitk_layout(path, tuple(int(s) for s in reader.GetSize()), int(reader.GetNumberOfComponents()))
+        meta = {"format": fmt, "dtype": _sitk().GetPixelIDValueAsString(reader.GetPixelID()), "header_only": True}
+        problem = getattr(reader, "_anymc3d_geometry_problem", None)
+        if problem:
+            meta["_geometry_problem"] = problem
+            affine = np.eye(4)
+        else:
+            affine = itk_to_ras_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin())
+        return Volume(np.broadcast_to(np.float32(0), shape), affine, meta)
+
+    header.__name__ = f"read_{fmt}_header"
+    return header
+
+
 def _make_sitk_reader(fmt: str) -> Reader:
     def read(path: Path) -> Volume:
         reader = _sitk_header(path, fmt)

@@ -13,11 +13,27 @@ from anymc3d.io.readers.quiet import _one_line
 from anymc3d.volume import Volume
 
 
-def read_nifti(path: Path) -> Volume:
-    """NIfTI-1/2 via nibabel; 4D (X,Y,Z,C) -> (C,X,Y,Z). The file's best affine is kept as is.
+def _nifti_layout(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The array shape read_nifti returns for a file of ``shape``: 4D (X,Y,Z,C) -> (C,X,Y,Z)."""
+    if len(shape) == 5 and shape[3] == 1:  # NIfTI vector images are X,Y,Z,1,C
+        shape = shape[:3] + shape[4:]
+    return (shape[3], *shape[:3]) if len(shape) == 4 else shape
 
-    The header (shape, voxel type, data offset) is checked before the data is read.
-    """
+
+def read_nifti_header(path: Path) -> Volume:
+    """What :func:`read_nifti` checks from the header alone (size, voxel type, raw pixdim, the length of an
+    uncompressed file), as a :class:`Volume` whose array is a read-only zero of the declared shape (no voxel
+    is read or allocated; a .nii.gz is not decompressed, so its CRC is checked when it is read)."""
+    img, shape, dtype, problem = _checked_header(path, verify_gzip=False)
+    meta = {"format": "nifti", "dtype": str(dtype), "header_only": True}
+    if problem:
+        meta["_geometry_problem"] = problem
+    return Volume(np.broadcast_to(np.float32(0), _nifti_layout(shape)), np.asarray(img.affine, dtype=np.float64), meta)
+
+
+def _checked_header(path: Path, verify_gzip: bool = True):
+    """(image, shape, dtype, geometry problem) with every header check done; ``verify_gzip``: a .nii.gz
+    is decompressed once to its end (CRC, length) and the image returned is read from those bytes."""
     import nibabel as nib
 
     try:
@@ -37,8 +53,17 @@ def read_nifti(path: Path) -> Volume:
         if have < need:
             raise _fail(path, f"is truncated: its header declares {nbytes:,} bytes of voxel "
                               f"data from offset {offset}, the file has {max(0, have - int(offset)):,}")
-    elif offset is not None:
+    elif offset is not None and verify_gzip:
         img = _verified_gzip_nifti(path, img, int(offset) + nbytes)
+    return img, shape, dtype, problem
+
+
+def read_nifti(path: Path) -> Volume:
+    """NIfTI-1/2 via nibabel; 4D (X,Y,Z,C) -> (C,X,Y,Z). The file's best affine is kept as is.
+
+    The header (shape, voxel type, data offset) is checked before the data is read.
+    """
+    img, shape, dtype, problem = _checked_header(path)
     try:
         arr = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope/inter, straight to float32
         affine = np.asarray(img.affine, dtype=np.float64)

@@ -29,6 +29,26 @@ def read_npy(path: Path) -> Volume:
 
     The header (shape, dtype, data length) is checked before the array is read; never unpickled.
     """
+    _checked_npy_header(path)
+    try:
+        arr = np.load(str(path), allow_pickle=False)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _fail(path, f"cannot read as .npy ({_one_line(exc)})") from exc
+    return Volume(arr, np.eye(4), {"format": "npy", "dtype": str(arr.dtype), "has_geometry": False})
+
+
+def read_npy_file_header(path: Path) -> Volume:
+    """What :func:`read_npy` checks before reading, as a :class:`Volume` whose array is a read-only zero of
+    the declared shape (nothing read or allocated)."""
+    shape, dtype = _checked_npy_header(path)
+    return Volume(np.broadcast_to(np.float32(0), shape), np.eye(4),
+                  {"format": "npy", "dtype": str(dtype), "has_geometry": False, "header_only": True})
+
+
+def _checked_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The declared (shape, dtype) of a .npy file, refused when too large, not numeric or truncated."""
     try:
         with open(path, "rb") as fh:
             shape, fortran, dtype = read_npy_header(fh)
@@ -44,10 +64,4 @@ def read_npy(path: Path) -> Volume:
     need, have = math.prod(shape) * dtype.itemsize, path.stat().st_size - offset
     if have < need:
         raise _fail(path, f"is truncated: its header declares {need:,} bytes of array data, the file has {have:,}")
-    try:
-        arr = np.load(str(path), allow_pickle=False)
-    except MemoryError:
-        raise
-    except Exception as exc:
-        raise _fail(path, f"cannot read as .npy ({_one_line(exc)})") from exc
-    return Volume(arr, np.eye(4), {"format": "npy", "dtype": str(arr.dtype), "has_geometry": False})
+    return tuple(int(v) for v in shape), dtype

@@ -9,7 +9,7 @@ import numpy as np
 
 from anymc3d.errors import InputError, input_warning
 from anymc3d.io import options as _options
-from anymc3d.io.readers.checks import _fail, _validate_array, content_problem, geometry_problem
+from anymc3d.io.readers.checks import _fail, _validate_array, check_layout, content_problem, geometry_problem
 from anymc3d.io.readers.quiet import _mute_native, _one_line, _quiet
 from anymc3d.volume import MaskPath, Volume
 
@@ -21,12 +21,17 @@ DIRECTORY = "<directory>"
 
 
 _READERS: dict[str, Reader] = {}
+#: suffix -> header reader: the same header checks as the reader, a read-only zero array of the declared
+#: shape and the file's affine, no voxel read (``read_volume(..., header_only=True)``)
+_HEADERS: dict[str, Reader] = {}
 
 
-
-def register_reader(suffix: str, reader: Optional[Reader] = None, *, overwrite: bool = False):
+def register_reader(suffix: str, reader: Optional[Reader] = None, *, overwrite: bool = False,
+                    header: Optional[Reader] = None):
     """Register ``reader`` for files ending in ``suffix`` (e.g. ``".nii.gz"``), or for folders with
-    :data:`DIRECTORY`. Usable directly or as a decorator (``@register_reader(".foo")``).
+    :data:`DIRECTORY`. Usable directly or as a decorator (``@register_reader(".foo")``). ``header``
+    (optional): a reader of the header alone (a read-only zero array of the declared shape and the
+    file's affine) that ``read_volume(..., header_only=True)`` uses; without one it reads the file.
 
     Why a registry: new formats plug in without touching :func:`read_volume`'s callers.
     """
@@ -38,6 +43,8 @@ def register_reader(suffix: str, reader: Optional[Reader] = None, *, overwrite: 
         if key in _READERS and not overwrite and _READERS[key] is not fn:
             raise ValueError(f"a reader for {key!r} is already registered (pass overwrite=True)")
         _READERS[key] = fn
+        if header is not None:
+            _HEADERS[key] = header
         return fn
 
     if reader is None:
@@ -68,7 +75,7 @@ def _find_reader(path: Path) -> tuple[str, Reader]:
 
 def read_volume(path: Union[str, Path], *, affine: Optional[np.ndarray] = None, max_voxels: Optional[int] = None,
                 allow_gaps: Optional[bool] = None, series: Optional[str] = None,
-                content_warnings: Optional[bool] = None, assume_spacing=None) -> Volume:
+                content_warnings: Optional[bool] = None, assume_spacing=None, header_only: bool = False) -> Volume:
     """Read an image file or DICOM series folder into a validated float32 :class:`Volume`.
 
     The array is (X, Y, Z) or channels-first (C, X, Y, Z); ``affine`` maps voxel indices to RAS+
@@ -85,6 +92,11 @@ def read_volume(path: Union[str, Path], *, affine: Optional[np.ndarray] = None, 
     Degenerate geometry (a zero, negative or non-finite voxel size, a singular or non-finite affine) is
     refused, naming it; ``assume_spacing=(x, y, z)`` (``--assume-spacing``) reads such a file (and a .npy)
     with that spacing and identity directions instead, with a warning that travels into every prediction.
+
+    ``header_only=True``: what the header decides (every check but NaN/Inf, a .nii.gz's CRC and the
+    content warnings), with a read-only zero array of the declared shape (no voxel read or allocated),
+    for a format whose header reader is registered; other formats (a DICOM series) are read whole.
+    ``meta["header_only"]`` says which it was.
     """
     if content_warnings is None:
         content_warnings = not isinstance(path, MaskPath)
@@ -93,13 +105,13 @@ def read_volume(path: Union[str, Path], *, affine: Optional[np.ndarray] = None, 
                                    ("assume_spacing", assume_spacing)) if v is not None}
     previous = _options.set_reader_options(**overrides) if overrides else None
     try:
-        return _read_volume(p, affine, content_warnings)
+        return _read_volume(p, affine, content_warnings, header_only)
     finally:
         if previous is not None:
             _options.OPTIONS = previous
 
 
-def _read_volume(p: Path, affine: Optional[np.ndarray], content_warnings: bool) -> Volume:
+def _read_volume(p: Path, affine: Optional[np.ndarray], content_warnings: bool, header_only: bool = False) -> Volume:
     try:
         exists = p.exists()
     except (OSError, ValueError) as exc:  # name too long, NUL byte, permission on a parent
@@ -107,6 +119,9 @@ def _read_volume(p: Path, affine: Optional[np.ndarray], content_warnings: bool) 
     if not exists:
         raise _fail(p, "file or folder not found")
     key, reader = _find_reader(p)
+    header_only = header_only and key in _HEADERS
+    if header_only:
+        reader = _HEADERS[key]
     try:
         with _quiet(), _mute_native():
             vol = reader(p)
@@ -139,7 +154,9 @@ def _read_volume(p: Path, affine: Optional[np.ndarray], content_warnings: bool) 
             problem = problem or f"a .{meta['format']} file has no geometry"
 
     try:
-        out = _validate_array(arr, p)
+        out = arr if header_only else _validate_array(arr, p)
+        if header_only:
+            check_layout(arr, p)
     except MemoryError as exc:
         raise _fail(p, "not enough memory to convert it to float32") from exc
     problem = problem or geometry_problem(vol_affine)
@@ -156,7 +173,7 @@ def _read_volume(p: Path, affine: Optional[np.ndarray], content_warnings: bool) 
     pending = meta.pop("_pending_warnings", [])
     for cause in pending:
         input_warning(meta, p, cause)
-    if content_warnings:
+    if content_warnings and not header_only:
         cause = content_problem(out)
         if cause:
             input_warning(meta, p, cause)

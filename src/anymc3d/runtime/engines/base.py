@@ -63,9 +63,14 @@ class Engine:
 
     name = "?"
     package: str | None = None  # the PyPI package (None: part of the default install)
+    #: the modules it needs (importable without being imported: ``available`` only looks them up)
+    modules: tuple[str, ...] = ()
 
     def available(self) -> bool:
-        raise NotImplementedError
+        """Whether every module of :attr:`modules` is installed (nothing is imported)."""
+        import importlib.util
+
+        return all(importlib.util.find_spec(m) is not None for m in self.modules)
 
     def version(self) -> str:
         raise NotImplementedError

@@ -2,8 +2,6 @@
 run by the CPU execution provider with all graph optimisations, ``threads`` intra-op threads."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import torch
 
@@ -13,9 +11,7 @@ from .base import Engine, EngineUnavailable, FrozenPass, Runner, export_onnx
 class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
     package = "onnxruntime"
-
-    def available(self) -> bool:
-        return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+    modules = ("onnxruntime", "onnx")
 
     def version(self) -> str:
         import onnxruntime

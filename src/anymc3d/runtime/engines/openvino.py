@@ -3,8 +3,6 @@ once (export cache, fp32 weights), compiled for the CPU with fp32 inference prec
 hint changes embeddings by ~1e-2: more than the tolerance), one stream, ``threads`` threads."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import torch
 
@@ -22,9 +20,7 @@ def _convert(frozen: FrozenPass, example: torch.Tensor, tmp) -> None:
 class OpenVinoEngine(Engine):
     name = "openvino"
     package = "openvino"
-
-    def available(self) -> bool:
-        return importlib.util.find_spec("openvino") is not None and importlib.util.find_spec("onnx") is not None
+    modules = ("openvino", "onnx")
 
     def version(self) -> str:
         import openvino as ov
