@@ -32,6 +32,11 @@ CANDIDATES = {
     "k1_all_flips": FLIPS,
     "k1_all_flips_ens3": FLIPS + ["--ensemble", "3"],
     "k1_all_ens3": ["--ensemble", "3"],
+    # 2.5D input (each slice with its two neighbours as the channels) needs one channel per volume: on
+    # Adrenal (one channel) against k1_all; on the CT phantoms (3 HU windows by default) both sides grey
+    "k1_all_nb": ["--neighbours"],
+    "k1_all_grey": ["--intensity", "minmax"],
+    "k1_all_grey_nb": ["--intensity", "minmax", "--neighbours"],
 }
 #: the synthetic suite's tasks as the bench makes them (anymc3d.bench.suite.SYNTHETIC_TASKS: 32³, 96/32/32)
 SYNTHETIC = {"lesion_binary": ("lesion_binary", 160, {"size": 32}),

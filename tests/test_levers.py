@@ -177,7 +177,7 @@ TOY_TIMINGS = {"device": "cpu", "device_type": "cpu", "threads": 1, "cpu_count":
 
 
 def test_train_learns_a_separable_toy_through_the_cli_and_the_api(tmp_path, capsys):
-    """`anymc3d train` (the plan, with its flip copies, test-time flips and a 2-member ensemble) and
+    """`anymc3d train` (the plan, with its flip copies, test-time flips, 2.5D slices and a 2-member ensemble) and
     ``train_plugin`` both reach test AUC > 0.9 on the toy: they learn, not merely return a number."""
     from anymc3d.cli import main
     from anymc3d.training.run import PreprocessOptions, train_plugin
@@ -188,10 +188,11 @@ def test_train_learns_a_separable_toy_through_the_cli_and_the_api(tmp_path, caps
     tfile.write_text(json.dumps(TOY_TIMINGS))
     out = tmp_path / "cli"
     assert main(["train", str(npz), "--out", str(out), "--timings", str(tfile), "--size", "32",
-                 "--epochs", "4", "--flip-copies", "1", "--test-flips", "w", "--ensemble", "2", "--quiet"]) == 0
+                 "--epochs", "4", "--flip-copies", "1", "--test-flips", "w", "--ensemble", "2", "--neighbours", "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     spec = json.loads((out / "plugin.json").read_text())
     assert spec["ensemble"] == 2 and spec["test_flips"] == ["w"] and m["plan"]["flip_copies"] == 1
+    assert spec["preprocess"]["image"]["neighbours"] is True and m["plan"]["neighbours"] is True
     assert m["test"]["auc"] > 0.9, m["test"]
     api = train_plugin(str(npz), "efficientnet_lite0", tmp_path / "api",
                        preprocess=PreprocessOptions(size=32, views=["axial"]),

@@ -111,6 +111,41 @@ def test_views_cut_along_the_right_axes() -> None:
         torch.testing.assert_close(to_slices(torch.from_numpy(canon), spec, view), s)
 
 
+def test_neighbours_give_each_slice_its_neighbours_as_channels() -> None:
+    """2.5D: channel 1 is the slice, channels 0 and 2 the slices before and after (ends repeat), in
+    every view and after max_slices; masks stay one channel; CT windows refuse it; JSON round trip."""
+    a = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
+    for view in ("axial", "coronal", "sagittal"):
+        for max_slices in (None, 4):
+            plain = to_slices(a, PreprocessSpec(intensity="none", size=8, max_slices=max_slices), view)
+            spec = PreprocessSpec(intensity="none", size=8, max_slices=max_slices, neighbours=True)
+            s = to_slices(a, spec, view)
+            n = plain.shape[0]
+            assert s.shape == (n, 3, 8, 8), view
+            torch.testing.assert_close(s[:, 1:2], plain)
+            torch.testing.assert_close(s[1:, 0:1], plain[:-1])
+            torch.testing.assert_close(s[:-1, 2:3], plain[1:])
+            torch.testing.assert_close(s[0, 0], plain[0, 0])
+            torch.testing.assert_close(s[-1, 2], plain[-1, 0])
+            assert to_slices(a > 0.5, spec, view, mode="nearest").shape == (n, 1, 8, 8)
+    spec = PreprocessSpec(intensity="none", size=8, neighbours=True)
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec and "neighbours" not in PreprocessSpec().to_dict()
+    assert spec.slice_channels(1) == 3 and PreprocessSpec().slice_channels(1) == 1
+    with pytest.raises(ValueError, match="CT windows"):
+        PreprocessSpec(intensity="ct", neighbours=True)
+
+
+def test_train_refuses_neighbours_with_ct_windows_in_one_line(binary_manifest, tmp_path, capsys) -> None:
+    from anymc3d.cli import main
+
+    out = tmp_path / "ct_nb"
+    assert main(["train", str(binary_manifest), "--out", str(out), "--intensity", "ct", "--neighbours",
+                 "--no-plan", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"anymc3d: error: {binary_manifest}: --neighbours:"), err
+    assert not out.exists()
+
+
 def test_pad_square_and_resize_and_max_slices() -> None:
     spec = PreprocessSpec(intensity="none", size=8, max_slices=4)
     x = torch.ones(2, 4, 8, 10)

@@ -46,7 +46,7 @@ def _add_train_parser(sub) -> None:
                        "fits the data and this machine within --budget (docs/plan.md); any flag below overrides "
                        "its plan field.")
     t.add_argument("data")
-    add_backbone_args(t)
+    add_backbone_args(t, race=True)
     add_slice_args(t, None)
     t.add_argument("--out", required=True, type=Path)
     t.add_argument("--task-name")
@@ -206,15 +206,22 @@ def _train(a: argparse.Namespace, dist) -> int:
     from .data import check_training_labels
     from .training.run import assign_splits
     check_training_labels(task, assign_splits(task, a.seed))  # before the plan writes OUT/plan.json
+    intensity = a.intensity or ("ct" if windows else None)
+    if a.neighbours:  # a spec the flags cannot make is refused before the plan spends minutes timing
+        try:
+            PreprocessOptions(intensity=intensity, windows=windows, neighbours=True).spec_for(task, 64)
+        except ValueError as e:
+            raise InputError(f"{a.data}: --neighbours: {e}") from None
     st = settings_for_training(a, task, log=main_rank)  # the plan (or --no-plan's defaults) with the flags applied
-    pre = PreprocessOptions(views=st["views"], size=st["size"], intensity=a.intensity or ("ct" if windows else None),
-                            windows=windows, spacing=_spacing(a.spacing), max_slices=st["max_slices"])
+    pre = PreprocessOptions(views=st["views"], size=st["size"], intensity=intensity,
+                            windows=windows, spacing=_spacing(a.spacing), max_slices=st["max_slices"],
+                            neighbours=bool(st.get("neighbours")))
     cfg = TrainConfig.from_plan(st, seed=a.seed, loss=a.loss, lr_lora=a.lr_lora, lr_head=a.lr_head,
                                 class_weighting=a.class_weighting, amp=not a.no_amp,
                                 progress=not a.quiet and main_rank, seg_weight=a.seg_weight,
                                 device=dist.rank_device(a.device), threshold=a.threshold, embed_norm=a.embed_norm)
     cfg.cache_dir = str(a.cache) if getattr(a, "cache", None) else st.get("cache_dir")
-    m = train_plugin(task, a.backbone, a.out, weights=a.weights, preprocess=pre,
+    m = train_plugin(task, st["backbone"], a.out, weights=a.weights, preprocess=pre,
                      lora=LoraSpec(r=DEFAULT_RANK if a.lora_rank is None else a.lora_rank,
                                    alpha=DEFAULT_ALPHA if a.lora_alpha is None else a.lora_alpha,
                                    last_k=st["lora_last_k"]), config=cfg,

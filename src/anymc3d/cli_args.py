@@ -23,9 +23,17 @@ def add_weights_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="local weights file for the backbone ('random' for a randomly initialised one)")
 
 
-def add_backbone_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_BACKBONE) -> None:
+def add_backbone_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_BACKBONE, race: bool = False) -> None:
+    """``--backbone`` and ``--weights``; ``race=True`` (train, plan): no ``--backbone`` means the plan's
+    backbone race picks one when more than one has its weights here (docs/plan.md)."""
     g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", default=default, help=f"2D backbone (`anymc3d backbones`; default {default or DEFAULT_BACKBONE})")
+    if race:
+        g.add_argument("--backbone", default=None,
+                       help="2D backbone (`anymc3d backbones`); default: the plan's backbone race on validation when "
+                            f"more than one has its weights here (docs/plan.md), else {DEFAULT_BACKBONE}")
+    else:
+        g.add_argument("--backbone", default=default,
+                       help=f"2D backbone (`anymc3d backbones`; default {default or DEFAULT_BACKBONE})")
     g.add_argument("--weights", help="local weights file for the backbone ('random' for a randomly initialised one)")
 
 

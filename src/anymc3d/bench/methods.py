@@ -250,7 +250,8 @@ def m_plan(task, out: Path, seed: int, o: dict) -> dict:
         return plan
 
     plan = plan_on_rank0(make)  # torchrun: rank 0 plans (it times this machine) and sends the plan on
-    pre = PreprocessOptions(views=list(plan.views), size=plan.size, max_slices=plan.max_slices)
+    pre = PreprocessOptions(views=list(plan.views), size=plan.size, max_slices=plan.max_slices,
+                            neighbours=plan.neighbours)
     cfg = TrainConfig.from_plan(plan, seed=seed, progress=bool(o.get("progress", False)), device=_device(o),
                                 workers=int(o.get("workers", 0)), cache_dir=o.get("trunk_cache"),
                                 embed_norm=_embed_norm(o))

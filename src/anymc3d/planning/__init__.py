@@ -18,26 +18,44 @@ __all__ = ["FIELDS", "Plan", "fingerprint", "fmt_duration", "make_plan", "parse_
 DEFAULT_BUDGET = "30m"
 
 
-def plan_for(task, backbone: str, budget: str | float | None = DEFAULT_BUDGET, device: str = "auto",
+def plan_for(task, backbone: str | None, budget: str | float | None = DEFAULT_BUDGET, device: str = "auto",
              weights: str | None = None, overrides: dict | None = None, out: str | Path | None = None,
-             threshold: str = DEFAULT_POLICY, timings: dict | None = None, log=print) -> tuple[Plan, dict, dict]:
+             threshold: str = DEFAULT_POLICY, timings: dict | None = None, log=print, racers: list[str] | None = None,
+             measure=None, score=None) -> tuple[Plan, dict, dict]:
     """Fingerprint ``task``, time the candidates on ``device`` (unless ``timings`` is given) and plan.
-    Writes fingerprint.json, timings.json and plan.json into ``out`` when given."""
+    Writes fingerprint.json, timings.json and plan.json into ``out`` when given.
+
+    ``backbone=None`` (no ``--backbone``): the backbone race (:mod:`anymc3d.planning.race`) among
+    ``racers`` (default: the backbones with weights here) picks it, unless ``weights`` or ``timings``
+    fix one backbone. ``measure(name, size) -> timings`` and ``score(name, size, views) -> val AUC``
+    replace the machine timing and the race's probe (tests inject them)."""
     from ..backbones import default_input_size
+    from ..cli_args import DEFAULT_BACKBONE
     from ..io import write_json
-    from .machine import machine_info, measure_timings
-    from .planner import choose_size
+    from .machine import machine_info
+    from .race import backbones_here
 
     budget_s = parse_budget(budget)
     fp = fingerprint(task)
-    bsize = default_input_size(backbone)
-    if timings is None:
+    chosen = backbone or DEFAULT_BACKBONE
+    names = [] if backbone or weights is not None or timings is not None else (
+        backbones_here() if racers is None else list(racers))
+    if measure is None:
         info = machine_info(device)
-        size = (overrides or {}).get("size") or choose_size(fp, bsize, info["device_type"])[0]
-        log(f"planning: timing training steps of {backbone} at {size} px on {info['device']} "
-            f"({info['threads']} threads) ...")
-        timings = measure_timings(task, backbone, size, device=device, weights=weights)
-    plan = make_plan(fp, timings, budget_s, bsize, overrides=overrides, threshold=threshold)
+
+        def measure(name: str, size: int) -> dict:
+            from .machine import measure_timings
+
+            log(f"planning: timing training steps of {name} at {size} px on {info['device']} "
+                f"({info['threads']} threads) ...")
+            return measure_timings(task, name, size, device=device, weights=weights)
+    if chosen in names and len(names) > 1:
+        plan, timings = _race(task, fp, names, chosen, budget_s, device, overrides, threshold, measure, score, log)
+    else:
+        if timings is None:
+            timings = measure(chosen, _size(fp, chosen, overrides, machine_info(device)["device_type"]))
+        plan = make_plan(fp, timings, budget_s, default_input_size(chosen), overrides=overrides, threshold=threshold)
+        plan.backbone = chosen
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -45,3 +63,49 @@ def plan_for(task, backbone: str, budget: str | float | None = DEFAULT_BUDGET, d
         write_json(timings, out / "timings.json")
         write_json(plan.to_dict(), out / "plan.json")
     return plan, fp, timings
+
+
+def _size(fp: dict, backbone: str, overrides: dict | None, device_type: str) -> int:
+    """The slice size the plan will choose for ``backbone`` (what its timing is measured at)."""
+    from ..backbones import default_input_size
+    from .planner import choose_size
+
+    return (overrides or {}).get("size") or choose_size(fp, default_input_size(backbone), device_type)[0]
+
+
+def _race(task, fp, names, default, budget_s, device, overrides, threshold, measure, score, log) -> tuple[Plan, dict]:
+    """Time every racer, plan each within the budget less the race's reserve, race the eligible
+    ones (:func:`anymc3d.planning.race.run_race`) and return the winner's plan and timings."""
+    from ..backbones import default_input_size
+    from ..errors import InputError
+    from .machine import machine_info
+    from .race import RACE_SHARE, Racer, probe_score, race_cost, run_race
+
+    dtype = machine_info(device)["device_type"]
+    reserve = None if budget_s is None else RACE_SHARE * budget_s
+    rest = None if budget_s is None else budget_s - reserve
+    racers, tables = [], {}
+    for name in names:
+        t = tables[name] = measure(name, _size(fp, name, overrides, dtype))
+        try:
+            p = make_plan(fp, t, rest, default_input_size(name), overrides=overrides, threshold=threshold)
+        except InputError:
+            p = None
+        cost = race_cost(fp, t, p.views, p.size) if p is not None else 0.0
+        racers.append(Racer(name, p, cost))
+    ref = next(r for r in racers if r.backbone == default)
+    winner = default
+    if ref.plan is not None:
+        winner = run_race(racers, default, reserve, score or probe_score(task, device=device), log=log)
+    raced = any(r.status == "raced" for r in racers)
+    if raced:
+        plan = next(r.plan for r in racers if r.backbone == winner)
+        plan.budget_s = budget_s  # planned within the budget less the race's reserve; the run has the whole budget
+    else:  # nothing raced: the default backbone's plan within the whole budget, as without a race
+        for r in racers:
+            r.status = r.status or "not raced: the default backbone's plan does not fit the budget less the race's share"
+        plan = make_plan(fp, tables[default], budget_s, default_input_size(default), overrides=overrides,
+                         threshold=threshold)
+    plan.backbone = winner
+    plan.race = [r.row() for r in racers]
+    return plan, tables[winner]

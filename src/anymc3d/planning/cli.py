@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..cli_args import DEFAULT_BACKBONE
 from ..errors import InputError
 from ..evaluation.threshold import DEFAULT_POLICY
 from . import DEFAULT_BUDGET
@@ -13,7 +14,7 @@ from .planner import FIELDS, Plan, none_for_all, plan_table
 #: ``anymc3d train --no-plan``: the fixed settings of earlier releases (full-depth LoRA, the backbone's
 #: slice size, axial, every slice); the training fields (30 epochs, augmentation, ...) are
 #: :class:`anymc3d.training.trainer.TrainConfig`'s own defaults (:func:`fixed_settings`)
-FIXED_DEFAULTS = {"size": None, "views": ["axial"], "lora_last_k": None, "max_slices": None}
+FIXED_DEFAULTS = {"size": None, "views": ["axial"], "lora_last_k": None, "max_slices": None, "neighbours": False}
 
 
 def fixed_settings() -> dict:
@@ -93,6 +94,9 @@ def add_plan_override_args(p: argparse.ArgumentParser) -> None:
                    help="K plugin members trained together on the one cached trunk; predictions average them (1-16)")
     g.add_argument("--test-flips", type=_flips, metavar="w,h,hw|none",
                    help="in-plane slice flips averaged at prediction, stored in the plugin (none: off)")
+    g.add_argument("--neighbours", action=argparse.BooleanOptionalAction, default=None,
+                   help="2.5D slices: each slice with its two neighbours as the backbone's three channels, "
+                        "instead of one grey slice repeated (one-channel volumes; stored in the plugin)")
 
 
 TIMING_KEYS = ("device", "prep_s_per_volume", "aug_s_per_volume", "trunk_fwd_s", "tail_step_s", "tail_fwd_s",
@@ -151,6 +155,7 @@ def settings_for_training(a: argparse.Namespace, task, log: bool = True) -> dict
     if getattr(a, "no_plan", False):
         st = _apply(fixed_settings(), overrides)
         st["workers"] = a.workers
+        st["backbone"] = getattr(a, "backbone", None) or DEFAULT_BACKBONE
         return st
     quiet = a.quiet or not log
 
@@ -174,6 +179,7 @@ def settings_for_training(a: argparse.Namespace, task, log: bool = True) -> dict
     plan = plan_on_rank0(make)
     st = _apply({k: getattr(plan, k) for k in FIELDS}, {})
     st["workers"] = a.workers or plan.workers
+    st["backbone"] = getattr(a, "backbone", None) or plan.backbone or DEFAULT_BACKBONE  # the race's winner when none was given
     st["plan"] = plan.to_dict()
     if plan.cache == "disk" and not getattr(a, "cache", None):
         st["cache_dir"] = str(Path(a.out) / "trunk_cache")
@@ -187,7 +193,7 @@ def register(sub) -> dict:
                        description="Write fingerprint.json, timings.json and plan.json into --out and print the "
                        "plan; `anymc3d train` makes the same plan by default.")
     p.add_argument("data")
-    add_backbone_args(p)
+    add_backbone_args(p, race=True)
     add_slice_args(p, None)
     p.add_argument("--out", required=True, type=Path)
     add_plan_args(p)

@@ -34,7 +34,7 @@ from .fingerprint import in_plane_size, slices_per_view
 PLAN_VERSION = 1
 #: the plan fields a user flag can override (``anymc3d train --epochs ...``)
 FIELDS = ("size", "views", "lora_last_k", "augment", "slice_subset", "max_slices", "epochs", "batch_size", "patience",
-          "flip_copies", "test_flips", "ensemble")
+          "flip_copies", "test_flips", "ensemble", "neighbours")
 MIN_SIZE = 64
 MIN_AXIS_FOR_VIEWS = 16
 MAX_ANISOTROPY_FOR_VIEWS = 3.0
@@ -71,6 +71,7 @@ class Plan:
     flip_copies: int = 0             # cached flipped copies of every training volume (training.trainer)
     test_flips: list[str] = field(default_factory=list)  # in-plane flips averaged at prediction (plugin spec)
     ensemble: int = 1                # members trained together on the one cached trunk (plugin spec)
+    neighbours: bool = False         # 2.5D slices: the slice and its two neighbours as the channels (preprocess spec)
     cache: str = "memory"            # trunk activations: memory | disk | none
     workers: int = 0
     device: str = "cpu"
@@ -83,6 +84,8 @@ class Plan:
     name: str = ""                   # the chosen candidate's name (its key in priors.json)
     prior: float | None = None       # its prior (expected validation AUC), None where none was measured
     considered: list[dict] = field(default_factory=list)  # every candidate: name, estimate, prior, fits
+    backbone: str = ""               # the backbone it trains (fixed by --backbone, or the race's winner)
+    race: list[dict] = field(default_factory=list)  # the backbone race (planning.race), empty when none ran
     overridden: list[str] = field(default_factory=list)
     reasons: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
@@ -339,7 +342,7 @@ def make_plan(fp: dict, timings: dict, budget_s: float | None, backbone_size: in
     return Plan(size=size, views=list(c["views"]), lora_last_k=c["lora_last_k"], augment=bool(c["augment"]),
                 slice_subset=c["slice_subset"], max_slices=c["max_slices"], epochs=int(c["epochs"]), batch_size=bs, patience=patience,
                 flip_copies=int(c.get("flip_copies") or 0), test_flips=list(c.get("test_flips") or []),
-                ensemble=int(c.get("ensemble") or 1),
+                ensemble=int(c.get("ensemble") or 1), neighbours=bool(overrides.get("neighbours", c.get("neighbours", False))),
                 cache=cache, workers=workers, device=timings.get("device", "cpu"), threshold=threshold,
                 threads=timings.get("threads_chosen"),
                 budget_s=budget_s, estimate_s=est["total"], estimate=est, candidate=rank, name=c["name"],
@@ -352,7 +355,8 @@ def plan_table(plan: Plan) -> str:
     mark = {k: " (flag)" for k in plan.overridden}
     lora = "all blocks (full depth)" if plan.lora_last_k is None else f"last {plan.lora_last_k} stage(s)"
     dev = plan.device + (f", {plan.threads} thread(s)" if plan.threads and plan.device == "cpu" else "")
-    rows = [("device", dev), ("slice size", f"{plan.size}"), ("views", ",".join(plan.views)),
+    rows = [("device", dev)] + ([("backbone", plan.backbone + (" (backbone race)" if any(
+        r.get("status") == "raced" for r in plan.race) else ""))] if plan.backbone else []) + [("slice size", f"{plan.size}"), ("views", ",".join(plan.views)),
             ("LoRA", lora), ("trunk cache", plan.cache), ("augmentation", "on" if plan.augment else "off"),
             ("training slices", f"{plan.slice_subset} per volume and view" if plan.slice_subset else "all"),
             ("slices per view", f"at most {plan.max_slices} (resampled)" if plan.max_slices else "all"),
@@ -377,6 +381,10 @@ def plan_table(plan: Plan) -> str:
         lines.append(f"  overridden by flags: {', '.join(plan.overridden)}")
     if plan.considered:
         lines.append(candidate_table(plan))
+    if plan.race:
+        from .race import race_table
+
+        lines.append(race_table(plan.race, plan.backbone))
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ def plan_volume(volume: Volume, spec: PreprocessSpec) -> SpatialRecord:
     c_in = shape[0] if len(shape) == 4 else 1
     channels = max(c_in, spec.out_channels(c_in))
     record = plan_spatial(shape[-3:], volume.affine, spec, volume.source, channels=channels)
-    check_slices(spec, record.canonical_shape, spec.out_channels(c_in), volume.source)
+    check_slices(spec, record.canonical_shape, spec.slice_channels(c_in), volume.source)
     return record
 
 

@@ -80,13 +80,22 @@ def check_slices(spec: PreprocessSpec, canonical_shape, channels: int = 1, sourc
                          f"to {spec.size}) make")
 
 
+def neighbour_channels(x: torch.Tensor) -> torch.Tensor:
+    """(S, 1, H, W) -> (S, 3, H, W): slice i's channels are slices i-1, i and i+1 (the ends repeat)."""
+    idx = torch.arange(x.shape[0], device=x.device)
+    lo, hi = (idx - 1).clamp(min=0), (idx + 1).clamp(max=x.shape[0] - 1)
+    return torch.cat([x[lo], x, x[hi]], dim=1)
+
+
 def to_slices(
     array_cxyz: Union[np.ndarray, torch.Tensor], spec: PreprocessSpec, view: str, mode: str = "bilinear",
     source="<array>",
 ) -> torch.Tensor:
     """Cut a canonical (C,X,Y,Z) volume (numpy or torch, any device) into (S, C, size, size) slices.
 
-    A 3D (X,Y,Z) input is treated as one channel. ``mode="nearest"`` for masks/labels.
+    A 3D (X,Y,Z) input is treated as one channel. ``mode="nearest"`` for masks/labels (never 2.5D).
+    With ``spec.neighbours`` a one-channel image gives (S, 3, size, size): each slice with its two
+    neighbours along the view's axis (after ``max_slices``), as the three channels.
     Works on torch tensors so augmentation can run between ``canonicalize`` and here.
     The stack is checked against ``--max-voxels`` first (:func:`check_slices`; ``source`` names the file).
     """
@@ -96,12 +105,15 @@ def to_slices(
         x = x.unsqueeze(0)
     if x.ndim != 4:
         raise ValueError(f"to_slices expects (C,X,Y,Z) or (X,Y,Z), got shape {tuple(x.shape)}")
-    check_slices(spec, tuple(x.shape[1:]), int(x.shape[0]), source, views=[view])
+    neighbours = spec.neighbours and mode != "nearest" and x.shape[0] == 1
+    check_slices(spec, tuple(x.shape[1:]), 3 if neighbours else int(x.shape[0]), source, views=[view])
     if not x.is_floating_point():
         x = x.float()
     x = x.permute(*_FORWARD_PERM[view])  # (S, C, H, W)
     if spec.max_slices is not None and x.shape[0] > spec.max_slices:
         x = _resize_slice_axis(x, spec.max_slices, mode)
+    if neighbours:
+        x = neighbour_channels(x)
     h, w = x.shape[-2:]
     m, top, left = _pad_amounts(h, w)
     if (h, w) != (m, m):

@@ -59,7 +59,7 @@ def _resolve_windows(windows: Union[str, Sequence[Any], None]) -> Optional[list[
 
 
 #: spec fields used only when cutting slices
-SLICE_ONLY_FIELDS = ("views", "size", "max_slices")
+SLICE_ONLY_FIELDS = ("views", "size", "max_slices", "neighbours")
 
 
 @dataclass
@@ -75,6 +75,9 @@ class PreprocessSpec:
     views: any of "axial" (along z), "coronal" (along y), "sagittal" (along x) of the RAS grid.
     size: side of the square slices given to the backbone.
     max_slices: if a view has more slices, that axis is linearly resampled to max_slices.
+    neighbours: 2.5D input: each slice's three channels are the slice before it, the slice and the
+        slice after it (the first and last repeat themselves), instead of one grey slice repeated
+        three times; for one-channel volumes (not CT windows, which already fill the channels).
     """
 
     orientation: Optional[str] = "RAS"
@@ -86,6 +89,7 @@ class PreprocessSpec:
     views: list[str] = field(default_factory=lambda: ["axial"])
     size: int = 224
     max_slices: Optional[int] = None
+    neighbours: bool = False
 
     def __post_init__(self) -> None:
         if self.orientation is not None:
@@ -126,6 +130,16 @@ class PreprocessSpec:
             if int(self.max_slices) != self.max_slices or self.max_slices < 1:
                 raise ValueError(f"max_slices must be a positive integer or None, got {self.max_slices!r}")
             self.max_slices = int(self.max_slices)
+        self.neighbours = bool(self.neighbours)
+        if self.neighbours and self.out_channels(1) != 1:
+            raise ValueError("neighbours (2.5D slices) needs one channel per volume; CT windows already give "
+                             f"{self.out_channels(1)}")
+
+    def slice_channels(self, in_channels: int = 1) -> int:
+        """Channels of each slice the backbone receives: 3 neighbouring slices for a one-channel
+        volume with ``neighbours``, else the channels after intensity processing."""
+        c = self.out_channels(in_channels)
+        return 3 if self.neighbours and c == 1 else c
 
     def out_channels(self, in_channels: int = 1) -> int:
         """Channels after intensity processing ("ct" gives one per window per input channel)."""
@@ -144,6 +158,8 @@ class PreprocessSpec:
         d["windows"] = None if self.windows is None else [list(w) for w in self.windows]
         d["clip_percentiles"] = list(self.clip_percentiles)
         d["views"] = list(self.views)
+        if not self.neighbours:  # written only when on: earlier plugins and cache keys stay as they were
+            d.pop("neighbours")
         d["schema"] = SCHEMA_VERSION
         return d
 
@@ -174,11 +190,13 @@ class PreprocessOptions:
     windows: Union[str, list, None] = None
     spacing: Optional[tuple] = None
     max_slices: Optional[int] = None
+    neighbours: bool = False
 
     def spec_for(self, task, backbone_size: int) -> PreprocessSpec:
         """``task``: anything with ``intensity`` and ``orientation`` (a :class:`anymc3d.data.TaskData`)."""
         kw = dict(views=list(self.views), size=self.size or backbone_size, intensity=self.intensity or task.intensity,
-                  orientation=task.orientation, spacing=self.spacing, max_slices=self.max_slices)
+                  orientation=task.orientation, spacing=self.spacing, max_slices=self.max_slices,
+                  neighbours=self.neighbours)
         if self.windows is not None:
             kw["windows"] = self.windows
         return PreprocessSpec(**kw)
