@@ -80,9 +80,10 @@ def test_plan_for_races_within_the_budget_and_backbone_fixes_it(binary_manifest)
 
 
 def test_race_cost_scales_with_the_slower_backbone():
-    fp = fake_fp()
     views = ["axial", "coronal", "sagittal"]
-    assert race_cost(fp, SLOW, views, 64) > 4 * race_cost(fp, TIMINGS, views, 64) > 0
+    assert race_cost(300, 50, SLOW, views, 64) > 4 * race_cost(300, 50, TIMINGS, views, 64) > 0
+    # the probe reads at most RACE_TRAIN_CASES + RACE_VAL_CASES cases, however large the splits
+    assert race_cost(10_000, 5_000, TIMINGS, views, 64) == race_cost(96, 64, TIMINGS, views, 64)
 
 
 def test_train_trains_the_race_winner(binary_manifest, tmp_path, monkeypatch):
@@ -111,3 +112,39 @@ def test_probe_score_separates_a_separable_toy(tmp_path):
     task = load_data(str(build_binary_dataset(tmp_path / "d", n=32, seed=3)))  # 16 / 8 / 8 cases
     auc = probe_score(task)(LITE, 32, ["axial"])
     assert auc > 0.9, auc
+
+
+def test_a_quick_look_spares_timing_a_backbone_that_cannot_afford_the_default_recipe(binary_manifest):
+    """The quick look's lower bound is planned first: a challenger whose frozen pass alone rules out the
+    default's recipe is never timed in full nor raced; one that might afford it is timed and races."""
+    from anymc3d.planning.race import ENGINE_SPEEDUP, lower_bound_timings
+
+    task = load_data(str(binary_manifest))
+    tables = {LITE: {**TIMINGS, "size": 64}, VIT: {**SLOW, "size": 64}}
+    timed = []
+
+    def measure(name, size):
+        timed.append(name)
+        return tables[name]
+
+    budget_s = make_plan(fake_fp(), TIMINGS, None, 224).estimate_s  # ample for Lite0 on this 16-case toy
+    hopeless = lambda name, size: 1e4  # noqa: E731  (s per slice: nothing fits)
+    plan, _, _ = plan_for(task, None, budget_s, racers=[VIT, LITE], measure=measure, quick=hopeless,
+                          score=lambda *a: pytest.fail("nothing races"), log=lambda *_: None)
+    assert timed == [LITE] and plan.backbone == LITE
+    assert plan.race[0]["backbone"] == LITE and "quick look" in plan.race[1]["status"]
+    timed.clear()
+    plan, _, _ = plan_for(task, None, "2h", racers=[LITE, VIT], measure=measure, quick=lambda n, s: 0.0,
+                          score=lambda n, s, v: {LITE: 0.7, VIT: 0.9}[n], log=lambda *_: None)
+    assert timed == [LITE, VIT] and plan.backbone == VIT
+    # the bound is never above a real table: its trunk faster, its tail free, the rest as measured
+    lb = lower_bound_timings(TIMINGS, 8e-3, 64)
+    assert lb["trunk_fwd_s"] == 8e-3 / ENGINE_SPEEDUP and lb["tail_step_s"] == lb["tail_fwd_s"] == 0.0
+    assert lb["prep_s_per_volume"] == TIMINGS["prep_s_per_volume"]
+
+
+def test_quick_trunk_s_times_a_real_pass():
+    from anymc3d.planning.race import quick_trunk_s
+
+    s = quick_trunk_s(LITE, 32, weights="random")
+    assert 0 < s < 1.0

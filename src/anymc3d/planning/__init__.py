@@ -21,14 +21,15 @@ DEFAULT_BUDGET = "30m"
 def plan_for(task, backbone: str | None, budget: str | float | None = DEFAULT_BUDGET, device: str = "auto",
              weights: str | None = None, overrides: dict | None = None, out: str | Path | None = None,
              threshold: str = DEFAULT_POLICY, timings: dict | None = None, log=print, racers: list[str] | None = None,
-             measure=None, score=None) -> tuple[Plan, dict, dict]:
+             measure=None, score=None, quick=None) -> tuple[Plan, dict, dict]:
     """Fingerprint ``task``, time the candidates on ``device`` (unless ``timings`` is given) and plan.
     Writes fingerprint.json, timings.json and plan.json into ``out`` when given.
 
     ``backbone=None`` (no ``--backbone``): the backbone race (:mod:`anymc3d.planning.race`) among
     ``racers`` (default: the backbones with weights here) picks it, unless ``weights`` or ``timings``
-    fix one backbone. ``measure(name, size) -> timings`` and ``score(name, size, views) -> val AUC``
-    replace the machine timing and the race's probe (tests inject them)."""
+    fix one backbone. ``measure(name, size) -> timings``, ``score(name, size, views) -> val AUC`` and
+    ``quick(name, size) -> s per slice`` replace the machine timing, the race's probe and its quick look
+    (tests inject them)."""
     from ..backbones import default_input_size
     from ..cli_args import DEFAULT_BACKBONE
     from ..io import write_json
@@ -50,7 +51,10 @@ def plan_for(task, backbone: str | None, budget: str | float | None = DEFAULT_BU
                 f"({info['threads']} threads) ...")
             return measure_timings(task, name, size, device=device, weights=weights)
     if chosen in names and len(names) > 1:
-        plan, timings = _race(task, fp, names, chosen, budget_s, device, overrides, threshold, measure, score, log)
+        if quick is None:
+            from .race import quick_trunk_s as quick
+        plan, timings = _race(task, fp, names, chosen, budget_s, device, overrides, threshold, measure, score, quick,
+                              log)
     else:
         if timings is None:
             timings = measure(chosen, _size(fp, chosen, overrides, machine_info(device)["device_type"]))
@@ -73,26 +77,41 @@ def _size(fp: dict, backbone: str, overrides: dict | None, device_type: str) -> 
     return (overrides or {}).get("size") or choose_size(fp, default_input_size(backbone), device_type)[0]
 
 
-def _race(task, fp, names, default, budget_s, device, overrides, threshold, measure, score, log) -> tuple[Plan, dict]:
-    """Time every racer, plan each within the budget less the race's reserve, race the eligible
-    ones (:func:`anymc3d.planning.race.run_race`) and return the winner's plan and timings."""
+def _race(task, fp, names, default, budget_s, device, overrides, threshold, measure, score, quick,
+          log) -> tuple[Plan, dict]:
+    """Time every racer (a challenger that even a quick look rules out is not timed in full), plan
+    each within the budget less the race's reserve, race the eligible ones
+    (:func:`anymc3d.planning.race.run_race`) and return the winner's plan and timings."""
     from ..backbones import default_input_size
     from ..errors import InputError
     from .machine import machine_info
-    from .race import RACE_SHARE, Racer, probe_score, race_cost, run_race
+    from .planner import split_sizes
+    from .race import RACE_SHARE, Racer, lower_bound_timings, probe_score, race_cost, run_race
 
     dtype = machine_info(device)["device_type"]
     reserve = None if budget_s is None else RACE_SHARE * budget_s
     rest = None if budget_s is None else budget_s - reserve
-    racers, tables = [], {}
-    for name in names:
-        t = tables[name] = measure(name, _size(fp, name, overrides, dtype))
+
+    def plan_within(t: dict, name: str):
         try:
-            p = make_plan(fp, t, rest, default_input_size(name), overrides=overrides, threshold=threshold)
+            return make_plan(fp, t, rest, default_input_size(name), overrides=overrides, threshold=threshold)
         except InputError:
-            p = None
-        cost = race_cost(fp, t, p.views, p.size) if p is not None else 0.0
-        racers.append(Racer(name, p, cost))
+            return None
+
+    racers, tables = [], {}
+    for name in [default] + [n for n in names if n != default]:  # the default first: the others are held to it
+        size = _size(fp, name, overrides, dtype)
+        if name != default and racers[0].plan is not None:
+            lb = plan_within(lower_bound_timings(tables[default], quick(name, size), size), name)
+            if lb is None or lb.candidate > racers[0].plan.candidate:
+                best = "no plan" if lb is None else lb.name
+                racers.append(Racer(name, None, 0.0, f"not raced: a quick look at its frozen pass shows it affords at "
+                                                     f"best {best} within the budget (the default backbone's plan: "
+                                                     f"{racers[0].plan.name}); not timed further"))
+                continue
+        t = tables[name] = measure(name, size)
+        p = plan_within(t, name)
+        racers.append(Racer(name, p, race_cost(*split_sizes(fp)[:2], t, p.views, p.size) if p is not None else 0.0))
     ref = next(r for r in racers if r.backbone == default)
     winner = default
     if ref.plan is not None:
