@@ -32,6 +32,9 @@ CANDIDATES = {
     "k1_all_flips": FLIPS,
     "k1_all_flips_ens3": FLIPS + ["--ensemble", "3"],
     "k1_all_ens3": ["--ensemble", "3"],
+    # training dynamics (planning/planner.py EMA_DECAY, LABEL_SMOOTHING)
+    "k1_all_ema": ["--ema", "0.99"],
+    "k1_all_ls": ["--label-smoothing", "0.1"],
     # 2.5D input (each slice with its two neighbours as the channels) needs one channel per volume: on
     # Adrenal (one channel) against k1_all; on the CT phantoms (3 HU windows by default) both sides grey
     "k1_all_nb": ["--neighbours"],

@@ -199,3 +199,58 @@ def test_train_learns_a_separable_toy_through_the_cli_and_the_api(tmp_path, caps
                        config=TrainConfig(epochs=4, batch_size=8, augment=False, progress=False),
                        log=lambda *a, **k: None)
     assert api["test"]["auc"] > 0.9, api["test"]
+
+
+def test_weight_ema_moves_each_weight_toward_the_live_one_and_puts_the_live_ones_back():
+    from anymc3d.training.ema import WeightEMA
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    ema = WeightEMA({"w": w}, 0.75)
+    with torch.no_grad():
+        w.fill_(4.0)
+    ema.update()  # 0 + 0.25 * (4 - 0)
+    ema.update()  # 1 + 0.25 * (4 - 1)
+    assert torch.allclose(ema.state_dict()["w"], torch.full((3,), 1.75))
+    with ema.applied():
+        assert torch.allclose(w, torch.full((3,), 1.75))
+    assert torch.allclose(w, torch.full((3,), 4.0))
+    with pytest.raises(ValueError, match="decay"):
+        WeightEMA({"w": w}, 1.0)
+
+
+def test_label_smoothing_pulls_the_targets_toward_uniform():
+    from anymc3d.training.losses import classification_loss
+    import torch.nn.functional as F
+
+    z = torch.tensor([[2.0], [-1.0], [0.5]])
+    y = torch.tensor([1, 0, 1])
+    soft = torch.tensor([[0.95], [0.05], [0.95]])
+    assert torch.allclose(classification_loss(z, y, "binary", "bce", label_smoothing=0.1),
+                          F.binary_cross_entropy_with_logits(z, soft))
+    assert not torch.allclose(classification_loss(z, y, "binary", "bce"), F.binary_cross_entropy_with_logits(z, soft))
+    zm = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    ym = torch.tensor([0, 2])
+    assert torch.allclose(classification_loss(zm, ym, "multiclass", "ce", label_smoothing=0.2),
+                          F.cross_entropy(zm, ym, label_smoothing=0.2))
+    # focal: a confident correct logit is pushed back from saturation (its loss no longer vanishes)
+    big = torch.tensor([[12.0]])
+    assert classification_loss(big, torch.tensor([1]), "binary", "focal", label_smoothing=0.1) > \
+        100 * classification_loss(big, torch.tensor([1]), "binary", "focal")
+
+
+def test_ema_and_label_smoothing_are_plan_fields_and_flags(tmp_path):
+    from anymc3d.cli import build_parser
+    from anymc3d.planning.cli import overrides_from
+    from anymc3d.planning.planner import candidates
+    from anymc3d.training.trainer import TrainConfig
+
+    a = build_parser().parse_args(["train", "d.csv", "--out", str(tmp_path), "--ema", "0.99", "--label-smoothing", "0.1"])
+    o = overrides_from(a)
+    assert o["ema"] == 0.99 and o["label_smoothing"] == 0.1
+    cfg = TrainConfig.from_plan({**o, "epochs": 3})
+    assert cfg.ema == 0.99 and cfg.label_smoothing == 0.1 and cfg.epochs == 3
+    names = {c["name"]: c for c in candidates(["axial"], "cpu")}
+    assert names["k1_all_ema"]["ema"] > 0 and names["k1_all_ls"]["label_smoothing"] > 0 and names["k1_all"]["ema"] == 0
+    for bad in (["--ema", "1.5"], ["--label-smoothing", "0.7"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", "d.csv", "--out", str(tmp_path), *bad])

@@ -382,11 +382,11 @@ def _trainable_equal(a: dict, b: dict, atol=1e-6):
     assert worst <= atol, worst
 
 
-@pytest.mark.parametrize("head_dropout", [0.0, 0.2])
-def test_resume_matches_uninterrupted(prepared_binary, tmp_path, monkeypatch, head_dropout):
+@pytest.mark.parametrize("head_dropout,ema", [(0.0, 0.0), (0.2, 0.0), (0.0, 0.9)])
+def test_resume_matches_uninterrupted(prepared_binary, tmp_path, monkeypatch, head_dropout, ema):
     prepared, specs = prepared_binary
     train, val = prepared["train"], prepared["val"]
-    cfg = TrainConfig(epochs=2, batch_size=4, progress=False, lr_lora=1e-3, lr_head=1e-2, augment=True)
+    cfg = TrainConfig(epochs=2, batch_size=4, progress=False, lr_lora=1e-3, lr_head=1e-2, augment=True, ema=ema)
 
     def new_model():
         bb = lite0(None)
@@ -424,6 +424,28 @@ def test_resume_matches_uninterrupted(prepared_binary, tmp_path, monkeypatch, he
     assert np.allclose([r["train_loss"] for r in h_full], [r["train_loss"] for r in h_res], atol=1e-5)
     _trainable_equal(ck_full["trainable"], ck_res["trainable"])  # state after the last epoch
     _trainable_equal(full.trainable_state(), resumed.trainable_state())  # best state, loaded at the end
+    if ema:  # the weights' average went through the checkpoint too
+        _trainable_equal(ck_full["ema"], ck_res["ema"])
+
+
+def test_ema_weights_are_validated_and_saved(prepared_binary, tmp_path):
+    """With ``ema`` the plugin keeps the averaged weights it validated (one epoch: the best is the only one),
+    not the live weights training ended with; without it, the live ones."""
+    prepared, specs = prepared_binary
+    bb = lite0(None)
+    for ema in (0.0, 0.5):
+        cfg = TrainConfig(epochs=1, batch_size=4, progress=False, lr_lora=1e-3, lr_head=1e-2, augment=False, ema=ema)
+        torch.manual_seed(0)
+        model = AnyMC3D(bb, make_spec(bb, r=4), adapter_prefix=f"e{int(ema * 10)}_")
+        fit(model, specs, prepared["train"], prepared["val"], cfg, tmp_path / str(ema))
+        ck = torch.load(tmp_path / str(ema) / "checkpoint.pt", weights_only=True)
+        saved, live = model.trainable_state(), ck["trainable"]
+        moved = max(float((saved[k] - live[k]).abs().max()) for k in live)
+        if not ema:
+            assert "ema" not in ck and moved == 0.0
+            continue
+        assert moved > 1e-4  # the average lags the live weights
+        _trainable_equal({k: saved[k] for k in ck["ema"]}, ck["ema"])
 
 
 def test_resume_refuses_other_training_settings(prepared_binary, tmp_path):

@@ -53,6 +53,21 @@ def _flips(text: str) -> list[str]:
     return items
 
 
+def _ema(text: str) -> float:
+    """``--ema DECAY``: a per-step decay in (0, 1), or 0 (off)."""
+    v = float(text)
+    if not (v == 0.0 or 0.0 < v < 1.0):
+        raise argparse.ArgumentTypeError(f"--ema: a decay in (0, 1) such as 0.99, or 0 (off); got {text!r}")
+    return v
+
+
+def _smoothing(text: str) -> float:
+    v = float(text)
+    if not 0.0 <= v < 0.5:
+        raise argparse.ArgumentTypeError(f"--label-smoothing: in [0, 0.5), got {text!r}")
+    return v
+
+
 def _threshold(text: str):
     from ..evaluation.threshold import parse_policy
 
@@ -94,6 +109,11 @@ def add_plan_override_args(p: argparse.ArgumentParser) -> None:
                    help="K plugin members trained together on the one cached trunk; predictions average them (1-16)")
     g.add_argument("--test-flips", type=_flips, metavar="w,h,hw|none",
                    help="in-plane slice flips averaged at prediction, stored in the plugin (none: off)")
+    g.add_argument("--ema", type=_ema, metavar="DECAY",
+                   help="validate and save an exponential moving average of the plugin's weights, DECAY per "
+                        "optimiser step (e.g. 0.99; 0: off)")
+    g.add_argument("--label-smoothing", type=_smoothing, metavar="EPS",
+                   help="label smoothing of the classification loss (0: off)")
     g.add_argument("--neighbours", action=argparse.BooleanOptionalAction, default=None,
                    help="2.5D slices: each slice with its two neighbours as the backbone's three channels, "
                         "instead of one grey slice repeated (one-channel volumes; stored in the plugin)")

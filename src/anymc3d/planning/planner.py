@@ -34,7 +34,7 @@ from .fingerprint import in_plane_size, slices_per_view
 PLAN_VERSION = 1
 #: the plan fields a user flag can override (``anymc3d train --epochs ...``)
 FIELDS = ("size", "views", "lora_last_k", "augment", "slice_subset", "max_slices", "epochs", "batch_size", "patience",
-          "flip_copies", "test_flips", "ensemble", "neighbours")
+          "flip_copies", "test_flips", "ensemble", "neighbours", "ema", "label_smoothing")
 MIN_SIZE = 64
 MIN_AXIS_FOR_VIEWS = 16
 MAX_ANISOTROPY_FOR_VIEWS = 3.0
@@ -46,6 +46,12 @@ MAX_EPOCHS = 100
 OVERHEAD_S = 15.0  # building the model, writing the plugin, metrics and report
 #: the measured quality order: each candidate's expected validation AUC, with the commands that measured it
 PRIORS_FILE = Path(__file__).with_name("priors.json")
+
+
+#: the training-dynamics candidates' settings: the EMA's per-step decay (a horizon of ~100 optimiser steps)
+#: and the label smoothing
+EMA_DECAY = 0.99
+LABEL_SMOOTHING = 0.1
 
 
 #: count fields where a flag's 0 ("all": full-depth LoRA, every slice) is None in a plan
@@ -72,6 +78,8 @@ class Plan:
     test_flips: list[str] = field(default_factory=list)  # in-plane flips averaged at prediction (plugin spec)
     ensemble: int = 1                # members trained together on the one cached trunk (plugin spec)
     neighbours: bool = False         # 2.5D slices: the slice and its two neighbours as the channels (preprocess spec)
+    ema: float = 0.0                 # per-step decay of the trainable weights' EMA (training.ema; 0: off)
+    label_smoothing: float = 0.0     # label smoothing of the classification loss (0: off)
     cache: str = "memory"            # trunk activations: memory | disk | none
     workers: int = 0
     device: str = "cpu"
@@ -155,12 +163,15 @@ def candidates(views: list[str], device_type: str) -> list[dict]:
     """Plan candidates in the cost order of the list (see the module docstring); each has a ``name``
     that keys its prior in ``priors.json``."""
     few = ["axial"]
-    base = dict(lora_last_k=1, augment=False, max_slices=None, flip_copies=0, test_flips=[], ensemble=1)
+    base = dict(lora_last_k=1, augment=False, max_slices=None, flip_copies=0, test_flips=[], ensemble=1, ema=0.0,
+                label_smoothing=0.0)
     flips = dict(base, flip_copies=3, test_flips=["w", "h", "hw"])
     cpu = [
         dict(flips, name="k1_all_flips_ens3", views=views, slice_subset=None, epochs=15, ensemble=3),
         dict(flips, name="k1_all_flips", views=views, slice_subset=None, epochs=15),
         dict(base, name="k1_all_tta", views=views, slice_subset=None, epochs=15, test_flips=["w", "h", "hw"]),
+        dict(base, name="k1_all_ema", views=views, slice_subset=None, epochs=15, ema=EMA_DECAY),
+        dict(base, name="k1_all_ls", views=views, slice_subset=None, epochs=15, label_smoothing=LABEL_SMOOTHING),
         dict(base, name="k1_all", views=views, slice_subset=None, epochs=15),
         dict(base, name="k1_sub16", views=views, slice_subset=16, epochs=15),
         dict(base, name="k1_sub8", views=views, slice_subset=8, epochs=10),
@@ -172,7 +183,7 @@ def candidates(views: list[str], device_type: str) -> list[dict]:
     ]
     if device_type == "cuda":
         gpu = dict(views=views, lora_last_k=None, augment=True, max_slices=None, flip_copies=0, test_flips=[], ensemble=1,
-                   epochs=30)
+                   ema=0.0, label_smoothing=0.0, epochs=30)
         return [dict(gpu, name="gpu_full_aug", slice_subset=None), dict(gpu, name="gpu_full_aug_sub16", slice_subset=16)] + cpu
     return cpu
 
@@ -285,6 +296,10 @@ def describe(c: dict) -> str:
         extra += f", test-time flips {'/'.join(c['test_flips'])}"
     if (c.get("ensemble") or 1) > 1:
         extra += f", {c['ensemble']}-member ensemble"
+    if c.get("ema"):
+        extra += f", weight EMA {c['ema']:g}"
+    if c.get("label_smoothing"):
+        extra += f", label smoothing {c['label_smoothing']:g}"
     return (f"{'+'.join(c['views'])}, {lora}, {'augmented' if c['augment'] else 'no augmentation'}{extra}, "
             f"{subset}, {c['epochs']} epochs")
 
@@ -342,7 +357,8 @@ def make_plan(fp: dict, timings: dict, budget_s: float | None, backbone_size: in
     return Plan(size=size, views=list(c["views"]), lora_last_k=c["lora_last_k"], augment=bool(c["augment"]),
                 slice_subset=c["slice_subset"], max_slices=c["max_slices"], epochs=int(c["epochs"]), batch_size=bs, patience=patience,
                 flip_copies=int(c.get("flip_copies") or 0), test_flips=list(c.get("test_flips") or []),
-                ensemble=int(c.get("ensemble") or 1), neighbours=bool(overrides.get("neighbours", c.get("neighbours", False))),
+                ensemble=int(c.get("ensemble") or 1), ema=float(c.get("ema") or 0.0),
+                label_smoothing=float(c.get("label_smoothing") or 0.0), neighbours=bool(overrides.get("neighbours", c.get("neighbours", False))),
                 cache=cache, workers=workers, device=timings.get("device", "cpu"), threshold=threshold,
                 threads=timings.get("threads_chosen"),
                 budget_s=budget_s, estimate_s=est["total"], estimate=est, candidate=rank, name=c["name"],
@@ -363,11 +379,14 @@ def plan_table(plan: Plan) -> str:
             ("flipped copies", f"{plan.flip_copies} per training volume (cached)" if plan.flip_copies else "none"),
             ("test-time flips", "/".join(plan.test_flips) if plan.test_flips else "none"),
             ("ensemble", f"{plan.ensemble} members on one trunk" if plan.ensemble > 1 else "one plugin"),
+            ("weight EMA", f"decay {plan.ema:g} per step" if plan.ema else "off"),
+            ("label smoothing", f"{plan.label_smoothing:g}" if plan.label_smoothing else "off"),
             ("epochs", str(plan.epochs)), ("batch size", str(plan.batch_size)),
             ("early-stopping patience", str(plan.patience)), ("threshold", plan.threshold)]
     keys = {"slice size": "size", "views": "views", "LoRA": "lora_last_k", "augmentation": "augment",
             "training slices": "slice_subset", "slices per view": "max_slices", "epochs": "epochs", "batch size": "batch_size",
             "flipped copies": "flip_copies", "test-time flips": "test_flips", "ensemble": "ensemble",
+            "weight EMA": "ema", "label smoothing": "label_smoothing",
             "early-stopping patience": "patience"}
     w = max(len(r[0]) for r in rows)
     lines = ["training plan" + (f" (candidate {plan.candidate})" if plan.candidate else "")]

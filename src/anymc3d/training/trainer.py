@@ -9,6 +9,7 @@ epoch, so a resumed run follows the same path as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -34,6 +35,7 @@ from ..runtime.batching import FLIP_COPIES, Batch, Batcher, BatchPlan, PreparedC
 from ..runtime.engine import Runtime
 from . import distributed as ddp
 from .decoder import SegDecoder3D, dice_ce_loss
+from .ema import WeightEMA
 from .losses import classification_loss
 
 __all__ = ["Batcher", "Checkpoint", "TrainConfig", "TrainLog", "Trainer", "build_optimizer", "class_weights",
@@ -72,6 +74,8 @@ class TrainConfig:
                                    # like the originals; each epoch shows every case as itself or one copy
     test_flips: list = field(default_factory=list)  # in-plane flips averaged at every prediction (PluginSpec.test_flips)
     ensemble: int = 1              # members trained together on one trunk (PluginSpec.ensemble)
+    ema: float = 0.0               # per-step decay of an EMA of the trainable weights, validated and saved (0: off)
+    label_smoothing: float = 0.0   # targets pulled toward the uniform distribution by this much (0: off)
 
     @classmethod
     def from_plan(cls, plan, **overrides) -> "TrainConfig":
@@ -87,7 +91,7 @@ class TrainConfig:
 
 #: the plan fields that are training settings (anymc3d.planning.planner.Plan)
 PLAN_FIELDS = ("epochs", "batch_size", "patience", "augment", "slice_subset", "workers", "flip_copies", "test_flips",
-               "ensemble", "threshold")
+               "ensemble", "ema", "label_smoothing", "threshold")
 
 
 #: settings that do not change what training computes, so a run may resume with them changed
@@ -205,6 +209,8 @@ class Checkpoint:
               "config": json.dumps(asdict(self.cfg))}
         if t.decoder is not None:
             ck["decoder"] = t.decoder.state_dict()
+        if t.ema is not None:
+            ck["ema"] = t.ema.state_dict()
         with atomic_write(self.path) as tmp:
             torch.save(ck, tmp)
 
@@ -223,6 +229,8 @@ class Checkpoint:
         t.start_epoch, t.best, t.best_state, t.bad = ck["epoch"] + 1, ck["best"], ck["best_state"], ck["bad_epochs"]
         if t.decoder is not None and "decoder" in ck:
             t.decoder.load_state_dict(ck["decoder"])
+        if t.ema is not None:
+            t.ema.load_state_dict(ck["ema"])
         t.log.history = json.loads(ck["history"])
         return True
 
@@ -292,6 +300,8 @@ class Trainer:
         self.decoder = SegDecoder3D(model.backbone.embed_dim, cfg.seg_hidden).to(self.device) if use_seg else None
         self.bs, self.steps_per_epoch = ddp.local_batch(self.n_cases, cfg.batch_size)  # batch_size: the global batch
         self.opt, self.sched, self.params = build_optimizer(model, self.decoder, cfg, self.steps_per_epoch)
+        # the EMA of the plugin's weights (the decoder is never saved, so never averaged)
+        self.ema = WeightEMA({**model.lora_parameters(), **model.head_parameters()}, cfg.ema) if cfg.ema else None
         cw = class_weights(np.stack([c.label.numpy() for c in self.train]), self.task_type, cfg.class_weighting)
         self.cw = cw.to(self.device) if cw is not None else None
         # DistributedDataParallel under torchrun; ``local``: this process alone (the planner's timing on rank 0)
@@ -342,7 +352,7 @@ class Trainer:
         y = batch.labels.to(self.device)
         # an ensemble trains each member on its own loss (the members stay independent), mean over members
         loss = sum(classification_loss(z.float(), y, self.task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha,
-                                       self.cw)
+                                       self.cw, label_smoothing=cfg.label_smoothing)
                    for z in (out.member_logits or [out.logits])) / max(1, len(out.member_logits))
         seg_loss = None
         if with_seg:
@@ -356,6 +366,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.opt.step()
         self.sched.step()
+        if self.ema is not None:
+            self.ema.update()
         return loss.item(), seg_loss
 
     def train_epoch(self, epoch: int) -> dict:
@@ -397,6 +409,10 @@ class Trainer:
         row = {"val_auc": m["auc"], "val_acc": m["acc"], "val_threshold": round(thr, 4)}
         return row, m["auc"] if m["auc"] is not None else m["acc"]
 
+    def averaged(self):
+        """A context in which the model holds the EMA weights (``cfg.ema``); a no-op without one."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def track_best(self, score: float) -> bool:
         """Keep the trainable state when ``score`` beats the best so far, else count a bad epoch; whether it did."""
         if score > self.best:
@@ -416,11 +432,12 @@ class Trainer:
         self.log.open_bar(self.steps_per_epoch * (cfg.epochs - self.start_epoch))
         for epoch in range(self.start_epoch, cfg.epochs):
             row = self.train_epoch(epoch)
-            val_row, score = self.validate()
-            row.update(val_row)
+            with self.averaged():  # with --ema the averaged weights are validated and kept as the best state
+                val_row, score = self.validate()
+                row.update(val_row)
+                row["best"] = self.track_best(-row["train_loss"] if score is None else score)
             row["lr_head"] = self.opt.param_groups[-1]["lr"]
             row["elapsed_s"] = self.log.elapsed()
-            row["best"] = self.track_best(-row["train_loss"] if score is None else score)
             self.log.add(row)
             self.checkpoint.save(self, epoch)
             if self.val and self.bad >= cfg.patience:
