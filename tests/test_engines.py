@@ -271,3 +271,17 @@ def test_machine_timings_name_the_engine(binary_manifest, monkeypatch):
         t = measure_timings(task, "efficientnet_lite0", SIZE, device="cpu", weights="random", batch_size=2,
                             max_slices_timed=4, n_cases=2)
         assert t["engine"] == INSTALLED[0] and np.isfinite(t["trunk_fwd_s"])
+
+
+def test_choose_threads_times_both_counts_and_keeps_the_faster():
+    from anymc3d.planning.machine import choose_threads
+
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = choose_threads(lambda: torch.ones(64, 64) @ torch.ones(64, 64), torch.device("cpu"))
+        assert set(out["threads_timed"]) == {"2", "1"}
+        assert out["threads_chosen"] == int(min(out["threads_timed"], key=out["threads_timed"].get))
+        assert torch.get_num_threads() == out["threads_chosen"]
+    finally:
+        torch.set_num_threads(n)

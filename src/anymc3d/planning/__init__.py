@@ -98,21 +98,22 @@ def _race(task, fp, names, default, budget_s, device, overrides, threshold, meas
         except InputError:
             return None
 
-    racers, tables = [], {}
+    racers, tables, ref = [], {}, None
     for name in [default] + [n for n in names if n != default]:  # the default first: the others are held to it
         size = _size(fp, name, overrides, dtype)
-        if name != default and racers[0].plan is not None:
+        if name != default and ref.plan is not None:
             lb = plan_within(lower_bound_timings(tables[default], quick(name, size), size), name)
-            if lb is None or lb.candidate > racers[0].plan.candidate:
+            if lb is None or lb.candidate > ref.plan.candidate:
                 best = "no plan" if lb is None else lb.name
                 racers.append(Racer(name, None, 0.0, f"not raced: a quick look at its frozen pass shows it affords at "
                                                      f"best {best} within the budget (the default backbone's plan: "
-                                                     f"{racers[0].plan.name}); not timed further"))
+                                                     f"{ref.plan.name}); not timed further"))
                 continue
         t = tables[name] = measure(name, size)
         p = plan_within(t, name)
         racers.append(Racer(name, p, race_cost(*split_sizes(fp)[:2], t, p.views, p.size) if p is not None else 0.0))
-    ref = next(r for r in racers if r.backbone == default)
+        if name == default:
+            ref = racers[-1]
     winner = default
     if ref.plan is not None:
         winner = run_race(racers, default, reserve, score or probe_score(task, device=device), log=log)

@@ -63,7 +63,7 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _timed(fn, dev: torch.device, repeats: int) -> float:
+def timed(fn, dev: torch.device, repeats: int) -> float:
     """Seconds of one call of ``fn``: the best of ``repeats`` calls after one warm-up call."""
     fn()
     best = float("inf")
@@ -82,13 +82,13 @@ def choose_threads(fn, dev: torch.device) -> dict:
     n = torch.get_num_threads()
     if dev.type != "cpu" or n == 1:
         return {"threads_chosen": n, "threads_timed": {}}
-    timed = {}
+    secs = {}
     for k in (n, 1):
         torch.set_num_threads(k)
-        timed[str(k)] = _timed(fn, dev, 1)
-    best = min(timed, key=timed.get)
+        secs[str(k)] = timed(fn, dev, 1)
+    best = min(secs, key=secs.get)
     torch.set_num_threads(int(best))
-    return {"threads_chosen": int(best), "threads_timed": timed}
+    return {"threads_chosen": int(best), "threads_timed": secs}
 
 
 def _model(backbone, task: TaskData, spec_pre, last_k: int | None) -> AnyMC3D:
@@ -144,15 +144,15 @@ def measure_timings(task: TaskData, backbone_name: str, size: int, device: str =
 
         flat = slices[stream].flatten(0, 1)[masks[stream].reshape(-1)].to(dev)
         threads = choose_threads(lambda: tail.trunk(flat), dev)
-        full_step = _timed(lambda: t_full.step(batch, None), dev, repeats) / n
-        full_fwd = _timed(infer(t_full, batch), dev, repeats) / n
+        full_step = timed(lambda: t_full.step(batch, None), dev, repeats) / n
+        full_fwd = timed(infer(t_full, batch), dev, repeats) / n
         # the frozen trunk as the trunk-cache fill will run it: through the engine of --engine (auto: measured)
         runner = frozen_engine(tail, stream, flat) if dev.type == "cpu" else None
-        trunk_fwd = _timed((lambda: runner(flat)) if runner is not None else (lambda: tail.trunk(flat)), dev,
+        trunk_fwd = timed((lambda: runner(flat)) if runner is not None else (lambda: tail.trunk(flat)), dev,
                            repeats) / n
         h = tail.trunk(flat)
-        tail_step = _timed(lambda: t_tail.step(cached, None), dev, repeats) / n
-        tail_fwd = _timed(infer(t_tail, cached), dev, repeats) / n
+        tail_step = timed(lambda: t_tail.step(cached, None), dev, repeats) / n
+        tail_fwd = timed(infer(t_tail, cached), dev, repeats) / n
     del t_full, t_tail
     del full, tail, rt_full, rt_tail, bb
     return {**machine_info(device), **threads, "backbone": backbone_name, "size": int(size), "batch_size": batch_size,

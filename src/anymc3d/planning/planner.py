@@ -182,8 +182,7 @@ def candidates(views: list[str], device_type: str) -> list[dict]:
         dict(base, name="axial_k1_sub8_depth16", views=few, slice_subset=8, epochs=5, max_slices=16),
     ]
     if device_type == "cuda":
-        gpu = dict(views=views, lora_last_k=None, augment=True, max_slices=None, flip_copies=0, test_flips=[], ensemble=1,
-                   ema=0.0, label_smoothing=0.0, epochs=30)
+        gpu = dict(base, views=views, lora_last_k=None, augment=True, epochs=30)
         return [dict(gpu, name="gpu_full_aug", slice_subset=None), dict(gpu, name="gpu_full_aug_sub16", slice_subset=16)] + cpu
     return cpu
 

@@ -84,17 +84,12 @@ def quick_trunk_s(name: str, size: int, weights: str | None = None) -> float:
     import torch
 
     from ..backbones import create_backbone
+    from .machine import timed
 
     bb = create_backbone(name, weights=weights, input_size=size).eval()
     x = torch.rand(QUICK_SLICES, 1, size, size)
-    best = float("inf")
     with torch.no_grad():
-        for i in range(3):
-            t0 = time.perf_counter()
-            bb.forward_trunk(x, 1)
-            if i:
-                best = min(best, time.perf_counter() - t0)
-    return best / QUICK_SLICES
+        return timed(lambda: bb.forward_trunk(x, 1), torch.device("cpu"), 2) / QUICK_SLICES
 
 
 def lower_bound_timings(default_timings: dict, trunk_s: float, size: int) -> dict:
