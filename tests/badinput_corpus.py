@@ -202,7 +202,7 @@ def predict(env: dict, tmp: Path, image, file=None, words=(), extra=(), **kw) ->
 def train(tmp: Path, manifest, file=None, words=(), extra=(), out=None, **kw) -> Run:
     out = out or tmp / "run"
     return Run(["train", str(manifest), "--out", str(out), "--weights", "random", "--size", SIZE, "--epochs", "1",
-                "--batch-size", "4", "--lora-rank", "2", "--quiet", *extra],
+                "--batch-size", "4", "--lora-rank", "2", "--quiet", "--no-select", *extra],
                str(file if file is not None else manifest), tuple(words), out, **kw)
 
 

@@ -284,7 +284,7 @@ def test_train_overwrite_and_resume(env, tmp_path, capsys):
     m = bc.binary_dataset(tmp_path / "d", n=8)
     out = tmp_path / "run"
     args = ["train", str(m), "--out", str(out), "--weights", "random", "--size", bc.SIZE, "--epochs", "1",
-            "--batch-size", "4", "--lora-rank", "2", "--quiet", "--no-augment"]
+            "--batch-size", "4", "--lora-rank", "2", "--quiet", "--no-augment", "--no-select"]
     assert main(args) == 0
     first = (out / "plugin.safetensors").read_bytes()
     assert main(args) == 2 and "already holds a plugin" in capsys.readouterr().err

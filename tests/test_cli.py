@@ -34,7 +34,7 @@ def cli_plugin(binary_manifest, tmp_path_factory) -> Path:
     """`anymc3d train` once for this module: evaluate/predict use what the train verb wrote."""
     out = tmp_path_factory.mktemp("cli") / "plugin"
     rc = main(["train", str(binary_manifest), "--out", str(out), "--size", SIZE, "--epochs", "1",
-               "--batch-size", "4", "--lora-rank", "4", "--quiet"])
+               "--batch-size", "4", "--lora-rank", "4", "--quiet", "--no-select"])
     assert rc == 0
     return out
 
@@ -76,7 +76,7 @@ def test_train_and_predict_other_task_types(kind, multiclass_manifest, multilabe
     manifest = multiclass_manifest if kind == "multiclass" else multilabel_manifest
     out = tmp_path / "plugin"
     assert main(["train", str(manifest), "--out", str(out), "--size", SIZE, "--epochs", "1", "--batch-size", "4",
-                 "--lora-rank", "2", "--quiet"] + (["--loss", "ce"] if kind == "multiclass" else [])) == 0
+                 "--lora-rank", "2", "--quiet", "--no-select"] + (["--loss", "ce"] if kind == "multiclass" else [])) == 0
     spec = json.loads((out / "plugin.json").read_text())
     assert spec["task_type"] == kind
     assert sorted(spec["label_names"]) == (["clear", "high", "low"] if kind == "multiclass" else ["has_a", "has_b"])

@@ -188,7 +188,7 @@ def test_train_learns_a_separable_toy_through_the_cli_and_the_api(tmp_path, caps
     tfile.write_text(json.dumps(TOY_TIMINGS))
     out = tmp_path / "cli"
     assert main(["train", str(npz), "--out", str(out), "--timings", str(tfile), "--size", "32",
-                 "--epochs", "4", "--flip-copies", "1", "--test-flips", "w", "--ensemble", "2", "--neighbours", "--quiet"]) == 0
+                 "--epochs", "4", "--flip-copies", "1", "--test-flips", "w", "--ensemble", "2", "--neighbours", "--quiet", "--no-select"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     spec = json.loads((out / "plugin.json").read_text())
     assert spec["ensemble"] == 2 and spec["test_flips"] == ["w"] and m["plan"]["flip_copies"] == 1

@@ -99,7 +99,7 @@ def test_train_trains_the_race_winner(binary_manifest, tmp_path, monkeypatch):
     monkeypatch.setattr(race, "probe_score", lambda task, seed=0, device="auto": (lambda n, s, v: {LITE: 0.6, VIT: 0.9}[n]))
     out = tmp_path / "plugin"
     assert main(["train", str(binary_manifest), "--out", str(out), "--size", "32", "--epochs", "1",
-                 "--batch-size", "4", "--quiet"]) == 0
+                 "--batch-size", "4", "--quiet", "--no-select"]) == 0
     spec = json.loads((out / "plugin.json").read_text())
     assert spec["backbone"] == VIT
     plan = json.loads((out / "plan.json").read_text())

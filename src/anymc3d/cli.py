@@ -213,20 +213,35 @@ def _train(a: argparse.Namespace, dist) -> int:
         except ValueError as e:
             raise InputError(f"{a.data}: --neighbours: {e}") from None
     st = settings_for_training(a, task, log=main_rank)  # the plan (or --no-plan's defaults) with the flags applied
-    pre = PreprocessOptions(views=st["views"], size=st["size"], intensity=intensity,
-                            windows=windows, spacing=_spacing(a.spacing), max_slices=st["max_slices"],
-                            neighbours=bool(st.get("neighbours")))
-    cfg = TrainConfig.from_plan(st, seed=a.seed, loss=a.loss, lr_lora=a.lr_lora, lr_head=a.lr_head,
-                                class_weighting=a.class_weighting, amp=not a.no_amp,
-                                progress=not a.quiet and main_rank, seg_weight=a.seg_weight,
-                                device=dist.rank_device(a.device), threshold=a.threshold, embed_norm=a.embed_norm)
-    cfg.cache_dir = str(a.cache) if getattr(a, "cache", None) else st.get("cache_dir")
-    m = train_plugin(task, st["backbone"], a.out, weights=a.weights, preprocess=pre,
-                     lora=LoraSpec(r=DEFAULT_RANK if a.lora_rank is None else a.lora_rank,
-                                   alpha=DEFAULT_ALPHA if a.lora_alpha is None else a.lora_alpha,
-                                   last_k=st["lora_last_k"]), config=cfg,
-                     task_name=a.task_name, train_fraction=a.train_fraction, resume=a.resume, plan=st.get("plan"),
-                     log=print if main_rank else (lambda *_a, **_k: None))
+
+    def train_one(st: dict, out: Path, resume: bool) -> dict:
+        pre = PreprocessOptions(views=st["views"], size=st["size"], intensity=intensity,
+                                windows=windows, spacing=_spacing(a.spacing), max_slices=st["max_slices"],
+                                neighbours=bool(st.get("neighbours")))
+        cfg = TrainConfig.from_plan(st, seed=a.seed, loss=a.loss, lr_lora=a.lr_lora, lr_head=a.lr_head,
+                                    class_weighting=a.class_weighting, amp=not a.no_amp,
+                                    progress=not a.quiet and main_rank, seg_weight=a.seg_weight,
+                                    device=dist.rank_device(a.device), threshold=a.threshold, embed_norm=a.embed_norm)
+        cfg.cache_dir = st.get("cache_dir")
+        return train_plugin(task, st["backbone"], out, weights=a.weights, preprocess=pre,
+                            lora=LoraSpec(r=DEFAULT_RANK if a.lora_rank is None else a.lora_rank,
+                                          alpha=DEFAULT_ALPHA if a.lora_alpha is None else a.lora_alpha,
+                                          last_k=st["lora_last_k"]), config=cfg,
+                            task_name=a.task_name, train_fraction=a.train_fraction, resume=resume, plan=st.get("plan"),
+                            log=print if main_rank else (lambda *_a, **_k: None))
+
+    if getattr(a, "cache", None):
+        st["cache_dir"] = str(a.cache)
+    members = (st.get("plan") or {}).get("select") or []
+    if len(members) > 1:  # the plan's selection: each candidate trained, the best on validation kept
+        from .planning.cli import member_settings
+        from .training.selection import train_selection
+
+        m = train_selection(members, a.out, lambda mem, folder, resume: train_one(
+            member_settings(st, mem, folder, getattr(a, "cache", None)), folder, resume),
+                            resume=a.resume, log=print if main_rank else (lambda *_a, **_k: None))
+    else:
+        m = train_one(st, a.out, a.resume)
     if not main_rank:  # torchrun: rank 0 reports and writes
         return 0
     line = f"{m.get('split', 'val')} AUC {m['auc']:.4f}  ACC {m['acc']:.4f}  (n={m['n']})" if m.get("auc") is not None else "no AUC"
@@ -234,6 +249,11 @@ def _train(a: argparse.Namespace, dist) -> int:
         if m.get("task_type") == "binary" else ""
     print(f"{line}{thr}; trainable parameters {m['trainable_params']:,}; training {m['train_wall_s']:.0f} s, "
           f"whole run {m['total_wall_s']:.0f} s" + (f" (plan estimate {st['plan']['estimate_s']:.0f} s)" if st.get("plan") else ""))
+    if m.get("selection"):
+        sel = m["selection"]
+        print(f"kept {sel['winner']} (the best validation AUC of {len(sel['candidates'])} candidates); selection "
+              f"{sel['wall_s']:.0f} s in all (plan estimate {st['plan']['select_estimate_s']:.0f} s); every candidate: "
+              f"{a.out / 'selection.json'}")
     if m.get("seg_decoder_params"):
         print(f"auxiliary mask loss on {m['n_train_with_mask']} training cases; decoder {m['seg_decoder_params']:,} "
               "parameters (training only, not in the plugin)")

@@ -234,6 +234,7 @@ def m_plan(task, out: Path, seed: int, o: dict) -> dict:
 
     from ..planning import Plan, plan_for
     from ..planning.cli import plan_on_rank0, read_timings
+    from ..planning.planner import SETTINGS, member_plan
     from ..plugins import LoraSpec
     from ..training.run import PreprocessOptions, train_plugin
     from ..training.trainer import TrainConfig
@@ -250,17 +251,27 @@ def m_plan(task, out: Path, seed: int, o: dict) -> dict:
         return plan
 
     plan = plan_on_rank0(make)  # torchrun: rank 0 plans (it times this machine) and sends the plan on
-    pre = PreprocessOptions(views=list(plan.views), size=plan.size, max_slices=plan.max_slices,
-                            neighbours=plan.neighbours)
-    cfg = TrainConfig.from_plan(plan, seed=seed, progress=bool(o.get("progress", False)), device=_device(o),
-                                workers=int(o.get("workers", 0)), cache_dir=o.get("trunk_cache"),
-                                embed_norm=_embed_norm(o))
-    m = train_plugin(task, o["backbone"], out, weights=o["weights"], preprocess=pre,
-                     lora=LoraSpec(last_k=plan.lora_last_k), config=cfg, resume=True,
-                     plan=plan.to_dict(), log=_log(o))
-    return normalise(m, detail=f"the default training plan (candidate {plan.candidate}): "
-                               f"{','.join(plan.views)}, size {plan.size}, LoRA last_k={plan.lora_last_k}, "
-                               f"subset {plan.slice_subset}, {plan.epochs} epochs")
+
+    def train_one(member: dict, folder: Path, resume: bool) -> dict:
+        st = plan_d = member_plan(plan.to_dict(), member)
+        pre = PreprocessOptions(views=list(st["views"]), size=st["size"], max_slices=st["max_slices"],
+                                neighbours=st["neighbours"])
+        cfg = TrainConfig.from_plan(st, seed=seed, progress=bool(o.get("progress", False)), device=_device(o),
+                                    workers=int(o.get("workers", 0)), cache_dir=o.get("trunk_cache"),
+                                    embed_norm=_embed_norm(o))
+        return train_plugin(task, o["backbone"], folder, weights=o["weights"], preprocess=pre,
+                            lora=LoraSpec(last_k=st["lora_last_k"]), config=cfg, resume=resume, plan=plan_d, log=_log(o))
+
+    from ..training.selection import train_selection
+
+    members = plan.select or [{"name": plan.name, "prior": plan.prior, "estimate_s": plan.estimate_s,
+                               "settings": {k: getattr(plan, k) for k in SETTINGS}}]  # a plan.json of before selection
+    m = train_selection(members, out, train_one, resume=True, log=_log(o))
+    won = (m.get("selection") or {}).get("winner", members[0]["name"])
+    return normalise(m, detail=f"the default training plan: {won}"
+                               + (f" (the best on validation of {', '.join(e['name'] for e in members)})"
+                                  if len(members) > 1 else f" (candidate {plan.candidate})")
+                               + f"; {','.join(plan.views)}, size {plan.size}")
 
 
 def m_slice_transformer(task, out: Path, seed: int, o: dict, views=("axial",)) -> dict:

@@ -5,7 +5,7 @@
 * DIR holds a plugin (``plugin.json`` or ``plugin.safetensors``) or the ``checkpoint.pt`` of an
   unfinished run → refused unless ``--resume`` (continue that run) or ``--overwrite`` (train anew;
   the old files are replaced only when the new plugin is written);
-* ``--resume`` needs ``DIR/checkpoint.pt``; without it the run is refused, not started from scratch;
+* ``--resume`` needs ``DIR/checkpoint.pt`` (or a selection candidate's ``DIR/candidates/NAME/checkpoint.pt``); without it the run is refused, not started from scratch;
 * ``--resume`` and ``--overwrite`` exclude each other;
 * DIR must be a folder (or not exist yet).
 """
@@ -31,7 +31,8 @@ def check_output_folder(out: Union[str, Path], resume: bool = False, overwrite: 
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{parent}: not writable (output folder {out})")
-    ckpt = out / CHECKPOINT
+    ckpts = [out / CHECKPOINT] + sorted(out.glob(f"candidates/*/{CHECKPOINT}"))  # a selection's (training.selection)
+    ckpt = next((c for c in ckpts if c.is_file()), out / CHECKPOINT)
     if resume:
         if not ckpt.is_file():
             raise InputError(f"{ckpt}: --resume needs the checkpoint of an earlier run in this folder and there is "

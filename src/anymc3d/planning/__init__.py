@@ -21,7 +21,7 @@ DEFAULT_BUDGET = "30m"
 def plan_for(task, backbone: str | None, budget: str | float | None = DEFAULT_BUDGET, device: str = "auto",
              weights: str | None = None, overrides: dict | None = None, out: str | Path | None = None,
              threshold: str = DEFAULT_POLICY, timings: dict | None = None, log=print, racers: list[str] | None = None,
-             measure=None, score=None, quick=None) -> tuple[Plan, dict, dict]:
+             measure=None, score=None, quick=None, max_select: int | None = None) -> tuple[Plan, dict, dict]:
     """Fingerprint ``task``, time the candidates on ``device`` (unless ``timings`` is given) and plan.
     Writes fingerprint.json, timings.json and plan.json into ``out`` when given.
 
@@ -29,7 +29,8 @@ def plan_for(task, backbone: str | None, budget: str | float | None = DEFAULT_BU
     ``racers`` (default: the backbones with weights here) picks it, unless ``weights`` or ``timings``
     fix one backbone. ``measure(name, size) -> timings``, ``score(name, size, views) -> val AUC`` and
     ``quick(name, size) -> s per slice`` replace the machine timing, the race's probe and its quick look
-    (tests inject them)."""
+    (tests inject them). ``max_select``: how many candidates training compares on validation
+    (:func:`anymc3d.planning.planner.selection`; 1: ``--no-select``)."""
     from ..backbones import default_input_size
     from ..cli_args import DEFAULT_BACKBONE
     from ..io import write_json
@@ -54,11 +55,12 @@ def plan_for(task, backbone: str | None, budget: str | float | None = DEFAULT_BU
         if quick is None:
             from .race import quick_trunk_s as quick
         plan, timings = _race(task, fp, names, chosen, budget_s, device, overrides, threshold, measure, score, quick,
-                              log)
+                              log, max_select)
     else:
         if timings is None:
             timings = measure(chosen, _size(fp, chosen, overrides, machine_info(device)["device_type"]))
-        plan = make_plan(fp, timings, budget_s, default_input_size(chosen), overrides=overrides, threshold=threshold)
+        plan = make_plan(fp, timings, budget_s, default_input_size(chosen), overrides=overrides, threshold=threshold,
+                         max_select=max_select)
         plan.backbone = chosen
     if out is not None:
         out = Path(out)
@@ -78,7 +80,7 @@ def _size(fp: dict, backbone: str, overrides: dict | None, device_type: str) -> 
 
 
 def _race(task, fp, names, default, budget_s, device, overrides, threshold, measure, score, quick,
-          log) -> tuple[Plan, dict]:
+          log, max_select: int | None = None) -> tuple[Plan, dict]:
     """Time every racer (a challenger that even a quick look rules out is not timed in full), plan
     each within the budget less the race's reserve, race the eligible ones
     (:func:`anymc3d.planning.race.run_race`) and return the winner's plan and timings."""
@@ -94,7 +96,8 @@ def _race(task, fp, names, default, budget_s, device, overrides, threshold, meas
 
     def plan_within(t: dict, name: str):
         try:
-            return make_plan(fp, t, rest, default_input_size(name), overrides=overrides, threshold=threshold)
+            return make_plan(fp, t, rest, default_input_size(name), overrides=overrides, threshold=threshold,
+                             max_select=max_select)
         except InputError:
             return None
 
@@ -125,7 +128,7 @@ def _race(task, fp, names, default, budget_s, device, overrides, threshold, meas
         for r in racers:
             r.status = r.status or "not raced: the default backbone's plan does not fit the budget less the race's share"
         plan = make_plan(fp, tables[default], budget_s, default_input_size(default), overrides=overrides,
-                         threshold=threshold)
+                         threshold=threshold, max_select=max_select)
     plan.backbone = winner
     plan.race = [r.row() for r in racers]
     return plan, tables[winner]

@@ -9,7 +9,7 @@ from ..cli_args import DEFAULT_BACKBONE
 from ..errors import InputError
 from ..evaluation.threshold import DEFAULT_POLICY
 from . import DEFAULT_BUDGET
-from .planner import FIELDS, Plan, none_for_all, plan_table
+from .planner import FIELDS, Plan, member_plan, none_for_all, plan_table
 
 #: ``anymc3d train --no-plan``: the fixed settings of earlier releases (full-depth LoRA, the backbone's
 #: slice size, axial, every slice); the training fields (30 epochs, augmentation, ...) are
@@ -86,6 +86,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                        help="skip planning: full-depth LoRA, augmentation, the backbone's slice size, axial, 30 epochs")
     g.add_argument("--timings", type=Path, metavar="FILE",
                    help="plan from this timings.json (of an earlier `anymc3d plan` on this machine) instead of timing now")
+    g.add_argument("--no-select", action="store_true",
+                   help="train the plan's first candidate only, instead of the candidates that fit the budget "
+                        "compared on validation")
     g.add_argument("--threshold", type=_threshold, default=DEFAULT_POLICY,
                    help="binary decision threshold on validation: platt (default), youden, or a number")
 
@@ -191,7 +194,8 @@ def settings_for_training(a: argparse.Namespace, task, log: bool = True) -> dict
         plan, _, _ = plan_for(task, a.backbone, a.budget, device=a.device, weights=a.weights,
                               overrides=overrides, out=a.out,
                               threshold=a.threshold if isinstance(a.threshold, str) else "fixed",
-                              timings=read_timings(a.timings), log=(lambda *_: None) if quiet else print)
+                              timings=read_timings(a.timings), log=(lambda *_: None) if quiet else print,
+                              max_select=1 if getattr(a, "no_select", False) else None)
         if not quiet:
             print(plan_table(plan))
         return plan
@@ -204,6 +208,20 @@ def settings_for_training(a: argparse.Namespace, task, log: bool = True) -> dict
     if plan.cache == "disk" and not getattr(a, "cache", None):
         st["cache_dir"] = str(Path(a.out) / "trunk_cache")
     return st
+
+
+def member_settings(st: dict, member: dict, folder: Path, user_cache: Path | None = None) -> dict:
+    """The settings of ``st`` (:func:`settings_for_training`'s) for one candidate of the plan's
+    selection (a ``Plan.select`` entry), training into ``folder``; with ``--cache DIR`` its trunk
+    cache is ``DIR/<candidate>``."""
+    fields = member["settings"]
+    out = {**st, **_apply({k: fields[k] for k in FIELDS}, {}), "plan": member_plan(st["plan"], member)}
+    out.pop("cache_dir", None)
+    if user_cache:
+        out["cache_dir"] = str(Path(user_cache) / member["name"])
+    elif fields.get("cache") == "disk":
+        out["cache_dir"] = str(Path(folder) / "trunk_cache")
+    return out
 
 
 def register(sub) -> dict:
@@ -230,12 +248,13 @@ def cmd_plan(a: argparse.Namespace) -> int:
     task = load_data(a.data, **data_kwargs(a))
     plan, fp, t = plan_for(task, a.backbone, a.budget, device=a.device, weights=a.weights,
                            overrides=overrides_from(a), out=a.out, timings=read_timings(a.timings),
-                           threshold=a.threshold if isinstance(a.threshold, str) else "fixed")
+                           threshold=a.threshold if isinstance(a.threshold, str) else "fixed",
+                           max_select=1 if a.no_select else None)
     print(plan_table(plan))
     print(f"measured on {t['device']} ({t['threads']} threads) in {t.get('measure_s', 0):.0f} s; "
           f"wrote {a.out / 'fingerprint.json'}, {a.out / 'timings.json'}, {a.out / 'plan.json'}")
     return 0
 
 
-__all__ = ["FIXED_DEFAULTS", "InputError", "add_plan_args", "fixed_settings", "add_plan_override_args", "cmd_plan", "overrides_from",
-           "register", "settings_for_training"]
+__all__ = ["FIXED_DEFAULTS", "InputError", "add_plan_args", "fixed_settings", "add_plan_override_args", "cmd_plan",
+           "member_settings", "overrides_from", "register", "settings_for_training"]

@@ -19,6 +19,9 @@ Rules (each one chosen on validation splits and the synthetic suite, docs/result
   test scoring, each from the measured per-volume / per-slice costs. Early stopping can only
   shorten the run.
 * **validation and prediction** always use every slice.
+* **selection** (:func:`selection`, ``Plan.select``): training compares the chosen candidate and the
+  ones after it in the quality order while their estimates' sum fits the budget (at most
+  :data:`MAX_SELECT`) and keeps the best on validation (:mod:`anymc3d.training.selection`).
 """
 from __future__ import annotations
 
@@ -52,6 +55,12 @@ PRIORS_FILE = Path(__file__).with_name("priors.json")
 #: and the label smoothing
 EMA_DECAY = 0.99
 LABEL_SMOOTHING = 0.1
+
+
+#: a candidate's settings in the plan (``Plan.select`` entries): the plan fields and the trunk cache
+SETTINGS = (*FIELDS, "cache")
+#: at most this many candidates are trained and compared on validation (:func:`selection`)
+MAX_SELECT = 6
 
 
 #: count fields where a flag's 0 ("all": full-depth LoRA, every slice) is None in a plan
@@ -94,6 +103,8 @@ class Plan:
     considered: list[dict] = field(default_factory=list)  # every candidate: name, estimate, prior, fits
     backbone: str = ""               # the backbone it trains (fixed by --backbone, or the race's winner)
     race: list[dict] = field(default_factory=list)  # the backbone race (planning.race), empty when none ran
+    select: list[dict] = field(default_factory=list)  # the candidates trained and compared on validation (selection)
+    select_estimate_s: float = 0.0   # their estimates' sum (the whole training run's estimate)
     overridden: list[str] = field(default_factory=list)
     reasons: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
@@ -305,13 +316,16 @@ def describe(c: dict) -> str:
 
 def make_plan(fp: dict, timings: dict, budget_s: float | None, backbone_size: int,
               overrides: dict | None = None, threshold: str = DEFAULT_POLICY, priors: dict[str, float] | None = None,
-              priors_file: str | Path | None = None) -> Plan:
+              priors_file: str | Path | None = None, max_select: int | None = None) -> Plan:
     """The plan for fingerprint ``fp`` on the machine of ``timings`` within ``budget_s`` seconds.
 
     ``overrides``: plan fields given explicitly (flags); they replace the field in every candidate
-    and are listed in ``Plan.overridden``. Raises :class:`InputError` when not even the cheapest
+    and are listed in ``Plan.overridden``. ``max_select``: how many candidates training may compare on
+    validation (``Plan.select``, :func:`selection`; default :data:`MAX_SELECT`, 1: the first that fits
+    alone). Raises :class:`InputError` when not even the cheapest
     candidate fits the budget, with the time that candidate needs."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    max_select = MAX_SELECT if max_select is None else int(max_select)
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown plan fields: {unknown}")
@@ -340,29 +354,77 @@ def make_plan(fp: dict, timings: dict, budget_s: float | None, backbone_size: in
     chosen = fitting[0]
     for rank, j in enumerate(order):  # candidate numbers: the rank in the quality order (1 = best expected)
         rows[j].update(candidate=rank + 1, chosen=j == chosen[0])
-    rows = [rows[j] for j in order]
     i, c, est = chosen
     rank = order.index(i) + 1
     bs = int(overrides.get("batch_size", 8))
-    patience = int(overrides.get("patience", max(3, c["epochs"] // 3)))
+    select = selection([considered[j] for j in order], budget_s,
+                       lambda c, est: _settings(c, est, overrides, timings, size, bs), max_select)
+    for e in select:
+        e["prior"] = priors.get(e["name"])
+        e["candidate"] = next(r["candidate"] for r in rows if r["name"] == e["name"])
+    for j in order:
+        rows[j]["selected"] = any(e["name"] == rows[j]["name"] for e in select)
+    rows = [rows[j] for j in order]
+    reasons = {"size": size_why if "size" not in overrides else "set by the user", "views": views_why,
+               "candidate": f"#{rank} of {len(cands)} ({c['name']}): {describe(c)}" + (
+                   "" if rank == 1 else " (the ones expected to be better do not fit the budget)")}
+    if len(select) > 1:
+        reasons["selection"] = (f"{len(select)} candidates trained and the best on validation kept: "
+                                f"{', '.join(e['name'] for e in select)} (the next ones in the quality order while "
+                                f"their estimates sum within the budget, at most {max_select})")
+    workers = 0 if dtype == "cpu" else min(8, max(0, int(timings.get("cpu_count", 1)) - 1))
+    return Plan(**select[0]["settings"], workers=workers, device=timings.get("device", "cpu"), threshold=threshold,
+                threads=timings.get("threads_chosen"),
+                budget_s=budget_s, estimate_s=est["total"], estimate=est, candidate=rank, name=c["name"],
+                prior=priors.get(c["name"]), considered=rows, select=select,
+                select_estimate_s=round(sum(e["estimate_s"] for e in select), 3),
+                overridden=sorted(overrides), reasons=reasons)
+
+
+def _settings(c: dict, est: dict, overrides: dict, timings: dict, size: int, bs: int) -> dict:
+    """The plan fields (``FIELDS`` and the trunk cache) of candidate ``c`` with estimate ``est``."""
     cache = "none"
     if c["lora_last_k"] is not None:
         avail = timings.get("available_gb") or timings.get("memory_gb") or 0
         cache = "memory" if est["trunk_cache_gb"] <= 0.5 * avail or not avail else "disk"
-    reasons = {"size": size_why if "size" not in overrides else "set by the user", "views": views_why,
-               "candidate": f"#{rank} of {len(cands)} ({c['name']}): {describe(c)}" + (
-                   "" if rank == 1 else " (the ones expected to be better do not fit the budget)")}
-    workers = 0 if dtype == "cpu" else min(8, max(0, int(timings.get("cpu_count", 1)) - 1))
-    return Plan(size=size, views=list(c["views"]), lora_last_k=c["lora_last_k"], augment=bool(c["augment"]),
-                slice_subset=c["slice_subset"], max_slices=c["max_slices"], epochs=int(c["epochs"]), batch_size=bs, patience=patience,
+    return dict(size=size, views=list(c["views"]), lora_last_k=c["lora_last_k"], augment=bool(c["augment"]),
+                slice_subset=c["slice_subset"], max_slices=c["max_slices"], epochs=int(c["epochs"]), batch_size=bs,
+                patience=int(overrides.get("patience", max(3, c["epochs"] // 3))),
                 flip_copies=int(c.get("flip_copies") or 0), test_flips=list(c.get("test_flips") or []),
                 ensemble=int(c.get("ensemble") or 1), ema=float(c.get("ema") or 0.0),
-                label_smoothing=float(c.get("label_smoothing") or 0.0), neighbours=bool(overrides.get("neighbours", c.get("neighbours", False))),
-                cache=cache, workers=workers, device=timings.get("device", "cpu"), threshold=threshold,
-                threads=timings.get("threads_chosen"),
-                budget_s=budget_s, estimate_s=est["total"], estimate=est, candidate=rank, name=c["name"],
-                prior=priors.get(c["name"]), considered=rows,
-                overridden=sorted(overrides), reasons=reasons)
+                label_smoothing=float(c.get("label_smoothing") or 0.0),
+                neighbours=bool(overrides.get("neighbours", c.get("neighbours", False))), cache=cache)
+
+
+def member_plan(plan: dict, member: dict) -> dict:
+    """The plan (a ``Plan.to_dict()``) as one candidate of its selection trains it: that candidate's
+    settings, name, rank, prior and estimate; the rest (budget, candidates considered, race) as planned."""
+    return {**plan, **member["settings"], "name": member["name"], "candidate": member.get("candidate", plan["candidate"]),
+            "prior": member.get("prior"), "estimate_s": member["estimate_s"],
+            "estimate": member.get("estimate", plan["estimate"])}
+
+
+def selection(ordered: list[tuple], budget_s: float | None, settings, max_select: int = MAX_SELECT) -> list[dict]:
+    """The candidates ``anymc3d train`` trains and compares on validation (training.selection): the
+    first of ``ordered`` (``(index, candidate, estimate)`` in the quality order) whose estimate fits the
+    budget, then the ones after it while the estimates' sum stays within the budget: the first that
+    would overflow it ends the list (so a larger budget's list extends a smaller one's with the same
+    first candidate, and its best validation AUC is never lower), at most ``max_select``. A candidate
+    whose settings equal an earlier one's (flags can make them equal) is left out."""
+    out, total = [], 0.0
+    for _, c, est in ordered:
+        if len(out) >= max(1, max_select):
+            break
+        if not out and budget_s is not None and est["total"] > budget_s:
+            continue  # before the first candidate that fits on its own
+        st = settings(c, est)
+        if any(e["settings"] == st for e in out):
+            continue
+        if budget_s is not None and total + est["total"] > budget_s:
+            break
+        out.append({"name": c["name"], "estimate_s": est["total"], "estimate": est, "settings": st})
+        total += est["total"]
+    return out
 
 
 def plan_table(plan: Plan) -> str:
@@ -395,6 +457,9 @@ def plan_table(plan: Plan) -> str:
                  + (f" of a {fmt_duration(plan.budget_s)} budget" if plan.budget_s else "")
                  + (f" (preprocess {fmt_duration(e.get('preprocess', 0))}, frozen trunk {fmt_duration(e.get('trunk_once', 0))}, "
                     f"{fmt_duration(e.get('epoch', 0))} per epoch)" if e else ""))
+    if len(plan.select) > 1:
+        lines.append(f"  {'selection':{w}s}  trains {', '.join(e['name'] for e in plan.select)} and keeps the best on "
+                     f"validation (about {fmt_duration(plan.select_estimate_s)} in all)")
     if plan.overridden:
         lines.append(f"  overridden by flags: {', '.join(plan.overridden)}")
     if plan.considered:
@@ -410,11 +475,12 @@ def candidate_table(plan: Plan) -> str:
     """Every candidate the plan considered, best expected first: its prior (expected validation AUC,
     priors.json), its estimated time here, and whether it fits the budget; the chosen one marked."""
     w = max(len(r["name"]) for r in plan.considered)
-    lines = [f"  candidates, best expected first (prior = validation AUC measured in planning/priors.json):",
+    lines = [f"  candidates, best expected first (prior = validation AUC measured in planning/priors.json; "
+             f"-> the plan, + also trained and compared on validation):",
              f"    {'':2s}{'name':{w}s}  {'prior':>6s}  {'estimate':>9s}  fits"]
     for r in plan.considered:
         prior = f"{r['prior']:.3f}" if r.get("prior") is not None else "–"
-        mark = "->" if r.get("chosen") else ""
+        mark = "->" if r.get("chosen") else "+" if r.get("selected") else ""
         lines.append(f"    {mark:2s}{r['name']:{w}s}  {prior:>6s}  {fmt_duration(r['estimate_s']):>9s}  "
                      f"{'yes' if r['fits'] else 'no'}")
     return "\n".join(lines)
