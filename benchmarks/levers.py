@@ -22,8 +22,9 @@ from pathlib import Path
 
 ADRENAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "medmnist3d" / "adrenalmnist3d.npz"
 #: the candidates' settings as `anymc3d train` flags (planning/planner.py::candidates, names alike);
-#: the slice size and views are the plan's for these data (64², three views)
-RECIPE = ["--size", "64", "--views", "axial,coronal,sagittal", "--lora-last-k", "1", "--no-augment",
+#: the slice size and views are the plan's for these data (64², three views); the levers are measured on
+#: EfficientNet-Lite0, the backbone the race keeps on this CPU, so the race is not run per cell
+RECIPE = ["--backbone", "efficientnet_lite0", "--size", "64", "--views", "axial,coronal,sagittal", "--lora-last-k", "1", "--no-augment",
           "--slice-subset", "all", "--embed-norm", "none"]
 FLIPS = ["--flip-copies", "3", "--test-flips", "w,h,hw"]
 CANDIDATES = {
@@ -35,6 +36,10 @@ CANDIDATES = {
     # training dynamics (planning/planner.py EMA_DECAY, LABEL_SMOOTHING)
     "k1_all_ema": ["--ema", "0.99"],
     "k1_all_ls": ["--label-smoothing", "0.1"],
+    # regularisers on the cached trunk's embeddings (planning/planner.py MIXUP_ALPHA, VIEW_DROPOUT)
+    "k1_all_mix": ["--mixup", "0.4"],
+    "k1_all_vd": ["--view-dropout", "0.2"],
+    "k1_all_flips_mix": FLIPS + ["--mixup", "0.4"],
     # 2.5D input (each slice with its two neighbours as the channels) needs one channel per volume: on
     # Adrenal (one channel) against k1_all; on the CT phantoms (3 HU windows by default) both sides grey
     "k1_all_nb": ["--neighbours"],

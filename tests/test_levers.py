@@ -254,3 +254,93 @@ def test_ema_and_label_smoothing_are_plan_fields_and_flags(tmp_path):
     for bad in (["--ema", "1.5"], ["--label-smoothing", "0.7"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["train", "d.csv", "--out", str(tmp_path), *bad])
+
+
+def test_view_dropout_hides_views_but_never_all_of_a_case():
+    from anymc3d.training.view_dropout import drop_views
+
+    rng = np.random.default_rng(0)
+    present = torch.ones(400, 3, dtype=torch.bool)
+    present[::4, 2] = False  # some cases lack a view: it never comes back
+    kept = drop_views(present, 0.4, rng)
+    assert bool(kept.any(dim=1).all()) and not bool((kept & ~present).any())
+    rate = 1 - kept.sum().item() / present.sum().item()
+    assert 0.3 < rate < 0.45, rate  # about p (a little less: a case that would lose every view keeps one)
+    assert torch.equal(drop_views(present, 0.0, rng), present)
+    one = torch.ones(5, 1, dtype=torch.bool)
+    assert torch.equal(drop_views(one, 0.9, rng), one)  # a single view is never dropped
+
+
+def test_mixup_blends_the_embeddings_and_the_loss_of_two_cases():
+    from anymc3d.plugins.mixup import Mix
+    from anymc3d.training.losses import classification_loss
+
+    mix = Mix.draw(4, 0.4, np.random.default_rng(1))
+    assert sorted(mix.perm.tolist()) == [0, 1, 2, 3] and 0 < mix.lam < 1
+    h = {"image:axial": torch.randn(4, 5, 8)}
+    m = {"image:axial": torch.tensor([[1, 1, 1, 0, 0]] * 2 + [[1, 1, 1, 1, 1]] * 2, dtype=torch.bool)}
+    present = torch.ones(4, 1, dtype=torch.bool)
+    mixed, masks, pres = mix.embeddings(h, m, present)
+    p = mix.perm
+    assert torch.allclose(mixed["image:axial"], mix.lam * h["image:axial"] + (1 - mix.lam) * h["image:axial"][p])
+    assert torch.equal(masks["image:axial"], m["image:axial"] | m["image:axial"][p]) and torch.equal(pres, present)
+    z, y = torch.randn(4, 1), torch.tensor([[0.0], [1.0], [1.0], [0.0]])
+
+    def fn(a, b):
+        return classification_loss(a, b, "binary", "bce")
+    assert torch.allclose(mix.loss(fn, z, y), mix.lam * fn(z, y) + (1 - mix.lam) * fn(z, y[p]))
+
+
+@pytest.mark.parametrize("last_k", [1, None])
+def test_the_model_pools_mixed_embeddings_inside_mixing_only(tmp_path, last_k):
+    """Within ``model.mixing(mix)`` every member pools the blended slice embeddings; outside, nothing changes."""
+    from anymc3d.plugins.mixup import Mix
+    from anymc3d.runtime.batching import prepare_case
+    from anymc3d.runtime.engine import Runtime
+
+    bb = lite0()
+    path = random_plugin(bb, tmp_path, "mix", seed=3, last_k=last_k, size=SIZE, views=("axial", "coronal"), ensemble=2)
+    model = load_plugin(path, weights="random")
+    pred = Predictor(model)
+    rt = Runtime(model, pred.specs, device="cpu")
+    b = rt.batcher.batch([prepare_case(pred.case(volume(i), f"x{i}"), pred.specs) for i in range(3)])
+    model.eval()
+    mix = Mix(torch.tensor([2, 0, 1]), 0.7)
+    with torch.no_grad():
+        plain = model(b.slices, b.masks, b.present).member_logits
+        with model.mixing(mix):
+            mixed = model(b.slices, b.masks, b.present).member_logits
+        again = model(b.slices, b.masks, b.present).member_logits
+        for i, m in enumerate([model, *model.members]):
+            m.autocast, m.channels_last = model.autocast, model.channels_last
+            emb = {s: m.embed_slices(s, x.flatten(0, 1))[0].view(*x.shape[:2], -1) for s, x in b.slices.items()}
+            want = m._pool_one(*mix.embeddings(emb, b.masks, b.present)).logits
+            assert torch.allclose(mixed[i], want, atol=1e-4), i
+    assert all(torch.equal(a, c) for a, c in zip(plain, again)) and not torch.allclose(plain[0], mixed[0])
+
+
+def test_mixup_and_view_dropout_are_plan_fields_and_flags_and_the_trainer_learns_with_them(tmp_path):
+    from anymc3d.cli import build_parser, main
+    from anymc3d.planning.cli import overrides_from
+    from anymc3d.planning.planner import candidates
+    from anymc3d.training.trainer import TrainConfig
+
+    a = build_parser().parse_args(["train", "d.csv", "--out", str(tmp_path), "--mixup", "0.4", "--view-dropout", "0.2"])
+    o = overrides_from(a)
+    cfg = TrainConfig.from_plan({**o, "epochs": 3})
+    assert cfg.mixup == 0.4 and cfg.view_dropout == 0.2
+    names = {c["name"]: c for c in candidates(["axial", "coronal"], "cpu")}
+    assert names["k1_all_mix"]["mixup"] > 0 and names["k1_all_vd"]["view_dropout"] > 0
+    assert names["k1_all_flips_mix"]["flip_copies"] and names["k1_all"]["mixup"] == 0 == names["k1_all"]["view_dropout"]
+    for bad in (["--mixup", "-1"], ["--view-dropout", "1"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", "d.csv", "--out", str(tmp_path), *bad])
+    npz = toy_npz(tmp_path)
+    tfile = tmp_path / "timings.json"
+    tfile.write_text(json.dumps(TOY_TIMINGS))
+    out = tmp_path / "cli"
+    assert main(["train", str(npz), "--out", str(out), "--timings", str(tfile), "--size", "32", "--epochs", "4",
+                 "--views", "axial,coronal", "--mixup", "0.4", "--view-dropout", "0.3", "--quiet", "--no-select"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["plan"]["mixup"] == 0.4 and m["plan"]["view_dropout"] == 0.3
+    assert m["test"]["auc"] > 0.9, m["test"]

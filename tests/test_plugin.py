@@ -382,11 +382,12 @@ def _trainable_equal(a: dict, b: dict, atol=1e-6):
     assert worst <= atol, worst
 
 
-@pytest.mark.parametrize("head_dropout,ema", [(0.0, 0.0), (0.2, 0.0), (0.0, 0.9)])
-def test_resume_matches_uninterrupted(prepared_binary, tmp_path, monkeypatch, head_dropout, ema):
+@pytest.mark.parametrize("head_dropout,ema,mixup", [(0.0, 0.0, 0.0), (0.2, 0.0, 0.0), (0.0, 0.9, 0.0), (0.0, 0.0, 0.4)])
+def test_resume_matches_uninterrupted(prepared_binary, tmp_path, monkeypatch, head_dropout, ema, mixup):
     prepared, specs = prepared_binary
     train, val = prepared["train"], prepared["val"]
-    cfg = TrainConfig(epochs=2, batch_size=4, progress=False, lr_lora=1e-3, lr_head=1e-2, augment=True, ema=ema)
+    cfg = TrainConfig(epochs=2, batch_size=4, progress=False, lr_lora=1e-3, lr_head=1e-2, augment=True, ema=ema,
+                      mixup=mixup)
 
     def new_model():
         bb = lite0(None)

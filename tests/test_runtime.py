@@ -195,8 +195,10 @@ def test_predict_reads_cases_in_loader_workers(trained_plugin, binary_manifest):
 def test_cnn_backbone_runs_channels_last(trained_plugin):
     from anymc3d.predict import load
 
+    from anymc3d.runtime.device import cpu_bf16_fast
+
     pred = load(trained_plugin, device="cpu")
-    assert pred.model.channels_last and pred.model.autocast
+    assert pred.model.channels_last and pred.model.autocast is cpu_bf16_fast()
     w = pred.model.backbone.model.conv_stem.weight
     assert w.is_contiguous(memory_format=torch.channels_last)
 
@@ -262,12 +264,14 @@ def test_gpu_training_plugin_loads_on_cpu(binary_manifest, tmp_path):
 
 def test_no_amp_is_full_fp32_and_reaches_predict(trained_plugin, binary_manifest, tmp_path):
     """``amp=False`` / ``predict --no-amp`` turns bf16 autocast off (the CPU-vs-GPU 1e-4 path); the default
-    keeps it on. The fp32 answer is the CLI's answer too."""
+    keeps it on where the CPU runs bf16 fast. The fp32 answer is the CLI's answer too."""
     from anymc3d.cli import main
     from anymc3d.data import load_data
     from anymc3d.predict import load
 
-    assert load(trained_plugin, device="cpu").model.autocast is True
+    from anymc3d.runtime.device import cpu_bf16_fast
+
+    assert load(trained_plugin, device="cpu").model.autocast is cpu_bf16_fast()  # bf16 where the CPU has AVX-512
     fp32 = load(trained_plugin, device="cpu", amp=False)
     assert fp32.model.autocast is False
     case = load_data(binary_manifest).cases[0]
@@ -318,3 +322,20 @@ def test_inference_never_imports_training():
                 assert "training" not in mod.split("."), f"{path.name} imports {mod}"
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("anymc3d.training") for a in node.names), path.name
+
+
+def test_cpu_autocast_only_where_bf16_is_fast(monkeypatch):
+    """bf16 autocast on an AVX-512 CPU and on CUDA; fp32 on an AVX2-only CPU (bf16 emulated there: 12x
+    slower, docs/results.md "CPU precision"); never with amp off or on MPS."""
+    import torch
+
+    from anymc3d.runtime import device as dev
+
+    cpu = torch.device("cpu")
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_avx512_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert dev.amp_for(cpu) is False and dev.amp_for(torch.device("cuda")) is True
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True, raising=False)
+    assert dev.amp_for(cpu) is True and dev.amp_for(cpu, requested=False) is False
+    assert dev.amp_for(torch.device("mps")) is False

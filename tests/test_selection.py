@@ -58,7 +58,8 @@ def test_selection_per_budget_is_deterministic_and_a_bigger_budget_extends_it():
 
 def test_flags_that_make_candidates_equal_leave_one_of_them():
     """With the levers turned off by flags the lever candidates are k1_all again: trained once."""
-    off = {"flip_copies": 0, "test_flips": [], "ensemble": 1, "ema": 0.0, "label_smoothing": 0.0}
+    off = {"flip_copies": 0, "test_flips": [], "ensemble": 1, "ema": 0.0, "label_smoothing": 0.0, "mixup": 0.0,
+           "view_dropout": 0.0}
     p = make_plan(fake_fp(), TIMINGS, 28800, 224, priors=PRIORS, overrides=off)
     settings = [json.dumps(e["settings"], sort_keys=True) for e in p.select]
     assert len(settings) == len(set(settings)) and len(p.select) >= 2

@@ -53,19 +53,20 @@ def _flips(text: str) -> list[str]:
     return items
 
 
-def _ema(text: str) -> float:
-    """``--ema DECAY``: a per-step decay in (0, 1), or 0 (off)."""
-    v = float(text)
-    if not (v == 0.0 or 0.0 < v < 1.0):
-        raise argparse.ArgumentTypeError(f"--ema: a decay in (0, 1) such as 0.99, or 0 (off); got {text!r}")
-    return v
+def _number_in(flag: str, ok, what: str):
+    """argparse type of ``FLAG X``: a number for which ``ok(x)`` holds, else ``FLAG: what; got X``."""
+    def parse(text: str) -> float:
+        v = float(text)
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{flag}: {what}; got {text!r}")
+        return v
+    return parse
 
 
-def _smoothing(text: str) -> float:
-    v = float(text)
-    if not 0.0 <= v < 0.5:
-        raise argparse.ArgumentTypeError(f"--label-smoothing: in [0, 0.5), got {text!r}")
-    return v
+_ema = _number_in("--ema", lambda v: v == 0.0 or 0.0 < v < 1.0, "a decay in (0, 1) such as 0.99, or 0 (off)")
+_smoothing = _number_in("--label-smoothing", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)")
+_mixup = _number_in("--mixup", lambda v: 0.0 <= v <= 10.0, "a Beta parameter in (0, 10] such as 0.4, or 0 (off)")
+_view_dropout = _number_in("--view-dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)")
 
 
 def _threshold(text: str):
@@ -117,6 +118,10 @@ def add_plan_override_args(p: argparse.ArgumentParser) -> None:
                         "optimiser step (e.g. 0.99; 0: off)")
     g.add_argument("--label-smoothing", type=_smoothing, metavar="EPS",
                    help="label smoothing of the classification loss (0: off)")
+    g.add_argument("--mixup", type=_mixup, metavar="ALPHA",
+                   help="mixup of slice embeddings between a batch's cases, lam ~ Beta(ALPHA, ALPHA) (e.g. 0.4; 0: off)")
+    g.add_argument("--view-dropout", type=_view_dropout, metavar="P",
+                   help="hide each view of a training case from the view fusion with probability P (0: off)")
     g.add_argument("--neighbours", action=argparse.BooleanOptionalAction, default=None,
                    help="2.5D slices: each slice with its two neighbours as the backbone's three channels, "
                         "instead of one grey slice repeated (one-channel volumes; stored in the plugin)")

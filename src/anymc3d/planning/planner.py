@@ -37,7 +37,7 @@ from .fingerprint import in_plane_size, slices_per_view
 PLAN_VERSION = 1
 #: the plan fields a user flag can override (``anymc3d train --epochs ...``)
 FIELDS = ("size", "views", "lora_last_k", "augment", "slice_subset", "max_slices", "epochs", "batch_size", "patience",
-          "flip_copies", "test_flips", "ensemble", "neighbours", "ema", "label_smoothing")
+          "flip_copies", "test_flips", "ensemble", "neighbours", "ema", "label_smoothing", "mixup", "view_dropout")
 MIN_SIZE = 64
 MIN_AXIS_FOR_VIEWS = 16
 MAX_ANISOTROPY_FOR_VIEWS = 3.0
@@ -55,6 +55,9 @@ PRIORS_FILE = Path(__file__).with_name("priors.json")
 #: and the label smoothing
 EMA_DECAY = 0.99
 LABEL_SMOOTHING = 0.1
+#: the regularisation candidates' settings: mixup's Beta(a, a) and the view-dropout probability
+MIXUP_ALPHA = 0.4
+VIEW_DROPOUT = 0.2
 
 
 #: a candidate's settings in the plan (``Plan.select`` entries): the plan fields and the trunk cache
@@ -89,6 +92,8 @@ class Plan:
     neighbours: bool = False         # 2.5D slices: the slice and its two neighbours as the channels (preprocess spec)
     ema: float = 0.0                 # per-step decay of the trainable weights' EMA (training.ema; 0: off)
     label_smoothing: float = 0.0     # label smoothing of the classification loss (0: off)
+    mixup: float = 0.0               # Beta(a, a) mixup of slice embeddings (plugins.mixup; 0: off)
+    view_dropout: float = 0.0        # probability of hiding a training case's view from the fusion (0: off)
     cache: str = "memory"            # trunk activations: memory | disk | none
     workers: int = 0
     device: str = "cpu"
@@ -175,7 +180,7 @@ def candidates(views: list[str], device_type: str) -> list[dict]:
     that keys its prior in ``priors.json``."""
     few = ["axial"]
     base = dict(lora_last_k=1, augment=False, max_slices=None, flip_copies=0, test_flips=[], ensemble=1, ema=0.0,
-                label_smoothing=0.0)
+                label_smoothing=0.0, mixup=0.0, view_dropout=0.0)
     flips = dict(base, flip_copies=3, test_flips=["w", "h", "hw"])
     cpu = [
         dict(flips, name="k1_all_flips_ens3", views=views, slice_subset=None, epochs=15, ensemble=3),
@@ -183,6 +188,9 @@ def candidates(views: list[str], device_type: str) -> list[dict]:
         dict(base, name="k1_all_tta", views=views, slice_subset=None, epochs=15, test_flips=["w", "h", "hw"]),
         dict(base, name="k1_all_ema", views=views, slice_subset=None, epochs=15, ema=EMA_DECAY),
         dict(base, name="k1_all_ls", views=views, slice_subset=None, epochs=15, label_smoothing=LABEL_SMOOTHING),
+        dict(flips, name="k1_all_flips_mix", views=views, slice_subset=None, epochs=15, mixup=MIXUP_ALPHA),
+        dict(base, name="k1_all_mix", views=views, slice_subset=None, epochs=15, mixup=MIXUP_ALPHA),
+        dict(base, name="k1_all_vd", views=views, slice_subset=None, epochs=15, view_dropout=VIEW_DROPOUT),
         dict(base, name="k1_all", views=views, slice_subset=None, epochs=15),
         dict(base, name="k1_sub16", views=views, slice_subset=16, epochs=15),
         dict(base, name="k1_sub8", views=views, slice_subset=8, epochs=10),
@@ -310,6 +318,10 @@ def describe(c: dict) -> str:
         extra += f", weight EMA {c['ema']:g}"
     if c.get("label_smoothing"):
         extra += f", label smoothing {c['label_smoothing']:g}"
+    if c.get("mixup"):
+        extra += f", embedding mixup {c['mixup']:g}"
+    if c.get("view_dropout"):
+        extra += f", view dropout {c['view_dropout']:g}"
     return (f"{'+'.join(c['views'])}, {lora}, {'augmented' if c['augment'] else 'no augmentation'}{extra}, "
             f"{subset}, {c['epochs']} epochs")
 
@@ -392,7 +404,8 @@ def _settings(c: dict, est: dict, overrides: dict, timings: dict, size: int, bs:
                 patience=int(overrides.get("patience", max(3, c["epochs"] // 3))),
                 flip_copies=int(c.get("flip_copies") or 0), test_flips=list(c.get("test_flips") or []),
                 ensemble=int(c.get("ensemble") or 1), ema=float(c.get("ema") or 0.0),
-                label_smoothing=float(c.get("label_smoothing") or 0.0),
+                label_smoothing=float(c.get("label_smoothing") or 0.0), mixup=float(c.get("mixup") or 0.0),
+                view_dropout=float(c.get("view_dropout") or 0.0),
                 neighbours=bool(overrides.get("neighbours", c.get("neighbours", False))), cache=cache)
 
 
@@ -442,12 +455,15 @@ def plan_table(plan: Plan) -> str:
             ("ensemble", f"{plan.ensemble} members on one trunk" if plan.ensemble > 1 else "one plugin"),
             ("weight EMA", f"decay {plan.ema:g} per step" if plan.ema else "off"),
             ("label smoothing", f"{plan.label_smoothing:g}" if plan.label_smoothing else "off"),
+            ("embedding mixup", f"Beta({plan.mixup:g}, {plan.mixup:g})" if plan.mixup else "off"),
+            ("view dropout", f"{plan.view_dropout:g} per view" if plan.view_dropout else "off"),
             ("epochs", str(plan.epochs)), ("batch size", str(plan.batch_size)),
             ("early-stopping patience", str(plan.patience)), ("threshold", plan.threshold)]
     keys = {"slice size": "size", "views": "views", "LoRA": "lora_last_k", "augmentation": "augment",
             "training slices": "slice_subset", "slices per view": "max_slices", "epochs": "epochs", "batch size": "batch_size",
             "flipped copies": "flip_copies", "test-time flips": "test_flips", "ensemble": "ensemble",
-            "weight EMA": "ema", "label smoothing": "label_smoothing",
+            "weight EMA": "ema", "label smoothing": "label_smoothing", "embedding mixup": "mixup",
+            "view dropout": "view_dropout",
             "early-stopping patience": "patience"}
     w = max(len(r[0]) for r in rows)
     lines = ["training plan" + (f" (candidate {plan.candidate})" if plan.candidate else "")]

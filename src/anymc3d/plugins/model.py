@@ -22,6 +22,7 @@ from torch import nn
 from ..backbones import Backbone
 from .embed_norm import EmbedNorm
 from .lora import activate, add_adapter, adapter_parameters
+from .mixup import Mix
 from .pooling import TaskQueryPool
 from .spec import PluginSpec
 
@@ -91,6 +92,7 @@ class AnyMC3D(nn.Module):
         one = replace(spec, ensemble=1) if spec.ensemble > 1 else None
         self.members = nn.ModuleList([AnyMC3D(backbone, one, adapter_prefix=f"{adapter_prefix}m{i}_", chunk=chunk,
                                               autocast=autocast) for i in range(1, spec.ensemble)])
+        self._mix: Mix | None = None  # set by mixing() during a training step only
 
     def _member_items(self, fn: str) -> dict:
         """``fn``'s dict of every other member, keys prefixed ``m{i}.``."""
@@ -163,6 +165,19 @@ class AnyMC3D(nn.Module):
             raise
         for n in norms:
             n.finish_fit()
+
+    @contextmanager
+    def mixing(self, mix: Mix | None):
+        """Within: every forward blends its cases' slice embeddings as ``mix`` says (every member alike;
+        anymc3d.plugins.mixup), before pooling. ``None``: a no-op."""
+        mods = [self, *self.members]
+        for m in mods:
+            m._mix = mix
+        try:
+            yield
+        finally:
+            for m in mods:
+                m._mix = None
 
     # ---- forward ----------------------------------------------------------------------------
     @property
@@ -271,6 +286,8 @@ class AnyMC3D(nn.Module):
                 fp = pt.new_zeros(b * n, *pt.shape[1:])
                 fp[flat] = pt
                 patches[s] = fp.view(b, n, *pt.shape[1:])
+        if self._mix is not None:
+            embeddings, slice_mask, present = self._mix.embeddings(embeddings, slice_mask, present)
         out = self._pool_one(embeddings, slice_mask, present)
         out.patches = patches
         return out
@@ -280,6 +297,8 @@ class AnyMC3D(nn.Module):
         """Everything after the backbone: slice embeddings (B, S, D) per stream -> task-query pooling,
         view fusion (missing streams masked out) and head. Also used on cached embeddings (a plugin
         without LoRA: every ensemble member pools the same embeddings)."""
+        if self._mix is not None:  # every member pools the same mixed embeddings
+            embeddings, slice_mask, present = self._mix.embeddings(embeddings, slice_mask, present)
         out = self._pool_one(embeddings, slice_mask, present)
         if not len(self.members):
             return out

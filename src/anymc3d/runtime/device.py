@@ -6,8 +6,12 @@
 ``torch.compile`` 11.2):
 
 * CUDA: bf16 autocast; channels_last for CNN backbones.
-* CPU: bf16 autocast (``--no-amp`` turns it off) with channels_last for CNN backbones, the fastest
-  of the four measured.
+* CPU with AVX-512 (where those figures were measured): bf16 autocast (``--no-amp`` turns it off)
+  with channels_last for CNN backbones, the fastest of the four measured.
+* CPU without AVX-512 (AVX2 only, e.g. many AMD EPYC and older Intel machines): fp32. There torch's
+  CPU bf16 kernels are emulated: the frozen trunk of EfficientNet-Lite0 at 64², 28 slices, one thread,
+  took 30.9 ms per slice under bf16 autocast against 2.5 ms in fp32 (an AMD EPYC, AVX2,
+  docs/results.md "CPU precision"), so a training plan there saw 12x the cost of every step.
 * MPS: fp32 (autocast on MPS is not used); channels_last for CNN backbones.
 
 Plugins and cache entries are device-independent: everything that is saved is moved to the CPU.
@@ -63,9 +67,27 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     raise InputError(f"--device {name}: expected {DEVICE_CHOICES}")
 
 
+def cpu_bf16_fast() -> bool:
+    """Whether this CPU runs torch's bf16 kernels natively enough for autocast to pay: AVX-512 (its
+    bf16 and AMX extensions included); False on AVX2-only and other CPUs, where bf16 is emulated."""
+    import torch
+
+    cpu = torch.cpu
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_avx512_supported"):
+        fn = getattr(cpu, probe, None)
+        if fn is not None and fn():
+            return True
+    return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+
+
 def amp_for(device: torch.device, requested: bool = True) -> bool:
-    """bf16 autocast on CUDA and CPU (unless turned off), never on MPS."""
-    return bool(requested) and device.type in ("cuda", "cpu")
+    """bf16 autocast on CUDA, and on a CPU where bf16 is fast (:func:`cpu_bf16_fast`), unless turned
+    off; never on MPS."""
+    if not requested:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and cpu_bf16_fast()
 
 
 def place(model, device: torch.device, amp: bool = True):

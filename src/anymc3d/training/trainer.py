@@ -29,6 +29,7 @@ from ..evaluation.run import metric_scores
 from ..evaluation.threshold import DEFAULT_POLICY, choose_threshold
 from ..io import atomic_write
 from ..plugins.embed_norm import FIT_CASES
+from ..plugins.mixup import Mix
 from ..plugins.model import AnyMC3D
 from ..preprocess import PreprocessSpec
 from ..runtime.batching import FLIP_COPIES, Batch, Batcher, BatchPlan, PreparedCase, flip_case
@@ -37,6 +38,7 @@ from . import distributed as ddp
 from .decoder import SegDecoder3D, dice_ce_loss
 from .ema import WeightEMA
 from .losses import classification_loss
+from .view_dropout import drop_views
 
 __all__ = ["Batcher", "Checkpoint", "TrainConfig", "TrainLog", "Trainer", "build_optimizer", "class_weights",
            "config_changes", "fit", "metric_scores", "seed_everything"]
@@ -76,6 +78,8 @@ class TrainConfig:
     ensemble: int = 1              # members trained together on one trunk (PluginSpec.ensemble)
     ema: float = 0.0               # per-step decay of an EMA of the trainable weights, validated and saved (0: off)
     label_smoothing: float = 0.0   # targets pulled toward the uniform distribution by this much (0: off)
+    mixup: float = 0.0             # Beta(a, a) mixup of slice embeddings between a batch's cases (plugins.mixup; 0: off)
+    view_dropout: float = 0.0      # each training case's view hidden from the fusion with this probability (0: off)
 
     @classmethod
     def from_plan(cls, plan, **overrides) -> "TrainConfig":
@@ -91,7 +95,7 @@ class TrainConfig:
 
 #: the plan fields that are training settings (anymc3d.planning.planner.Plan)
 PLAN_FIELDS = ("epochs", "batch_size", "patience", "augment", "slice_subset", "workers", "flip_copies", "test_flips",
-               "ensemble", "ema", "label_smoothing", "threshold")
+               "ensemble", "ema", "label_smoothing", "mixup", "view_dropout", "threshold")
 
 
 #: settings that do not change what training computes, so a run may resume with them changed
@@ -309,6 +313,7 @@ class Trainer:
         self.checkpoint = Checkpoint(out_dir / "checkpoint.pt", cfg)
         self.log = TrainLog(out_dir / "train_log.csv", cfg.progress)
         self.start_epoch, self.best, self.best_state, self.bad = 0, -math.inf, None, 0
+        self.rng = np.random.default_rng([cfg.seed, 0, 11])  # train_epoch redraws it per epoch
 
     def resume(self) -> bool:
         """Continue from ``checkpoint.pt`` when there is one (same settings only); whether there was one."""
@@ -343,17 +348,34 @@ class Trainer:
             return int(self.cfg.slice_subset), torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch + 17)
         return None
 
+    def regularised(self, batch: Batch) -> tuple[Batch, Mix | None]:
+        """The batch with ``cfg.view_dropout`` applied to its present views, and this step's embedding
+        mixup (``cfg.mixup``; None when off, or for a batch of one case or with the mask loss), both drawn
+        from the epoch's generator."""
+        cfg = self.cfg
+        if cfg.view_dropout > 0:
+            batch = batch.replace(present=drop_views(batch.present, cfg.view_dropout, self.rng))
+        n = batch.labels.shape[0]
+        mix = Mix.draw(n, cfg.mixup, self.rng) if cfg.mixup > 0 and n > 1 and self.decoder is None else None
+        return batch, mix
+
+    def loss_of(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        return classification_loss(z.float(), y, self.task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha,
+                                   self.cw, label_smoothing=cfg.label_smoothing)
+
     def step(self, batch: Batch, subset) -> tuple[float, float | None]:
         """One optimiser step on a loader batch; its loss and its mask loss (None without one)."""
         cfg = self.cfg
+        batch, mix = self.regularised(batch)
         with_seg = self.decoder is not None and batch.with_seg  # batches without any mask add no seg loss
         targets = self.rt.to_device(batch.seg_targets) if with_seg else None
-        out, seg_logits = self.step_module(batch, targets, subset)
+        with self.model.mixing(mix):
+            out, seg_logits = self.step_module(batch, targets, subset)
         y = batch.labels.to(self.device)
+        member_loss = self.loss_of if mix is None else (lambda z, t: mix.loss(self.loss_of, z, t))
         # an ensemble trains each member on its own loss (the members stay independent), mean over members
-        loss = sum(classification_loss(z.float(), y, self.task_type, cfg.loss, cfg.focal_gamma, cfg.focal_alpha,
-                                       self.cw, label_smoothing=cfg.label_smoothing)
-                   for z in (out.member_logits or [out.logits])) / max(1, len(out.member_logits))
+        loss = sum(member_loss(z, y) for z in (out.member_logits or [out.logits])) / max(1, len(out.member_logits))
         seg_loss = None
         if with_seg:
             has_mask = batch.has_mask.to(self.device)
@@ -373,6 +395,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         """One pass over this rank's cases of ``epoch``; the epoch's row (losses averaged over the ranks)."""
         seed_everything(self.cfg.seed * 1000 + epoch)  # dropout RNG per (seed, epoch): a resumed run matches
+        self.rng = np.random.default_rng([self.cfg.seed, epoch, 11])  # view dropout and mixup, likewise
         self.model.train()
         if self.decoder is not None:
             self.decoder.train()
