@@ -231,19 +231,25 @@ def frozen_engine(model, stream: str, x: torch.Tensor):
     return frozen_runner(model.backbone, cut, x, torch_path=torch_frozen(model, stream))
 
 
+def trunk_dtype(model) -> torch.dtype:
+    """The dtype trunk activations are kept in: bf16 under autocast (what the tail computes in anyway,
+    half the memory), fp32 without (rounding them to bf16 would move an fp32 answer by ~1e-3)."""
+    return torch.bfloat16 if model.autocast else torch.float32
+
+
 @torch.no_grad()
 def frozen_activations(model, stream: str, x: torch.Tensor, runner=None) -> torch.Tensor:
-    """The frozen part of ``model`` on slices x (N, C, H, W): trunk activations (bf16) or class embeddings.
-    ``runner``: an engine's runner (:func:`frozen_engine`) instead of the torch path."""
+    """The frozen part of ``model`` on slices x (N, C, H, W): trunk activations (:func:`trunk_dtype`) or
+    class embeddings. ``runner``: an engine's runner (:func:`frozen_engine`) instead of the torch path."""
     from ..plugins.lora import activate
 
     activate(model.backbone.model, None)  # other plugins' adapters on a shared backbone must not leak in
     if runner is not None:
         out = torch.cat([runner(x[i:i + model.chunk].to("cpu")) for i in range(0, x.shape[0], model.chunk)])
-        return out.float() if model.spec.lora.r == 0 else out.to(torch.bfloat16)
+        return out.float() if model.spec.lora.r == 0 else out.to(trunk_dtype(model))
     if model.spec.lora.r == 0:
         return model.embed_slices(stream, x)[0]
-    return model.trunk(x, engine=False).to(torch.bfloat16)
+    return model.trunk(x, engine=False).to(trunk_dtype(model))
 
 
 class PluginActivations:

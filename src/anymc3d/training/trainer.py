@@ -356,7 +356,9 @@ class Trainer:
         if cfg.view_dropout > 0:
             batch = batch.replace(present=drop_views(batch.present, cfg.view_dropout, self.rng))
         n = batch.labels.shape[0]
-        mix = Mix.draw(n, cfg.mixup, self.rng) if cfg.mixup > 0 and n > 1 and self.decoder is None else None
+        # mixup blends slice embeddings before pooling: plugins only (a 3D CNN baseline has none)
+        mixes = cfg.mixup > 0 and n > 1 and self.decoder is None and hasattr(self.model, "mixing")
+        mix = Mix.draw(n, cfg.mixup, self.rng) if mixes else None
         return batch, mix
 
     def loss_of(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -370,7 +372,7 @@ class Trainer:
         batch, mix = self.regularised(batch)
         with_seg = self.decoder is not None and batch.with_seg  # batches without any mask add no seg loss
         targets = self.rt.to_device(batch.seg_targets) if with_seg else None
-        with self.model.mixing(mix):
+        with self.model.mixing(mix) if mix is not None else contextlib.nullcontext():
             out, seg_logits = self.step_module(batch, targets, subset)
         y = batch.labels.to(self.device)
         member_loss = self.loss_of if mix is None else (lambda z, t: mix.loss(self.loss_of, z, t))
