@@ -30,6 +30,9 @@ FLIPS = ["--flip-copies", "3", "--test-flips", "w,h,hw"]
 CANDIDATES = {
     "k1_all": [],
     "k1_all_tta": ["--test-flips", "w,h,hw"],
+    # LoRA on the last 2 / 3 stages, the trunk cached at that deeper cut
+    "k2_all": ["--lora-last-k", "2"],
+    "k3_all": ["--lora-last-k", "3"],
     "k1_all_flips": FLIPS,
     "k1_all_flips_ens3": FLIPS + ["--ensemble", "3"],
     "k1_all_ens3": ["--ensemble", "3"],

@@ -249,6 +249,27 @@ def test_header_only_reads_agree_with_full_reads(tmp_path: Path) -> None:
         assert head.array.strides == (0,) * head.array.ndim and not head.array.flags.writeable, p
 
 
+def test_dicom_series_header_only_reads_no_pixel_data(tmp_path: Path, monkeypatch) -> None:
+    """A DICOM series folder checked from its headers: the full read's shape, affine and series, and the
+    same refusals (a missing slice), without pydicom decoding a pixel."""
+    from anymc3d.io.readers import dicom
+
+    a = _ref_array()
+    folder = tmp_path / "series"
+    _write_dicom_series(_itk_image(a), folder)
+    full = read_volume(folder)
+    monkeypatch.setattr(dicom, "_pydicom_volume", lambda *a, **k: pytest.fail("the pixel data was read"))
+    head = read_volume(folder, header_only=True)
+    assert head.meta["header_only"] and head.meta["format"] == "dicom"
+    assert head.array.shape == full.array.shape and head.array.strides == (0,) * head.array.ndim
+    np.testing.assert_allclose(head.affine, full.affine, atol=1e-6)
+    assert head.meta["dicom_series_uid"] == full.meta["dicom_series_uid"]
+    assert head.meta["dicom_n_files"] == full.meta["dicom_n_files"] == SHAPE[2]
+    sorted(folder.iterdir())[1].unlink()  # an inner slice missing: refused from the headers too
+    with pytest.raises(InputError, match="uneven slice spacing.*--allow-gaps"):  # 3 files: the median is the gap
+        read_volume(folder, header_only=True)
+
+
 def test_header_only_refuses_what_the_header_shows_and_leaves_the_voxels(tmp_path: Path) -> None:
     a = _ref_array().astype(np.float32)
     big = tmp_path / "big.nii.gz"

@@ -148,3 +148,36 @@ def test_quick_trunk_s_times_a_real_pass():
 
     s = quick_trunk_s(LITE, 32, weights="random")
     assert 0 < s < 1.0
+
+
+def test_the_race_costs_a_share_of_the_run_and_a_slow_timing_is_not_started(binary_manifest):
+    """On a toy that trains in seconds the race's reserve is a share of that run, not of the budget, and
+    a challenger whose full timing (estimated from the quick looks) would overrun it is not timed."""
+    from anymc3d.planning.race import RACE_SHARE, race_reserve, timing_cost
+
+    ref = make_plan(fake_fp(), TIMINGS, None, 224)
+    run_s = ref.select_estimate_s or ref.estimate_s
+    assert race_reserve(1e9, ref) == pytest.approx(RACE_SHARE * run_s)
+    assert race_reserve(1.0, ref) == 1.0 and race_reserve(None, ref) == pytest.approx(RACE_SHARE * run_s)
+    assert timing_cost({"measure_s": 10.0}, 1e-3, 5e-2) == pytest.approx(500.0)
+    assert timing_cost({}, 1e-3, 5e-2) == 0.0 and timing_cost({"measure_s": 10.0}, 1e-3, 1e-4) == 10.0
+
+    task = load_data(str(binary_manifest))
+    timed = []
+    speed = {LITE: 1e-4, VIT: 1e-4}
+
+    def measure(name, size):
+        timed.append(name)
+        return {**TIMINGS, "size": 64, "measure_s": 5.0}
+
+    kw = dict(racers=[LITE, VIT], measure=measure, quick=lambda n, s: speed[n],
+              score=lambda n, s, v: {LITE: 0.7, VIT: 0.9}[n], log=lambda *_: None)
+    # as fast as the default: timing it costs what the default's did, and the race runs
+    plan, _, _ = plan_for(task, None, "2h", **kw)
+    assert timed == [LITE, VIT] and plan.backbone == VIT
+    # 1000x slower per slice: its full timing alone (about 5000 s) overruns the share of the run
+    timed.clear()
+    speed[VIT] = 0.1
+    plan, _, _ = plan_for(task, None, "2h", **{**kw, "score": lambda *a: pytest.fail("nothing races")})
+    assert timed == [LITE] and plan.backbone == LITE
+    assert "would not fit the race's share" in plan.race[1]["status"]

@@ -10,7 +10,8 @@ IMAGE...``); single-process or under ``torchrun`` (one share of the volumes per 
    (``.tmp-*``) of a killed run are removed.
 2. **Bad input fails before anything is written.** Every rank checks each of its volumes from its
    header (the reader's checks without reading a voxel: unreadable or truncated files, voxel type,
-   dimensions, channels, size limit, geometry; a DICOM series folder is read whole, for its gaps),
+   dimensions, channels, size limit, geometry; a DICOM series folder from its files'
+   headers: series, order, gaps),
    and plans its preprocessing (the allocation guards); the ranks compare notes, and if any volume is
    bad the run stops with the project's one line ``anymc3d: error: <file>: <cause>`` and exit code 2,
    and nothing is written. What only the voxels show (NaN/Inf values, a damaged .nii.gz) stops the

@@ -16,11 +16,13 @@ from ..cli_args import add_device_args, add_weights_arg
 from ..errors import InputError
 
 
+HELP = "3D heatmaps in the input's space (+ localisation scores given masks)"
+DESCRIPTION = ("Write per-volume heatmaps (NIfTI with the input's shape and affine, and a PNG figure); given masks, "
+               "localisation scores against them with a random-map baseline (localization.json).")
+
+
 def register(subparsers) -> dict:
-    x = subparsers.add_parser("explain", help="3D heatmaps in the input's space (+ localisation scores given masks)",
-                              description="Write per-volume heatmaps (NIfTI with the input's shape and affine, and a "
-                                          "PNG figure); given masks, localisation scores against them with a random-map "
-                                          "baseline (localization.json).")
+    x = subparsers.add_parser("explain", help=HELP, description=DESCRIPTION)
     x.add_argument("plugin")
     x.add_argument("images", nargs="+", help="files, folders (of images, or one DICOM series) or a manifest CSV")
     x.add_argument("--out", required=True, type=Path)

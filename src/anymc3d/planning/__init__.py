@@ -88,7 +88,8 @@ def _race(task, fp, names, default, budget_s, device, overrides, threshold, meas
     from ..errors import InputError
     from .machine import machine_info
     from .planner import split_sizes
-    from .race import RACE_SHARE, Racer, lower_bound_timings, probe_score, race_cost, run_race
+    from .race import (RACE_SHARE, Racer, lower_bound_timings, probe_score, race_cost, race_reserve, run_race,
+                       timing_cost)
 
     dtype = machine_info(device)["device_type"]
     reserve = None if budget_s is None else RACE_SHARE * budget_s
@@ -101,16 +102,27 @@ def _race(task, fp, names, default, budget_s, device, overrides, threshold, meas
         except InputError:
             return None
 
-    racers, tables, ref = [], {}, None
+    racers, tables, ref, ref_quick = [], {}, None, None
     for name in [default] + [n for n in names if n != default]:  # the default first: the others are held to it
         size = _size(fp, name, overrides, dtype)
         if name != default and ref.plan is not None:
-            lb = plan_within(lower_bound_timings(tables[default], quick(name, size), size), name)
+            reserve = race_reserve(reserve, ref.plan)
+            q = quick(name, size)
+            lb_t = lower_bound_timings(tables[default], q, size)
+            lb = plan_within(lb_t, name)
             if lb is None or lb.candidate > ref.plan.candidate:
                 best = "no plan" if lb is None else lb.name
                 racers.append(Racer(name, None, 0.0, f"not raced: a quick look at its frozen pass shows it affords at "
                                                      f"best {best} within the budget (the default backbone's plan: "
                                                      f"{ref.plan.name}); not timed further"))
+                continue
+            if ref_quick is None:
+                ref_quick = quick(default, ref.plan.size)
+            look = timing_cost(tables[default], ref_quick, q) + race_cost(*split_sizes(fp)[:2], lb_t, lb.views, lb.size)
+            if reserve is not None and look + ref.cost_s > reserve:
+                racers.append(Racer(name, None, 0.0, f"not raced: a quick look shows that timing it and its probe "
+                                                     f"(about {look:.0f} s) would not fit the race's share "
+                                                     f"({reserve:.0f} s); not timed further"))
                 continue
         t = tables[name] = measure(name, size)
         p = plan_within(t, name)
@@ -119,7 +131,8 @@ def _race(task, fp, names, default, budget_s, device, overrides, threshold, meas
             ref = racers[-1]
     winner = default
     if ref.plan is not None:
-        winner = run_race(racers, default, reserve, score or probe_score(task, device=device), log=log)
+        winner = run_race(racers, default, race_reserve(reserve, ref.plan), score or probe_score(task, device=device),
+                          log=log)
     raced = any(r.status == "raced" for r in racers)
     if raced:
         plan = next(r.plan for r in racers if r.backbone == winner)

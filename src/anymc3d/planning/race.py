@@ -19,9 +19,13 @@ Rules (docs/plan.md, "Backbone race"):
   costs (that pass :data:`ENGINE_SPEEDUP` times faster, every other cost the default backbone's or
   nothing) is planned first. If even that plan is a worse candidate than the default backbone's,
   the full plan would be too (estimates only grow with the costs), so it is not timed further.
-* **its cost**: at most :data:`RACE_SHARE` of the budget, estimated from each racer's measured
-  timings; the plans are made within the rest. The default backbone races first; the others by
-  cost while the reserve lasts.
+* **its cost**: at most :data:`RACE_SHARE` of the budget, and at most that share of the default
+  backbone's own training run (:func:`race_reserve`: on a small data set that trains in a minute the
+  race gets seconds, not minutes), estimated from each racer's measured timings; the plans are made
+  within the rest. The default backbone races first; the others by cost while the reserve lasts. A
+  challenger is timed in full only when the quick look's estimate of that timing plus its probe
+  (:func:`timing_cost`, :func:`race_cost` on the lower-bound table) fits the reserve beside the
+  default's probe.
 * **the pick**: the highest validation AUROC; a challenger must beat the default backbone by
   :data:`RACE_MARGIN` (on small validation splits AUROC is coarse, and the default is the cheaper,
   better-known one).
@@ -99,6 +103,26 @@ def lower_bound_timings(default_timings: dict, trunk_s: float, size: int) -> dic
     lb = trunk_s / ENGINE_SPEEDUP
     return {**default_timings, "size": int(size), "trunk_fwd_s": lb, "full_step_s": lb, "full_fwd_s": lb,
             "tail_step_s": 0.0, "tail_fwd_s": 0.0}
+
+
+def race_reserve(reserve_s: float | None, ref_plan) -> float | None:
+    """The race's share of the run: :data:`RACE_SHARE` of the budget, and no more than that share of
+    the default backbone's own training run (its selected candidates' estimate), so a run that trains
+    in a minute does not race for six."""
+    run_s = float(getattr(ref_plan, "select_estimate_s", 0.0) or getattr(ref_plan, "estimate_s", 0.0) or 0.0)
+    if run_s <= 0:
+        return reserve_s
+    share = RACE_SHARE * run_s
+    return share if reserve_s is None else min(reserve_s, share)
+
+
+def timing_cost(default_timings: dict, default_quick_s: float, quick_s: float) -> float:
+    """Estimated seconds of timing a challenger in full: the default backbone's measured timing
+    (``measure_s``) scaled by the ratio of the two quick looks' frozen passes (0 when unknown)."""
+    measured = float(default_timings.get("measure_s", 0.0) or 0.0)
+    if measured <= 0 or not default_quick_s > 0:
+        return 0.0
+    return measured * max(1.0, quick_s / default_quick_s)
 
 
 def race_cost(n_train: int, n_val: int, timings: dict, views: list[str], size: int) -> float:

@@ -150,12 +150,9 @@ def rewrite_nrrd(src: Path, dst: Path, name: str | None = None) -> list[str]:
             if nk in _NRRD_DATAFILE or nk.startswith("datafile"):
                 raise _nrrd_datafile(name)
             if nk in _NRRD_SKIPS:
-                if value.strip() not in ("0", ""):
-                    raise NotInline(f"{name}: NRRD '{_NRRD_SKIPS[nk]}: {value.strip()[:20]}' is not supported by the "
-                                    f"service; upload an NRRD whose data starts right after the header")
+                _only_zero(name, f"NRRD '{_NRRD_SKIPS[nk]}'", value, "an NRRD whose data starts right after the header")
                 continue
-            if nk not in NRRD_FIELDS:
-                dropped.append(key.strip()[:40])
+            if _dropped(nk, NRRD_FIELDS, key, dropped):
                 continue
             value = value.strip()
             if any(ord(c) < 32 for c in value):
@@ -173,6 +170,20 @@ def rewrite_nrrd(src: Path, dst: Path, name: str | None = None) -> list[str]:
             out.write(header.encode("latin-1"))
             _copy_rest(fh, start, out)
     return dropped
+
+
+def _only_zero(name: str, field: str, value: str, upload: str) -> None:
+    """A header field that offsets the data (NRRD line/byte skip, MetaImage HeaderSize): only 0 is served."""
+    if value.strip() not in ("0", ""):
+        raise NotInline(f"{name}: {field} = {value.strip()[:20]} is not supported by the service; upload {upload}")
+
+
+def _dropped(nk: str, fields: dict, key: str, dropped: list[str]) -> bool:
+    """True (and the key recorded in ``dropped``) when a header key is outside the format's whitelist."""
+    if nk in fields:
+        return False
+    dropped.append(key.strip()[:40])
+    return True
 
 
 def _nrrd_datafile(name: str) -> NotInline:
@@ -286,12 +297,9 @@ def rewrite_mha(src: Path, dst: Path, name: str | None = None) -> list[str]:
                                     f"ElementDataFile = LOCAL, or NIfTI")
                 break                                    # ElementDataFile = LOCAL: the data follows
             if nk == "headersize":
-                if value.strip() not in ("0", ""):
-                    raise NotInline(f"{name}: MetaImage HeaderSize = {value.strip()[:20]} is not supported by "
-                                    f"the service; upload an .mha whose data follows ElementDataFile = LOCAL")
+                _only_zero(name, "MetaImage 'HeaderSize'", value, "an .mha whose data follows ElementDataFile = LOCAL")
                 continue
-            if nk not in MHA_FIELDS:
-                dropped.append(key.strip()[:40])
+            if _dropped(nk, MHA_FIELDS, key, dropped):
                 continue
             field, kind = MHA_FIELDS[nk]
             if kind == "skip":

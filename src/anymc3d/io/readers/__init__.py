@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from anymc3d.io.readers.checks import (NEAR_EMPTY_FRACTION, check_declared_size, check_layout, content_problem,
                                        geometry_problem, spacing_problem)
-from anymc3d.io.readers.dicom import read_dicom_series
+from anymc3d.io.readers.dicom import read_dicom_series, read_dicom_series_header
 from anymc3d.io.readers.itk import _make_sitk_reader, itk_to_ras_affine, make_sitk_header_reader
 from anymc3d.io.readers.nifti import read_nifti, read_nifti_header
 from anymc3d.io.readers.npy import read_npy, read_npy_file_header, read_npy_header
@@ -36,7 +36,7 @@ register_reader(".nii.gz", read_nifti, header=read_nifti_header)
 for _suffix, _fmt in ((".nrrd", "nrrd"), (".nhdr", "nrrd"), (".mha", "mha"), (".mhd", "mha"), (".dcm", "dicom")):
     # .dcm: a single (multi-frame) DICOM file
     register_reader(_suffix, _make_sitk_reader(_fmt), header=make_sitk_header_reader(_fmt))
-register_reader(DIRECTORY, read_dicom_series)  # no header reader yet: header_only reads a series whole
+register_reader(DIRECTORY, read_dicom_series, header=read_dicom_series_header)
 register_reader(".npy", read_npy, header=read_npy_file_header)
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "geometry_problem",
     "itk_to_ras_affine",
     "read_dicom_series",
+    "read_dicom_series_header",
     "read_nifti",
     "read_nifti_header",
     "read_npy",

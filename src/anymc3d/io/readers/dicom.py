@@ -182,6 +182,16 @@ def _pydicom_volume(folder: Path, items: list, positions: np.ndarray) -> Volume:
                       if (slope, inter) != (1.0, 0.0) else a)
     arr = np.stack(slices, axis=-1)  # (rows, cols, z) or (C, rows, cols, z)
     arr = np.swapaxes(arr, -3, -2)   # -> (x = column, y = row, z)
+    ras, problem = _series_geometry(items, positions)
+    meta = {"format": "dicom", "dtype": str(dtype)}
+    if problem:
+        meta["_geometry_problem"] = problem
+    return Volume(arr, ras, meta)
+
+
+def _series_geometry(items: list, positions: np.ndarray) -> tuple[np.ndarray, Optional[str]]:
+    """The RAS affine of a sorted series (ImageOrientationPatient, PixelSpacing and the slice positions)
+    and the geometry problem to report, if any (PixelSpacing missing, zero or negative)."""
     ds0 = items[0][1]
     o = _floats(_get(ds0, "ImageOrientationPatient"), 6)
     raw_sp = _get(ds0, "PixelSpacing")
@@ -199,11 +209,7 @@ def _pydicom_volume(folder: Path, items: list, positions: np.ndarray) -> Volume:
     lps[:3, 1] = o[3:] * sp[0]
     lps[:3, 2] = (positions[-1] - positions[0]) / (len(items) - 1)
     lps[:3, 3] = positions[0]
-    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    meta = {"format": "dicom", "dtype": str(dtype)}
-    if problem:
-        meta["_geometry_problem"] = problem
-    return Volume(arr, ras, meta)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, problem
 
 
 def read_dicom_series(path: Path) -> Volume:
@@ -215,7 +221,76 @@ def read_dicom_series(path: Path) -> Volume:
     A missing slice, uneven spacing, duplicate positions, or files of different sizes/orientations are
     refused (``--allow-gaps`` reads gaps and uneven spacing, with a warning).
     """
-    sitk = _sitk()
+    uid, items, positions, pending = _chosen_series(path)
+    files = [f for f, _ in items]
+    if _pydicom_reads(items, positions):
+        vol = _pydicom_volume(path, items, positions)
+    elif len(files) < 2:
+        reader = _sitk_header(files[0], "dicom")
+        try:
+            img = reader.Execute()
+        except Exception as exc:
+            raise _fail(path, f"cannot read DICOM file {files[0].name} ({_one_line(exc)})") from exc
+        if img.GetDimension() < 3 or img.GetDepth() < 2:
+            raise _fail(path, "holds a single-file DICOM series (a 2D image); a 3D volume is needed")
+        vol = _sitk_image_to_volume(img, path, "dicom")
+    else:
+        reader = _sitk().ImageSeriesReader()
+        reader.SetFileNames([str(f) for f in files])
+        try:
+            img = reader.Execute()
+        except Exception as exc:
+            raise _fail(path, f"cannot read DICOM series ({_one_line(exc)})") from exc
+        vol = _sitk_image_to_volume(img, path, "dicom")
+    return _with_series_meta(vol, uid, len(files), pending)
+
+
+def read_dicom_series_header(path: Path) -> Volume:
+    """What :func:`read_dicom_series` checks, from the files' headers alone (pydicom, pixel data deferred):
+    the series chosen, sizes, orientations, slice order, gaps, the declared size and the geometry, with a
+    read-only zero array of the series' shape. Only a series that pydicom itself would read (two or more
+    uncompressed single-frame files with positions) has its geometry known from the headers; any other
+    (compressed, multi-frame, one file, no positions: GDCM decides those) is read whole."""
+    uid, items, positions, pending = _chosen_series(path)
+    if not _pydicom_reads(items, positions):
+        return read_dicom_series(path)
+    ds0 = items[0][1]
+    rows, cols, spp = (int(_get(ds0, k, d)) for k, d in (("Rows", 0), ("Columns", 0), ("SamplesPerPixel", 1)))
+    shape = ((spp,) if spp > 1 else ()) + (cols, rows, len(items))
+    ras, problem = _series_geometry(items, positions)
+    meta = {"format": "dicom", "dtype": _stored_dtype(items), "header_only": True}
+    if problem:
+        meta["_geometry_problem"] = problem
+    return _with_series_meta(Volume(np.broadcast_to(np.float32(0), shape), ras, meta), uid, len(items), pending)
+
+
+def _stored_dtype(items: list) -> str:
+    """The dtype the pixel data would be read as (float32 once a rescale applies)."""
+    if any((float(_get(ds, "RescaleSlope", 1.0) or 1.0), float(_get(ds, "RescaleIntercept", 0.0) or 0.0)) != (1.0, 0.0)
+           for _, ds in items):
+        return "float32"
+    ds0 = items[0][1]
+    bits = int(_get(ds0, "BitsAllocated", 16))
+    return f"{'int' if int(_get(ds0, 'PixelRepresentation', 0)) else 'uint'}{bits}" if bits in (8, 16, 32) else "unknown"
+
+
+def _pydicom_reads(items: list, positions: Optional[np.ndarray]) -> bool:
+    """pydicom reads the series (uncompressed single-frame files with positions); GDCM reads any other."""
+    return len(items) >= 2 and positions is not None and all(
+        not getattr(getattr(ds.file_meta, "TransferSyntaxUID", None), "is_compressed", True)
+        and int(_get(ds, "NumberOfFrames", 1) or 1) == 1 for _, ds in items)
+
+
+def _with_series_meta(vol: Volume, uid: str, n_files: int, pending: list[str]) -> Volume:
+    vol.meta.update({"dicom_series_uid": uid, "dicom_n_files": n_files})
+    if pending:
+        vol.meta["_pending_warnings"] = pending  # printed by read_volume once the volume is valid
+    return vol
+
+
+def _chosen_series(path: Path) -> tuple[str, list, Optional[np.ndarray], list[str]]:
+    """(series UID, its sorted (file, header) items, slice positions or None, warnings to print) for the
+    series ``--series`` names, or the one with most files."""
     opts = _options.current()
     try:
         series = _scan_dicom_folder(path)
@@ -241,30 +316,4 @@ def read_dicom_series(path: Path) -> Volume:
             pending.append(f"{len(ids)} DICOM series in this folder; reading {uid} ({len(series[uid])} files), "
                            f"not {others}; choose with --series UID")
     items, notes, positions = _slice_table(path, series[uid])
-    files = [f for f, _ in items]
-    pending += notes
-    uncompressed = all(not getattr(getattr(ds.file_meta, "TransferSyntaxUID", None), "is_compressed", True)
-                       and int(_get(ds, "NumberOfFrames", 1) or 1) == 1 for _, ds in items)
-    if len(files) >= 2 and positions is not None and uncompressed:
-        vol = _pydicom_volume(path, items, positions)
-    elif len(files) < 2:
-        reader = _sitk_header(files[0], "dicom")
-        try:
-            img = reader.Execute()
-        except Exception as exc:
-            raise _fail(path, f"cannot read DICOM file {files[0].name} ({_one_line(exc)})") from exc
-        if img.GetDimension() < 3 or img.GetDepth() < 2:
-            raise _fail(path, "holds a single-file DICOM series (a 2D image); a 3D volume is needed")
-    else:
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames([str(f) for f in files])
-        try:
-            img = reader.Execute()
-        except Exception as exc:
-            raise _fail(path, f"cannot read DICOM series ({_one_line(exc)})") from exc
-    if not (len(files) >= 2 and positions is not None and uncompressed):
-        vol = _sitk_image_to_volume(img, path, "dicom")
-    vol.meta.update({"dicom_series_uid": uid, "dicom_n_files": len(files)})
-    if pending:
-        vol.meta["_pending_warnings"] = pending  # printed by read_volume once the volume is valid
-    return vol
+    return uid, items, positions, pending + notes

@@ -95,7 +95,8 @@ def read_volume(path: Union[str, Path], *, affine: Optional[np.ndarray] = None, 
 
     ``header_only=True``: what the header decides (every check but NaN/Inf, a .nii.gz's CRC and the
     content warnings), with a read-only zero array of the declared shape (no voxel read or allocated),
-    for a format whose header reader is registered; other formats (a DICOM series) are read whole.
+    for a format whose header reader is registered (every built-in one; a DICOM series that GDCM must
+    decode, compressed or multi-frame, is read whole); other formats are read whole.
     ``meta["header_only"]`` says which it was.
     """
     if content_warnings is None:
