@@ -33,6 +33,8 @@ CANDIDATES = {
     # LoRA on the last 2 / 3 stages, the trunk cached at that deeper cut
     "k2_all": ["--lora-last-k", "2"],
     "k3_all": ["--lora-last-k", "3"],
+    # a larger slice size than the plan's 64² (28³ volumes upsampled further: a 3x3 last-stage map, not 2x2)
+    "k1_all_96": ["--size", "96"],
     "k1_all_flips": FLIPS,
     "k1_all_flips_ens3": FLIPS + ["--ensemble", "3"],
     "k1_all_ens3": ["--ensemble", "3"],
