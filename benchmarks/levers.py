@@ -37,10 +37,14 @@ CANDIDATES = {
     "k1_all_96": ["--size", "96"],
     "k1_all_flips": FLIPS,
     "k1_all_flips_ens3": FLIPS + ["--ensemble", "3"],
+    # all seven flips of the volume's three axes cached (runtime.batching.FLIP_COPIES), not three
+    "k1_all_flips7": ["--flip-copies", "7", "--test-flips", "w,h,hw"],
     "k1_all_ens3": ["--ensemble", "3"],
     # training dynamics (planning/planner.py EMA_DECAY, LABEL_SMOOTHING)
     "k1_all_ema": ["--ema", "0.99"],
     "k1_all_ls": ["--label-smoothing", "0.1"],
+    # the LoRA learning rate (trainer default 1e-4) five times higher
+    "k1_all_lrl5": ["--lr-lora", "5e-4"],
     # regularisers on the cached trunk's embeddings (planning/planner.py MIXUP_ALPHA, VIEW_DROPOUT)
     "k1_all_mix": ["--mixup", "0.4"],
     "k1_all_vd": ["--view-dropout", "0.2"],

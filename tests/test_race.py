@@ -55,7 +55,7 @@ def test_race_leaves_out_what_the_budget_or_a_worse_recipe_rules_out():
     racers = _racers(budget)
     assert racers[0].plan.name == "k1_all" and racers[1].plan.candidate > racers[0].plan.candidate
     assert run_race(racers, LITE, None, never, log=lambda *_: None) == LITE
-    assert racers[1].status.startswith("not raced: within the budget it affords only")
+    assert racers[1].status.startswith("not raced: within the budget less the race's share it affords only")
 
 
 def test_plan_for_races_within_the_budget_and_backbone_fixes_it(binary_manifest):
@@ -133,6 +133,13 @@ def test_a_quick_look_spares_timing_a_backbone_that_cannot_afford_the_default_re
                           score=lambda *a: pytest.fail("nothing races"), log=lambda *_: None)
     assert timed == [LITE] and plan.backbone == LITE
     assert plan.race[0]["backbone"] == LITE and "quick look" in plan.race[1]["status"]
+    # nothing raced: the default's row shows the plan it trains (within the whole budget), not the
+    # cheaper one within the budget less the race's share
+    alone = plan_for(task, LITE, None, measure=measure, max_select=1, log=lambda *_: None)[0]
+    plan, _, _ = plan_for(task, None, alone.estimate_s * 1.1, racers=[LITE, VIT], measure=measure, quick=hopeless,
+                          score=lambda *a: pytest.fail("nothing races"), log=lambda *_: None)
+    assert plan.name == alone.name and plan.race[0]["candidate"] == plan.name
+    assert plan.race[0]["estimate_s"] == plan.estimate_s and f"there: {plan.name})" not in plan.race[1]["status"]
     timed.clear()
     plan, _, _ = plan_for(task, None, "2h", racers=[LITE, VIT], measure=measure, quick=lambda n, s: 0.0,
                           score=lambda n, s, v: {LITE: 0.7, VIT: 0.9}[n], log=lambda *_: None)

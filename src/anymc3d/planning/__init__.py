@@ -113,8 +113,8 @@ def _race(task, fp, names, default, budget_s, device, overrides, threshold, meas
             if lb is None or lb.candidate > ref.plan.candidate:
                 best = "no plan" if lb is None else lb.name
                 racers.append(Racer(name, None, 0.0, f"not raced: a quick look at its frozen pass shows it affords at "
-                                                     f"best {best} within the budget (the default backbone's plan: "
-                                                     f"{ref.plan.name}); not timed further"))
+                                                     f"best {best} within the budget less the race's share (the default "
+                                                     f"backbone's there: {ref.plan.name}); not timed further"))
                 continue
             if ref_quick is None:
                 ref_quick = quick(default, ref.plan.size)
@@ -142,6 +142,7 @@ def _race(task, fp, names, default, budget_s, device, overrides, threshold, meas
             r.status = r.status or "not raced: the default backbone's plan does not fit the budget less the race's share"
         plan = make_plan(fp, tables[default], budget_s, default_input_size(default), overrides=overrides,
                          threshold=threshold, max_select=max_select)
+        ref.plan = plan  # its row shows the plan it trains, not the one within the race's remainder
     plan.backbone = winner
     plan.race = [r.row() for r in racers]
     return plan, tables[winner]

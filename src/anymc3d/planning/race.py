@@ -182,8 +182,8 @@ def run_race(racers: list[Racer], default: str, reserve_s: float | None, score: 
         if r.plan is None:
             r.status = "not raced: no plan fits the budget"
         elif r.plan.candidate > ref_rank:
-            r.status = (f"not raced: within the budget it affords only {r.plan.name} "
-                        f"(the default backbone's plan: {ref.plan.name})")
+            r.status = (f"not raced: within the budget less the race's share it affords only {r.plan.name} "
+                        f"(the default backbone's there: {ref.plan.name})")
     eligible = sorted((r for r in racers if not r.status), key=lambda r: (r.backbone != default, r.cost_s, r.backbone))
     left = reserve_s
     entered = []
