@@ -25,7 +25,8 @@ ADRENAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "medm
 #: the slice size and views are the plan's for these data (64², three views); the levers are measured on
 #: EfficientNet-Lite0, the backbone the race keeps on this CPU, so the race is not run per cell
 RECIPE = ["--backbone", "efficientnet_lite0", "--size", "64", "--views", "axial,coronal,sagittal", "--lora-last-k", "1", "--no-augment",
-          "--slice-subset", "all", "--embed-norm", "none"]
+          "--slice-subset", "all", "--embed-norm", "none",
+          "--no-select"]  # one candidate per cell: the plan's selection would also train its other members
 FLIPS = ["--flip-copies", "3", "--test-flips", "w,h,hw"]
 CANDIDATES = {
     "k1_all": [],
@@ -45,6 +46,7 @@ CANDIDATES = {
     "k1_all_ls": ["--label-smoothing", "0.1"],
     # the LoRA learning rate (trainer default 1e-4) five times higher
     "k1_all_lrl5": ["--lr-lora", "5e-4"],
+    "k1_all_flips_lrl5": FLIPS + ["--lr-lora", "5e-4"],
     # regularisers on the cached trunk's embeddings (planning/planner.py MIXUP_ALPHA, VIEW_DROPOUT)
     "k1_all_mix": ["--mixup", "0.4"],
     "k1_all_vd": ["--view-dropout", "0.2"],

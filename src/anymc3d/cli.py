@@ -63,8 +63,10 @@ def _add_train_parser(sub) -> None:
                    help="disk cache of frozen activations (shared trunk or --lora-rank 0), reused by later epochs, runs and tasks")
     t.add_argument("--loss", choices=["focal", "bce", "ce"], default="focal")
     t.add_argument("--class-weighting", choices=["none", "balanced"], default="none")
-    t.add_argument("--lr-lora", type=float, default=1e-4)
-    t.add_argument("--lr-head", type=float, default=1e-3)
+    t.add_argument("--lr-lora", type=float, default=None,
+                   help="learning rate of the LoRA weights (default: the trainer's, 5e-4)")
+    t.add_argument("--lr-head", type=float, default=None,
+                   help="learning rate of the task queries and the head (default: the trainer's, 1e-3)")
     t.add_argument("--no-amp", action="store_true", help="disable bf16 autocast")
     t.add_argument("--seg-weight", type=float, default=0.5,
                    help="λ of the auxiliary mask loss (Dice + BCE) when the manifest has a mask column; 0 disables")
@@ -218,7 +220,8 @@ def _train(a: argparse.Namespace, dist) -> int:
         pre = PreprocessOptions(views=st["views"], size=st["size"], intensity=intensity,
                                 windows=windows, spacing=_spacing(a.spacing), max_slices=st["max_slices"],
                                 neighbours=bool(st.get("neighbours")))
-        cfg = TrainConfig.from_plan(st, seed=a.seed, loss=a.loss, lr_lora=a.lr_lora, lr_head=a.lr_head,
+        rates = {k: v for k, v in (("lr_lora", a.lr_lora), ("lr_head", a.lr_head)) if v is not None}
+        cfg = TrainConfig.from_plan(st, seed=a.seed, loss=a.loss, **rates,
                                     class_weighting=a.class_weighting, amp=not a.no_amp,
                                     progress=not a.quiet and main_rank, seg_weight=a.seg_weight,
                                     device=dist.rank_device(a.device), threshold=a.threshold, embed_norm=a.embed_norm)

@@ -30,7 +30,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "epochs": 30,            # plugin / 3D CNN epochs
     "batch_size": 8,
     "patience": 10,
-    "lr_lora": 1e-4,
+    "lr_lora": 1e-4,         # the bench protocol's (its stored cells); `anymc3d train`'s is TrainConfig.lr_lora
     "lr_head": 1e-3,
     "loss": "focal",
     "amp": True,
