@@ -457,9 +457,9 @@ def test_resume_refuses_other_training_settings(prepared_binary, tmp_path):
     cfg = TrainConfig(epochs=1, batch_size=4, progress=False, augment=False)
     bb = lite0(None)
     fit(AnyMC3D(bb, make_spec(bb, r=4)), specs, prepared["train"], prepared["val"], cfg, tmp_path)
-    other = dataclasses.replace(cfg, lr_lora=5e-4, epochs=2)
+    other = dataclasses.replace(cfg, lr_lora=1e-3, epochs=2)
     with pytest.raises(InputError, match=r"checkpoint.pt: written with other training settings \(epochs: 1 -> 2; "
-                                         r"lr_lora: 0.0001 -> 0.0005\)"):
+                                         r"lr_lora: 0.0005 -> 0.001\)"):
         fit(AnyMC3D(bb, make_spec(bb, r=4), adapter_prefix="p1_"), specs, prepared["train"], prepared["val"], other,
             tmp_path, resume=True)
     same = dataclasses.replace(cfg, progress=True, cache_dir=str(tmp_path / "cache"))
