@@ -44,7 +44,8 @@ CANDIDATES = {
     # training dynamics (planning/planner.py EMA_DECAY, LABEL_SMOOTHING)
     "k1_all_ema": ["--ema", "0.99"],
     "k1_all_ls": ["--label-smoothing", "0.1"],
-    # the LoRA learning rate (trainer default 1e-4) five times higher
+    # --lr-lora 5e-4: the trainer's default since 2026-12-07 (it was 1e-4), so a cell run after that
+    # date trains k1_all as k1_all_lrl5 does; the names keep the comparison's cells apart
     "k1_all_lrl5": ["--lr-lora", "5e-4"],
     "k1_all_flips_lrl5": FLIPS + ["--lr-lora", "5e-4"],
     # regularisers on the cached trunk's embeddings (planning/planner.py MIXUP_ALPHA, VIEW_DROPOUT)
