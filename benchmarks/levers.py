@@ -48,6 +48,9 @@ CANDIDATES = {
     # date trains k1_all as k1_all_lrl5 does; the names keep the comparison's cells apart
     "k1_all_lrl5": ["--lr-lora", "5e-4"],
     "k1_all_flips_lrl5": FLIPS + ["--lr-lora", "5e-4"],
+    # AdamW weight decay 0.05 on the LoRA weights and the head (the trainer's defaults: 1e-5 / 1e-4)
+    "k1_all_wd": ["--weight-decay", "0.05"],
+    "k1_all_flips_wd": FLIPS + ["--weight-decay", "0.05"],
     # regularisers on the cached trunk's embeddings (planning/planner.py MIXUP_ALPHA, VIEW_DROPOUT)
     "k1_all_mix": ["--mixup", "0.4"],
     "k1_all_vd": ["--view-dropout", "0.2"],

@@ -40,13 +40,14 @@ def _slices(n=6, c=1, size=SIZE, seed=0):
     return torch.rand(n, c, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _plugin(bb, r=0, last_k=None, seed=0, prefix="e"):
-    """A plugin on ``bb`` with random (non-zero) LoRA, queries and head: probabilities that depend on the features."""
+def _plugin(bb, r=0, last_k=None, seed=0, prefix="e", scale=0.2, views=("axial",)):
+    """A plugin on ``bb`` with random (non-zero) LoRA, queries and head: probabilities that depend on the features
+    (``scale``: their standard deviation; 0.02 gives LoRA deltas of a trained plugin's size, 0.2 a chaotic net)."""
     from anymc3d.plugins import LoraSpec, PluginSpec
     from anymc3d.plugins.model import AnyMC3D
     from anymc3d.preprocess import PreprocessSpec
 
-    pre = PreprocessSpec(size=SIZE, views=["axial"]).to_dict()
+    pre = PreprocessSpec(size=SIZE, views=list(views)).to_dict()
     spec = PluginSpec(task="t", task_type="binary", label_names=["0", "1"], inputs=["image"], preprocess={"image": pre},
                       backbone=bb.name, backbone_fingerprint=bb.fingerprint, input_size=bb.input_size,
                       lora=LoraSpec(r=r, last_k=last_k))
@@ -54,7 +55,7 @@ def _plugin(bb, r=0, last_k=None, seed=0, prefix="e"):
     model = AnyMC3D(bb, spec, adapter_prefix=f"{prefix}{seed}_", autocast=False).eval()
     with torch.no_grad():
         for p in {**model.lora_parameters(), **model.head_parameters()}.values():
-            p.copy_(torch.randn_like(p) * 0.2)
+            p.copy_(torch.randn_like(p) * scale)
     return model
 
 
@@ -285,3 +286,79 @@ def test_choose_threads_times_both_counts_and_keeps_the_faster():
         assert torch.get_num_threads() == out["threads_chosen"]
     finally:
         torch.set_num_threads(n)
+
+
+# ---- the merged slice network at prediction (anymc3d.runtime.merged) -------------------------------------
+@pytest.mark.parametrize("which", ["lite0_random", "tinyvit_random"])
+@pytest.mark.parametrize("last_k", [None, 1])
+def test_merged_backbone_computes_what_the_adapted_one_does(which, last_k, request):
+    from anymc3d.plugins.lora import activate
+    from anymc3d.runtime.merged import adapter_fingerprint, merged_backbone
+
+    bb = request.getfixturevalue(which)
+    model = _plugin(bb, r=4, last_k=last_k, seed=5, prefix=f"mg{last_k}", scale=0.02)
+    name = model.adapters["image:axial"]
+    x = _slices(4, seed=6)
+    with torch.no_grad():
+        activate(bb.model, name)
+        adapted = bb(x).cls
+        merged = merged_backbone(bb, name)
+        got = merged(x).cls
+        activate(bb.model, None)
+        plain = bb(x).cls
+        activate(bb.model, name)
+        again = bb(x).cls
+    assert float((adapted - plain).abs().max()) > 1e-4  # the adapter matters
+    assert float((got - adapted).abs().max()) <= 1e-4 * max(1.0, float(adapted.abs().max()))
+    assert torch.equal(again, adapted)  # the plugin's own backbone is untouched (adapters kept, not merged)
+    assert not any("lora_" in k for k in merged.state_dict())
+    assert merged.fingerprint != bb.fingerprint and merged.fingerprint == adapter_fingerprint(bb, name)
+    with torch.no_grad():
+        next(iter(model.lora_parameters().values())).add_(0.01)
+    assert adapter_fingerprint(bb, name) != merged.fingerprint  # other LoRA weights: another export-cache key
+
+
+def _volumes(n=3, seed=0):
+    from anymc3d.volume import Volume
+
+    rng = np.random.default_rng(seed)
+    return [Volume(rng.random((14, 14, 10)).astype(np.float32), np.eye(4), {"path": f"m{i}.nii.gz"}) for i in range(n)]
+
+
+@pytest.mark.skipif(not INSTALLED, reason="no engine of anymc3d[cpu] installed")
+@pytest.mark.parametrize("engine", INSTALLED)
+@pytest.mark.parametrize("last_k", [None, 1])
+def test_prediction_runs_the_merged_slice_network_on_the_engine(engine, last_k, tmp_path):
+    """A full-depth and a shared-trunk plugin (two views, small random LoRA) predicted through a Predictor:
+    with an engine the merged slice network of each view runs on it, probabilities equal torch's within 1e-3;
+    with torch (the Python default) nothing is merged."""
+    from anymc3d.predict import Predictor
+
+    bb = create_backbone("efficientnet_lite0", weights="random", input_size=SIZE)
+    model = _plugin(bb, r=4, last_k=last_k, seed=7, prefix="pm", scale=0.02, views=("axial", "coronal"))
+    vols = _volumes()
+    ref = np.array([r["raw_probabilities"]["1"] for r in Predictor(model, amp=False).predict_many(vols)])
+    assert not model.slice_engine.runners  # torch: nothing was merged or built
+    E.set_engine(engine)
+    pred = Predictor(model, amp=False)
+    got = np.array([r["raw_probabilities"]["1"] for r in pred.predict_many(vols)])
+    runners = model.slice_engine.runners
+    assert {k[0] for k in runners} == {"image:axial", "image:coronal"}
+    assert all(r is not None and r.engine == engine for r in runners.values())
+    assert not any("using torch" in n for n in E.notes), E.notes
+    np.testing.assert_allclose(got, ref, atol=1e-3)
+
+
+def test_training_and_heatmap_passes_never_take_the_merged_path():
+    """``slice_engine`` is asked only without gradients and without patch tokens."""
+    bb = create_backbone("efficientnet_lite0", weights="random", input_size=SIZE)
+    model = _plugin(bb, r=4, seed=8, prefix="tn", scale=0.02)
+    asked = []
+    model.slice_engine = lambda s, x: asked.append(s)  # answers None: the plugin's own path
+    x = _slices(3, seed=9)
+    model.embed_slices("image:axial", x)  # gradients on (training)
+    with torch.no_grad():
+        model.embed_slices("image:axial", x, keep_patches=True)  # heatmaps
+        assert asked == []
+        model.embed_slices("image:axial", x)
+    assert asked == ["image:axial"]

@@ -344,3 +344,32 @@ def test_mixup_and_view_dropout_are_plan_fields_and_flags_and_the_trainer_learns
     m = json.loads((out / "metrics.json").read_text())
     assert m["plan"]["mixup"] == 0.4 and m["plan"]["view_dropout"] == 0.3
     assert m["test"]["auc"] > 0.9, m["test"]
+
+
+def test_weight_decay_flag_reaches_both_optimiser_groups(tmp_path):
+    from anymc3d.cli import build_parser, optimizer_overrides
+    from anymc3d.training.trainer import TrainConfig, build_optimizer
+
+    class Tiny(torch.nn.Module):  # what build_optimizer asks of a plugin: its LoRA and its head parameters
+        def __init__(self):
+            super().__init__()
+            self.a, self.h = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+
+        def lora_parameters(self):
+            return dict(self.a.named_parameters())
+
+        def head_parameters(self):
+            return dict(self.h.named_parameters())
+
+    args = ["train", "d.csv", "--out", str(tmp_path)]
+    given = optimizer_overrides(build_parser().parse_args(args + ["--weight-decay", "0.05", "--lr-lora", "2e-4"]))
+    assert given == {"lr_lora": 2e-4, "wd_lora": 0.05, "wd_head": 0.05}
+    opt, _, _ = build_optimizer(Tiny(), None, TrainConfig.from_plan({"epochs": 2}, **given), steps_per_epoch=3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.05] and opt.param_groups[0]["initial_lr"] == 2e-4
+    assert optimizer_overrides(build_parser().parse_args(args)) == {}  # nothing given: the trainer's defaults
+    default = TrainConfig()
+    opt, _, _ = build_optimizer(Tiny(), None, default, steps_per_epoch=3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [default.wd_lora, default.wd_head]
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(args + ["--weight-decay", bad])

@@ -50,7 +50,7 @@ def _add_train_parser(sub) -> None:
     add_slice_args(t, None)
     t.add_argument("--out", required=True, type=Path)
     t.add_argument("--task-name")
-    from .planning.cli import add_plan_args, add_plan_override_args
+    from .planning.cli import add_plan_args, add_plan_override_args, weight_decay_arg
     add_plan_args(t)
     t.add_argument("--intensity", choices=["ct", "mri", "minmax", "fixed", "none"])
     t.add_argument("--windows", help="CT windows: preset name (chest, abdomen, ...) or lo:hi,lo:hi")
@@ -67,6 +67,9 @@ def _add_train_parser(sub) -> None:
                    help="learning rate of the LoRA weights (default: the trainer's, 5e-4)")
     t.add_argument("--lr-head", type=float, default=None,
                    help="learning rate of the task queries and the head (default: the trainer's, 1e-3)")
+    t.add_argument("--weight-decay", type=weight_decay_arg, default=None, metavar="WD",
+                   help="AdamW weight decay of the LoRA weights and of the head alike "
+                        "(default: the trainer's, 1e-5 for LoRA and 1e-4 for the head)")
     t.add_argument("--no-amp", action="store_true", help="disable bf16 autocast")
     t.add_argument("--seg-weight", type=float, default=0.5,
                    help="λ of the auxiliary mask loss (Dice + BCE) when the manifest has a mask column; 0 disables")
@@ -188,6 +191,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     return rc
 
 
+def optimizer_overrides(a: argparse.Namespace) -> dict:
+    """The optimiser settings the user gave (``--lr-lora``, ``--lr-head``, ``--weight-decay`` for both groups) as
+    ``TrainConfig`` fields; what is not given keeps the trainer's default (one source: ``TrainConfig``)."""
+    given = {"lr_lora": a.lr_lora, "lr_head": a.lr_head, "wd_lora": a.weight_decay, "wd_head": a.weight_decay}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _train(a: argparse.Namespace, dist) -> int:
     from .io import check_output_folder
     from .plugins import LoraSpec
@@ -220,7 +230,7 @@ def _train(a: argparse.Namespace, dist) -> int:
         pre = PreprocessOptions(views=st["views"], size=st["size"], intensity=intensity,
                                 windows=windows, spacing=_spacing(a.spacing), max_slices=st["max_slices"],
                                 neighbours=bool(st.get("neighbours")))
-        rates = {k: v for k, v in (("lr_lora", a.lr_lora), ("lr_head", a.lr_head)) if v is not None}
+        rates = optimizer_overrides(a)
         cfg = TrainConfig.from_plan(st, seed=a.seed, loss=a.loss, **rates,
                                     class_weighting=a.class_weighting, amp=not a.no_amp,
                                     progress=not a.quiet and main_rank, seg_weight=a.seg_weight,

@@ -25,11 +25,14 @@ class Predictor:
     """A loaded plugin on its frozen backbone; preprocessing comes from the plugin's saved spec."""
 
     def __init__(self, model, source: str = "", device: str = "auto", workers: int = 0, cache=None,
-                 cache_trunk: bool = False, coverage: float = DEFAULT_COVERAGE, amp: bool | None = None) -> None:
+                 cache_trunk: bool = False, coverage: float = DEFAULT_COVERAGE, amp: bool | None = None,
+                 merge_lora: bool = True) -> None:
         """``cache`` / ``cache_trunk``: serve the frozen part from an activation cache (predict-all
         shares one between the plugins of a store). ``coverage``: the level of every answer's
         conformal prediction set (anymc3d.plugins.trust). ``amp=False``: full fp32 (no bf16 autocast,
-        no TF32 on CUDA), for answers that must agree across devices to 1e-4 (docs/runtime.md)."""
+        no TF32 on CUDA), for answers that must agree across devices to 1e-4 (docs/runtime.md).
+        ``merge_lora``: on the CPU with an inference engine, each view's slice network may run whole on
+        it with its LoRA merged (anymc3d.runtime.merged; ``--engine auto`` keeps it where it is faster)."""
         self.model = model
         self.coverage = check_coverage(coverage)
         self.trust = getattr(model, "trust", None)
@@ -37,7 +40,7 @@ class Predictor:
         self.source = source
         self.specs = {k: PreprocessSpec.from_dict(v) for k, v in self.spec.preprocess.items()}
         self.runtime = Runtime(model, self.specs, device=device, workers=workers, cache=cache, cache_trunk=cache_trunk,
-                               amp=amp)
+                               amp=amp, merge_lora=merge_lora)
 
     @property
     def device(self):

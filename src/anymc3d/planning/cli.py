@@ -67,6 +67,8 @@ _ema = _number_in("--ema", lambda v: v == 0.0 or 0.0 < v < 1.0, "a decay in (0, 
 _smoothing = _number_in("--label-smoothing", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)")
 _mixup = _number_in("--mixup", lambda v: 0.0 <= v <= 10.0, "a Beta parameter in (0, 10] such as 0.4, or 0 (off)")
 _view_dropout = _number_in("--view-dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)")
+#: ``anymc3d train --weight-decay`` (an optimiser setting, not a plan field)
+weight_decay_arg = _number_in("--weight-decay", lambda v: 0.0 <= v < 1.0, "AdamW's decay in [0, 1) such as 0.05")
 
 
 def _threshold(text: str):

@@ -89,6 +89,7 @@ class AnyMC3D(nn.Module):
                                         if spec.embed_norm == "center_scale" else {})
         self.head = nn.Sequential(nn.Dropout(spec.head_dropout), nn.Linear(d, spec.n_outputs))
         self.trunk_engine = None  # the runtime's engine chooser for the frozen trunk (see trunk())
+        self.slice_engine = None  # the runtime's chooser for the merged slice network (prediction; embed_slices())
         one = replace(spec, ensemble=1) if spec.ensemble > 1 else None
         self.members = nn.ModuleList([AnyMC3D(backbone, one, adapter_prefix=f"{adapter_prefix}m{i}_", chunk=chunk,
                                               autocast=autocast) for i in range(1, spec.ensemble)])
@@ -211,11 +212,20 @@ class AnyMC3D(nn.Module):
                 out.append(self.backbone.forward_trunk(xi, k))
         return torch.cat(out)
 
-    def embed_slices(self, stream: str, x: torch.Tensor, keep_patches: bool = False, from_trunk: bool = False):
+    def embed_slices(self, stream: str, x: torch.Tensor, keep_patches: bool = False, from_trunk: bool = False,
+                     use_engine: bool = True):
         """x: (N, C, H, W) slices of one stream -> (N, D) embeddings [and (N, h, w, D) patch tokens].
 
         With ``lora.last_k`` the frozen trunk runs without autograd and only the adapted tail is
-        differentiated; ``from_trunk=True`` means x already holds trunk activations (cache)."""
+        differentiated; ``from_trunk=True`` means x already holds trunk activations (cache).
+        Without gradients, on the CPU, when the runtime has set ``slice_engine`` (prediction:
+        :class:`anymc3d.runtime.merged.MergedSlices`), the stream's whole slice network with its LoRA
+        merged may run on an inference engine instead (``use_engine=False``: never)."""
+        if (use_engine and self.slice_engine is not None and not keep_patches and not from_trunk
+                and x.device.type == "cpu" and not torch.is_grad_enabled()):
+            runner = self.slice_engine(stream, x)
+            if runner is not None:
+                return torch.cat([runner(x[i:i + self.chunk].float()) for i in range(0, x.shape[0], self.chunk)]), None
         activate(self.backbone.model, self.adapters.get(stream))
         k = self.last_k
         if from_trunk and k is None:

@@ -25,6 +25,7 @@ from ..plugins.model import ModelOutput, average_outputs
 from .batching import Batch, Batcher, BatchPlan, batch_loader, collate, eval_plans, per_case_stacks, slice_subset
 from .cache import ActivationCache, PluginActivations, cut_point, frozen_engine
 from .device import place, resolve_device
+from .merged import MergedSlices
 
 
 class Runtime:
@@ -33,12 +34,19 @@ class Runtime:
     used only with ``cache_trunk`` and a shared-trunk or pooling-only plugin."""
 
     def __init__(self, model, specs: dict, device: str | torch.device = "auto", amp: bool | None = None,
-                 cache: ActivationCache | str | None = None, cache_trunk: bool = False, workers: int = 0) -> None:
+                 cache: ActivationCache | str | None = None, cache_trunk: bool = False, workers: int = 0,
+                 merge_lora: bool = False) -> None:
+        """``merge_lora`` (prediction only: the plugin's weights must not change afterwards): each stream's
+        slice network with its LoRA merged may run whole on ``--engine``'s engine (anymc3d.runtime.merged)."""
         self.model, self.specs = model, specs
         self.device = resolve_device(device)
         place(model, self.device, model.autocast if amp is None else amp)
         if cut_point(model) is not None and model.spec.lora.r > 0:  # the frozen trunk runs on --engine's engine
             model.trunk_engine = lambda x, m=model: frozen_engine(m, "", x)
+        if hasattr(model, "slice_engine"):  # a plugin (the baselines' models have no slice network to merge)
+            merge = merge_lora and model.spec.lora.r > 0 and self.device.type == "cpu"
+            for m in (model, *model.members):
+                m.slice_engine = MergedSlices(m) if merge else None
         self.batcher = Batcher(model, specs, cache_trunk=cache_trunk)
         self.workers = int(workers)
         self.activations = None

@@ -1,0 +1,86 @@
+"""The adapted slice network as one frozen graph, for prediction on an inference engine.
+
+Training keeps LoRA in torch (the adapters are what it differentiates). A trained plugin's slice
+network is fixed, though: with each stream's LoRA merged into the weights it is a plain backbone,
+which an engine can export whole like any frozen pass (cut ``embed``). That is the one path where a
+full-depth plugin (LoRA in every block, no shared trunk: the GPU recipe) gets the engine at all on a
+CPU, and where a shared-trunk plugin also gets its adapted tail onto it.
+
+:class:`MergedSlices` is what :class:`~anymc3d.runtime.engine.Runtime` sets on a plugin for
+prediction (``merge_lora=True``): per (member, stream) a merged copy of the backbone, built once,
+whose runner comes from :func:`~anymc3d.runtime.engines.frozen_runner` like every frozen pass (so
+``--engine auto`` keeps it only where it is faster than the plugin's own path on the first slices,
+and any engine that differs from torch by more than the tolerance is not used). The copy's
+fingerprint covers the frozen weights and the adapter's own tensors, so the export cache never
+serves a graph of other LoRA weights. Heatmaps (patch tokens) and training never take this path.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import torch
+
+from ..plugins.lora import activate, adapter_parameters
+
+
+def adapter_fingerprint(backbone, name: str) -> str:
+    """sha256 over the frozen weights' fingerprint and adapter ``name``'s tensors (names, shapes, bytes)."""
+    h = hashlib.sha256(backbone.fingerprint.encode())
+    for key, p in sorted(adapter_parameters(backbone.model, name).items()):
+        t = p.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+        h.update(key.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def merged_backbone(backbone, name: str):
+    """A copy of ``backbone`` with adapter ``name`` merged into its weights and every LoRA layer
+    replaced by its (merged) base layer: a plain frozen backbone computing what the adapted one does."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    fingerprint = adapter_fingerprint(backbone, name)
+    merged = copy.deepcopy(backbone)
+    layers = [(path, m) for path, m in merged.model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for path, layer in layers:
+        if name in layer.lora_A:
+            layer.merge(adapter_names=[name])
+        parent, _, child = path.rpartition(".")
+        setattr(merged.model.get_submodule(parent) if parent else merged.model, child, layer.get_base_layer())
+    merged.fingerprint = fingerprint
+    return merged.eval()
+
+
+class MergedSlices:
+    """``model.slice_engine``: (stream, slices) -> the engine's runner of that stream's merged slice
+    network, or None (the plugin's own path). One per plugin model (ensemble members have their own).
+    The runner is kept per (stream, slice shape, engine); the merged copy of the backbone is not (the
+    runner holds its compiled graph), so a loaded plugin costs no second backbone in memory."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.runners: dict[tuple, object] = {}
+
+    def _torch_path(self, stream: str):
+        """The plugin's own slice embeddings of ``stream`` (what ``auto`` times the engines against)."""
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return self.model.embed_slices(stream, x, use_engine=False)[0]
+        return run
+
+    def __call__(self, stream: str, x: torch.Tensor):
+        from .engines import current_engine, frozen_runner
+
+        name = self.model.adapters.get(stream)
+        engine = current_engine()
+        if name is None or engine == "torch" or x.device.type != "cpu":
+            return None  # nothing to merge for: the plugin's own path (no copy of the backbone is made)
+        key = (stream, tuple(x.shape[1:]), engine)
+        if key not in self.runners:
+            merged = merged_backbone(self.model.backbone, name)
+            try:
+                self.runners[key] = frozen_runner(merged, "embed", x, torch_path=self._torch_path(stream))
+            finally:
+                activate(self.model.backbone.model, name)  # the reference pass may have moved the active adapter
+        return self.runners[key]
