@@ -40,7 +40,7 @@ def _slices(n=6, c=1, size=SIZE, seed=0):
     return torch.rand(n, c, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _plugin(bb, r=0, last_k=None, seed=0, prefix="e", scale=0.2, views=("axial",)):
+def _plugin(bb, r=0, last_k=None, seed=0, prefix="e", scale=0.2, views=("axial",), ensemble=1):
     """A plugin on ``bb`` with random (non-zero) LoRA, queries and head: probabilities that depend on the features
     (``scale``: their standard deviation; 0.02 gives LoRA deltas of a trained plugin's size, 0.2 a chaotic net)."""
     from anymc3d.plugins import LoraSpec, PluginSpec
@@ -50,7 +50,7 @@ def _plugin(bb, r=0, last_k=None, seed=0, prefix="e", scale=0.2, views=("axial",
     pre = PreprocessSpec(size=SIZE, views=list(views)).to_dict()
     spec = PluginSpec(task="t", task_type="binary", label_names=["0", "1"], inputs=["image"], preprocess={"image": pre},
                       backbone=bb.name, backbone_fingerprint=bb.fingerprint, input_size=bb.input_size,
-                      lora=LoraSpec(r=r, last_k=last_k))
+                      lora=LoraSpec(r=r, last_k=last_k), ensemble=ensemble)
     torch.manual_seed(seed)
     model = AnyMC3D(bb, spec, adapter_prefix=f"{prefix}{seed}_", autocast=False).eval()
     with torch.no_grad():
@@ -327,24 +327,26 @@ def _volumes(n=3, seed=0):
 
 @pytest.mark.skipif(not INSTALLED, reason="no engine of anymc3d[cpu] installed")
 @pytest.mark.parametrize("engine", INSTALLED)
-@pytest.mark.parametrize("last_k", [None, 1])
-def test_prediction_runs_the_merged_slice_network_on_the_engine(engine, last_k, tmp_path):
-    """A full-depth and a shared-trunk plugin (two views, small random LoRA) predicted through a Predictor:
-    with an engine the merged slice network of each view runs on it, probabilities equal torch's within 1e-3;
-    with torch (the Python default) nothing is merged."""
+@pytest.mark.parametrize("last_k,ensemble", [(None, 1), (1, 1), (None, 2)])
+def test_prediction_runs_the_merged_slice_network_on_the_engine(engine, last_k, ensemble, tmp_path):
+    """A full-depth, a shared-trunk and a full-depth two-member plugin (two views, small random LoRA) predicted
+    through a Predictor: with an engine the merged slice network of each member's view runs on it, probabilities
+    equal torch's within 1e-3; with torch (the Python default) nothing is merged."""
     from anymc3d.predict import Predictor
 
     bb = create_backbone("efficientnet_lite0", weights="random", input_size=SIZE)
-    model = _plugin(bb, r=4, last_k=last_k, seed=7, prefix="pm", scale=0.02, views=("axial", "coronal"))
+    model = _plugin(bb, r=4, last_k=last_k, seed=7, prefix="pm", scale=0.02, views=("axial", "coronal"),
+                    ensemble=ensemble)
     vols = _volumes()
     ref = np.array([r["raw_probabilities"]["1"] for r in Predictor(model, amp=False).predict_many(vols)])
     assert not model.slice_engine.runners  # torch: nothing was merged or built
     E.set_engine(engine)
     pred = Predictor(model, amp=False)
     got = np.array([r["raw_probabilities"]["1"] for r in pred.predict_many(vols)])
-    runners = model.slice_engine.runners
-    assert {k[0] for k in runners} == {"image:axial", "image:coronal"}
-    assert all(r is not None and r.engine == engine for r in runners.values())
+    for member in (model, *model.members):
+        runners = member.slice_engine.runners
+        assert {k[0] for k in runners} == {"image:axial", "image:coronal"}
+        assert all(r is not None and r.engine == engine for r in runners.values())
     assert not any("using torch" in n for n in E.notes), E.notes
     np.testing.assert_allclose(got, ref, atol=1e-3)
 
