@@ -258,7 +258,7 @@ def test_streaming_predict_uses_one_loader_and_equals_one_at_a_time(trained_plug
     monkeypatch.setattr(Runtime, "loader", lambda self, cases, plans: loaders.append(len(cases)) or orig(self, cases, plans))
     out = tmp_path / "pred"
     assert main(["predict", str(trained_plugin), *map(str, images), "--out", str(out), "--device", "cpu",
-                 "--workers", "1"]) == 0
+                 "--workers", "1", "--engine", "torch"]) == 0  # the same arithmetic as load()'s (torch)
     assert loaders == [9]
     for cid, probs in expected.items():
         got = json.loads((out / f"{cid}.json").read_text())["probabilities"]

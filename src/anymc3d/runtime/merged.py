@@ -80,7 +80,10 @@ class MergedSlices:
         if key not in self.runners:
             merged = merged_backbone(self.model.backbone, name)
             try:
-                self.runners[key] = frozen_runner(merged, "embed", x, torch_path=self._torch_path(stream))
+                # under auto the choice is silent: the plugin's own path is the fallback, and a note on every
+                # prediction of a full-depth plugin would be noise; an engine the user named still says why not
+                self.runners[key] = frozen_runner(merged, "embed", x, torch_path=self._torch_path(stream),
+                                                  announce=engine != "auto")
             finally:
                 activate(self.model.backbone.model, name)  # the reference pass may have moved the active adapter
         return self.runners[key]

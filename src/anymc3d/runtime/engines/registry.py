@@ -166,11 +166,14 @@ def build_runner(name: str, backbone, cut: str, example: torch.Tensor, threads: 
 
 def frozen_runner(backbone, cut: str, x: torch.Tensor, engine: str | None = None,
                   torch_path: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  cache: ExportCache | str | None = None) -> Runner | None:
+                  cache: ExportCache | str | None = None, announce: bool = True) -> Runner | None:
     """The runner for slices like ``x`` (N, C, H, W), or None: use the caller's torch path.
 
     ``engine``: a name of :data:`ENGINE_CHOICES` (None: the process's). ``torch_path``: the caller's own
-    torch computation of the same output (timed by ``auto``; default: eager fp32)."""
+    torch computation of the same output (timed by ``auto``; default: eager fp32). ``announce=False``:
+    the choice is recorded in :data:`notes` but not printed (an optional speed-up whose fallback is the
+    caller's own working path, e.g. the merged slice network at prediction)."""
+    say = note if announce else notes.append
     name = engine or _engine
     if name == "torch":
         return None
@@ -189,18 +192,18 @@ def frozen_runner(backbone, cut: str, x: torch.Tensor, engine: str | None = None
     for n in candidates:
         if not ENGINES[n].available():
             if name != "auto":
-                note(f"engine {n} is not installed ({INSTALL_HINT}); using torch")
+                say(f"engine {n} is not installed ({INSTALL_HINT}); using torch")
             continue
         try:
             with torch.autocast("cpu", enabled=False):  # the export traces the fp32 graph
                 r = build_runner(n, backbone, cut, probe, threads, cache)
                 diff = _differs(r(probe), ref)
         except Exception as exc:  # an export the engine cannot take: torch does the work
-            note(f"engine {n} could not run {backbone.name} at {cut} ({type(exc).__name__}: "
+            say(f"engine {n} could not run {backbone.name} at {cut} ({type(exc).__name__}: "
                  f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); using torch")
             continue
         if diff > TOLERANCE:
-            note(f"engine {n} differs from torch by {diff:.1e} on {backbone.name} at {cut} (> {TOLERANCE}); using torch")
+            say(f"engine {n} differs from torch by {diff:.1e} on {backbone.name} at {cut} (> {TOLERANCE}); using torch")
             continue
         built[n] = r
     chosen: Runner | None = None
@@ -208,7 +211,7 @@ def frozen_runner(backbone, cut: str, x: torch.Tensor, engine: str | None = None
         chosen = built.get(name)
     elif not built:
         installed = any(ENGINES[n].available() for n in candidates)
-        note("engine auto: " + ("no other engine passed its check against torch" if installed else
+        say("engine auto: " + ("no other engine passed its check against torch" if installed else
                                 f"no other engine installed ({INSTALL_HINT})") + "; using torch")
     else:
         if torch_path is None:
@@ -218,7 +221,7 @@ def frozen_runner(backbone, cut: str, x: torch.Tensor, engine: str | None = None
         rates.update({k: n / _seconds(r, probe) for k, r in built.items()})
         best = max(rates, key=rates.get)
         chosen = built.get(best)
-        note(f"engine auto for {backbone.name} at {cut}, {tuple(x.shape[1:])}: {best} ("
+        say(f"engine auto for {backbone.name} at {cut}, {tuple(x.shape[1:])}: {best} ("
              + ", ".join(f"{k} {v:.0f}" for k, v in sorted(rates.items(), key=lambda kv: -kv[1])) + " slices/s)")
     _runners[memo] = (chosen, name)
     return chosen
