@@ -230,8 +230,7 @@ def _train(a: argparse.Namespace, dist) -> int:
         pre = PreprocessOptions(views=st["views"], size=st["size"], intensity=intensity,
                                 windows=windows, spacing=_spacing(a.spacing), max_slices=st["max_slices"],
                                 neighbours=bool(st.get("neighbours")))
-        rates = optimizer_overrides(a)
-        cfg = TrainConfig.from_plan(st, seed=a.seed, loss=a.loss, **rates,
+        cfg = TrainConfig.from_plan(st, seed=a.seed, loss=a.loss, **optimizer_overrides(a),
                                     class_weighting=a.class_weighting, amp=not a.no_amp,
                                     progress=not a.quiet and main_rank, seg_weight=a.seg_weight,
                                     device=dist.rank_device(a.device), threshold=a.threshold, embed_norm=a.embed_norm)

@@ -16,22 +16,27 @@ class BackboneOutput:
     patches: torch.Tensor
 
 
-def weights_fingerprint(module: nn.Module) -> str:
-    """sha256 over the frozen weights (names, shapes, bytes): identifies *which* backbone a plugin was trained on.
-
-    LoRA parameters are excluded so that the fingerprint is the same with or without adapters attached.
-    """
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        if "lora_" in name:
-            continue
-        name = name.replace(".base_layer.", ".")  # peft wraps adapted layers; keep the frozen weight's own name
+def tensors_fingerprint(named, seed: str = "") -> str:
+    """``sha256:`` + 16 hex digits over ``seed`` and (name, tensor) pairs in the order given (names,
+    shapes, dtypes, bytes)."""
+    h = hashlib.sha256(seed.encode())
+    for name, tensor in named:
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()[:16]
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over the frozen weights (names, shapes, bytes): identifies *which* backbone a plugin was trained on.
+
+    LoRA parameters are excluded so that the fingerprint is the same with or without adapters attached.
+    """
+    # peft wraps adapted layers; keep the frozen weight's own name
+    return tensors_fingerprint((name.replace(".base_layer.", "."), t) for name, t in module.state_dict().items()
+                               if "lora_" not in name)
 
 
 class Backbone(nn.Module):

@@ -194,6 +194,10 @@ class AnyMC3D(nn.Module):
                 xi = xi.contiguous(memory_format=torch.channels_last)
             yield xi, torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
 
+    def _run_chunks(self, runner, x: torch.Tensor) -> torch.Tensor:
+        """An engine's runner over x in chunks of ``self.chunk`` slices (it takes float32 on the CPU)."""
+        return torch.cat([runner(x[i:i + self.chunk].float()) for i in range(0, x.shape[0], self.chunk)])
+
     @torch.no_grad()
     def trunk(self, x: torch.Tensor, engine: bool = True) -> torch.Tensor:
         """Shared-trunk activations of slices (N, C, H, W); only defined when LoRA sits in the last k blocks.
@@ -205,7 +209,7 @@ class AnyMC3D(nn.Module):
         if engine and self.trunk_engine is not None and x.device.type == "cpu":
             runner = self.trunk_engine(x)  # set by the runtime (anymc3d.runtime.engine.Runtime); None: torch
             if runner is not None:
-                return torch.cat([runner(x[i:i + self.chunk]) for i in range(0, x.shape[0], self.chunk)])
+                return self._run_chunks(runner, x)
         out = []
         for xi, amp in self._chunks(x):
             with amp:
@@ -225,7 +229,7 @@ class AnyMC3D(nn.Module):
                 and x.device.type == "cpu" and not torch.is_grad_enabled()):
             runner = self.slice_engine(stream, x)
             if runner is not None:
-                return torch.cat([runner(x[i:i + self.chunk].float()) for i in range(0, x.shape[0], self.chunk)]), None
+                return self._run_chunks(runner, x), None
         activate(self.backbone.model, self.adapters.get(stream))
         k = self.last_k
         if from_trunk and k is None:

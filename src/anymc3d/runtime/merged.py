@@ -7,8 +7,8 @@ full-depth plugin (LoRA in every block, no shared trunk: the GPU recipe) gets th
 CPU, and where a shared-trunk plugin also gets its adapted tail onto it.
 
 :class:`MergedSlices` is what :class:`~anymc3d.runtime.engine.Runtime` sets on a plugin for
-prediction (``merge_lora=True``): per (member, stream) a merged copy of the backbone, built once,
-whose runner comes from :func:`~anymc3d.runtime.engines.frozen_runner` like every frozen pass (so
+prediction (``merge_lora=True``): per (member, stream) a merged copy of the backbone, made once and
+dropped as soon as its runner is built; the runner comes from :func:`~anymc3d.runtime.engines.frozen_runner` like every frozen pass (so
 ``--engine auto`` keeps it only where it is faster than the plugin's own path on the first slices,
 and any engine that differs from torch by more than the tolerance is not used). The copy's
 fingerprint covers the frozen weights and the adapter's own tensors, so the export cache never
@@ -17,22 +17,16 @@ serves a graph of other LoRA weights. Heatmaps (patch tokens) and training never
 from __future__ import annotations
 
 import copy
-import hashlib
 
 import torch
 
+from ..backbones.base import tensors_fingerprint
 from ..plugins.lora import activate, adapter_parameters
 
 
 def adapter_fingerprint(backbone, name: str) -> str:
-    """sha256 over the frozen weights' fingerprint and adapter ``name``'s tensors (names, shapes, bytes)."""
-    h = hashlib.sha256(backbone.fingerprint.encode())
-    for key, p in sorted(adapter_parameters(backbone.model, name).items()):
-        t = p.detach().to("cpu", torch.float32).contiguous().reshape(-1)
-        h.update(key.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return "sha256:" + h.hexdigest()[:16]
+    """The fingerprint of the frozen weights and adapter ``name``'s tensors together."""
+    return tensors_fingerprint(sorted(adapter_parameters(backbone.model, name).items()), seed=backbone.fingerprint)
 
 
 @torch.no_grad()
