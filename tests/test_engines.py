@@ -312,6 +312,14 @@ def test_merged_backbone_computes_what_the_adapted_one_does(which, last_k, reque
     assert float((got - adapted).abs().max()) <= 1e-4 * max(1.0, float(adapted.abs().max()))
     assert torch.equal(again, adapted)  # the plugin's own backbone is untouched (adapters kept, not merged)
     assert not any("lora_" in k for k in merged.state_dict())
+    # only the weights the merge changes are copied: every other tensor is the backbone's own
+    base = {k.replace("base_layer.", ""): t for k, t in bb.model.state_dict().items() if "lora_" not in k}
+    mine = merged.model.state_dict()
+    shared = {k for k, t in mine.items() if t.data_ptr() == base[k].data_ptr()}
+    assert shared and len(shared) < len(mine)
+    assert all(torch.equal(mine[k], base[k]) for k in shared)
+    if last_k == 1:  # a last-stage plugin: the copy owns the last stage's merged layers and nothing more
+        assert len(shared) > 0.8 * len(mine)
     assert merged.fingerprint != bb.fingerprint and merged.fingerprint == adapter_fingerprint(bb, name)
     with torch.no_grad():
         next(iter(model.lora_parameters().values())).add_(0.01)

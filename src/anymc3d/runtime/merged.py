@@ -29,14 +29,27 @@ def adapter_fingerprint(backbone, name: str) -> str:
     return tensors_fingerprint(sorted(adapter_parameters(backbone.model, name).items()), seed=backbone.fingerprint)
 
 
+def _sharing_memo(model, name: str) -> dict:
+    """A ``copy.deepcopy`` memo that shares every tensor of ``model`` with the copy except the base
+    weights adapter ``name`` is merged into: the copy then costs those layers alone, not a second
+    backbone with every plugin's adapters (a store's shared backbone holds them all)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    changed = {id(t) for m in model.modules() if isinstance(m, BaseTunerLayer) and name in m.lora_A
+               for t in m.get_base_layer().parameters()}
+    return {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in changed}
+
+
 @torch.no_grad()
 def merged_backbone(backbone, name: str):
     """A copy of ``backbone`` with adapter ``name`` merged into its weights and every LoRA layer
-    replaced by its (merged) base layer: a plain frozen backbone computing what the adapted one does."""
+    replaced by its (merged) base layer: a plain frozen backbone computing what the adapted one does.
+    Only the weights the merge changes are copied; every other tensor is the backbone's own (shared,
+    never written)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     fingerprint = adapter_fingerprint(backbone, name)
-    merged = copy.deepcopy(backbone)
+    merged = copy.deepcopy(backbone, _sharing_memo(backbone.model, name))
     layers = [(path, m) for path, m in merged.model.named_modules() if isinstance(m, BaseTunerLayer)]
     for path, layer in layers:
         if name in layer.lora_A:
