@@ -21,9 +21,10 @@ import json
 import torch
 
 
-def owned_bytes(copy_model, original) -> int:
-    """Bytes of the tensors in ``copy_model`` that are not storage shared with ``original``."""
-    theirs = {t.untyped_storage().data_ptr() for t in (*original.parameters(), *original.buffers())}
+def owned_bytes(copy_model, original=None) -> int:
+    """Bytes of the tensors in ``copy_model`` that are not storage shared with ``original`` (None: all)."""
+    theirs = set() if original is None else {t.untyped_storage().data_ptr()
+                                             for t in (*original.parameters(), *original.buffers())}
     seen, n = set(), 0
     for t in (*copy_model.parameters(), *copy_model.buffers()):
         ptr = t.untyped_storage().data_ptr()
@@ -60,10 +61,8 @@ def main() -> None:
     ap.add_argument("--plugins", type=int, default=8)
     ap.add_argument("--size", type=int, default=64)
     a = ap.parse_args()
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     from anymc3d.plugins.lora import activate
-    from anymc3d.runtime.merged import merged_backbone
+    from anymc3d.runtime.merged import merge_in_place, merged_backbone
 
     torch.set_num_threads(1)
     rows = []
@@ -71,19 +70,14 @@ def main() -> None:
     for label, last_k in (("full depth", None), ("last stage", 1)):
         bb, models = store(a.plugins, last_k, a.size)
         name = models[0].adapters["image:axial"]
-        backbone_bytes = owned_bytes(bb.model, torch.nn.Linear(1, 1))
+        backbone_bytes = owned_bytes(bb.model)
+        old = copy.deepcopy(bb)  # the first version: the whole backbone, all adapters, then merged
+        deep_peak = owned_bytes(old.model, bb.model)  # before its LoRA layers are dropped: every plugin's adapters
+        merge_in_place(old.model, name)
+        deep = owned_bytes(old.model, bb.model)
+        new = merged_backbone(bb, name)
+        sharing = owned_bytes(new.model, bb.model)
         with torch.no_grad():
-            old = copy.deepcopy(bb)  # the first version: the whole backbone, all adapters, then merged
-            for path, layer in [(p, m) for p, m in old.model.named_modules() if isinstance(m, BaseTunerLayer)]:
-                if name in layer.lora_A:
-                    layer.merge(adapter_names=[name])
-                parent, _, child = path.rpartition(".")
-                setattr(old.model.get_submodule(parent) if parent else old.model, child, layer.get_base_layer())
-            deep = owned_bytes(old.model, bb.model)
-            # what the deepcopy held before its LoRA layers were dropped: every adapter of every plugin
-            deep_peak = owned_bytes(copy.deepcopy(bb).model, bb.model)
-            new = merged_backbone(bb, name)
-            sharing = owned_bytes(new.model, bb.model)
             activate(bb.model, name)
             dp = float((old(x).cls - new(x).cls).abs().max())
         rows.append({"lora": label, "plugins": a.plugins, "backbone_with_adapters_mb": round(backbone_bytes / 2**20, 2),

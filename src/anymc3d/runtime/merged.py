@@ -41,21 +41,27 @@ def _sharing_memo(model, name: str) -> dict:
 
 
 @torch.no_grad()
+def merge_in_place(model, name: str) -> None:
+    """Merge adapter ``name`` into ``model``'s weights and replace every LoRA layer by its base layer
+    (``model``'s own tensors change: call it on a copy)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for path, layer in layers:
+        if name in layer.lora_A:
+            layer.merge(adapter_names=[name])
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer())
+
+
 def merged_backbone(backbone, name: str):
     """A copy of ``backbone`` with adapter ``name`` merged into its weights and every LoRA layer
     replaced by its (merged) base layer: a plain frozen backbone computing what the adapted one does.
     Only the weights the merge changes are copied; every other tensor is the backbone's own (shared,
     never written)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     fingerprint = adapter_fingerprint(backbone, name)
     merged = copy.deepcopy(backbone, _sharing_memo(backbone.model, name))
-    layers = [(path, m) for path, m in merged.model.named_modules() if isinstance(m, BaseTunerLayer)]
-    for path, layer in layers:
-        if name in layer.lora_A:
-            layer.merge(adapter_names=[name])
-        parent, _, child = path.rpartition(".")
-        setattr(merged.model.get_submodule(parent) if parent else merged.model, child, layer.get_base_layer())
+    merge_in_place(merged.model, name)
     merged.fingerprint = fingerprint
     return merged.eval()
 
