@@ -144,19 +144,29 @@ def measure_timings(task: TaskData, backbone_name: str, size: int, device: str =
 
         flat = slices[stream].flatten(0, 1)[masks[stream].reshape(-1)].to(dev)
         threads = choose_threads(lambda: tail.trunk(flat), dev)
-        full_step = timed(lambda: t_full.step(batch, None), dev, repeats) / n
+        # training cases with masks train with the auxiliary mask loss (its decoder and targets): the steps
+        # are timed on a batch of whole stacks with their masks, built by each Trainer's own batcher
+        step_batch, tail_step_batch, n_step = batch, cached, n
+        with_mask_loss = t_tail.decoder is not None
+        if with_mask_loss:
+            whole = int(slice_streams(prepared[0], specs, full.streams)[stream].shape[0])  # slices of one stack
+            seg_cases = prepared[:max(1, min(len(prepared), (max_slices_timed * batch_size) // max(1, whole)))]
+            step_batch = rt_full.batcher.batch(seg_cases, with_masks=True)
+            tail_step_batch = rt_tail.batcher.batch(seg_cases, with_masks=True)
+            n_step = int(sum(int(m.sum()) for m in step_batch.masks.values()))
+        full_step = timed(lambda: t_full.step(step_batch, None), dev, repeats) / n_step
         full_fwd = timed(infer(t_full, batch), dev, repeats) / n
         # the frozen trunk as the trunk-cache fill will run it: through the engine of --engine (auto: measured)
         runner = frozen_engine(tail, stream, flat) if dev.type == "cpu" else None
         trunk_fwd = timed((lambda: runner(flat)) if runner is not None else (lambda: tail.trunk(flat)), dev,
                            repeats) / n
         h = tail.trunk(flat)
-        tail_step = timed(lambda: t_tail.step(cached, None), dev, repeats) / n
+        tail_step = timed(lambda: t_tail.step(tail_step_batch, None), dev, repeats) / n_step
         tail_fwd = timed(infer(t_tail, cached), dev, repeats) / n
     del t_full, t_tail
     del full, tail, rt_full, rt_tail, bb
     return {**machine_info(device), **threads, "backbone": backbone_name, "size": int(size), "batch_size": batch_size,
-            "slices_timed": n, "engine": engine_name(runner), "prep_s_per_volume": prep_s, "aug_s_per_volume": aug_s,
+            "slices_timed": n, "mask_loss_timed": with_mask_loss, "engine": engine_name(runner), "prep_s_per_volume": prep_s, "aug_s_per_volume": aug_s,
             "trunk_fwd_s": trunk_fwd, "trunk_bytes_per_slice": int(h[0].numel() * 4),
             "tail_step_s": tail_step, "tail_fwd_s": tail_fwd, "full_step_s": full_step, "full_fwd_s": full_fwd,
             "measure_s": round(time.perf_counter() - t_all, 2)}
