@@ -274,7 +274,7 @@ def test_machine_timings_name_the_engine(binary_manifest, monkeypatch):
         assert t["engine"] == INSTALLED[0] and np.isfinite(t["trunk_fwd_s"])
 
 
-def test_machine_timings_time_the_mask_loss_where_training_cases_have_masks(binary_manifest, tmp_path):
+def test_machine_timings_time_the_mask_loss_where_training_cases_have_masks(binary_manifest, tmp_path, monkeypatch):
     """Training cases with masks train with the auxiliary mask loss (a decoder and its targets on every
     step): the timed steps carry it too, so the plan's estimate is not short on such data (on the
     synthetic suite at 64² the last-stage step costs about 2.3x the mask-free step)."""
@@ -294,15 +294,14 @@ def test_machine_timings_time_the_mask_loss_where_training_cases_have_masks(bina
     E.set_engine("torch")
     masked = load_data(write_task(make_task("lesion_binary", 8, seed=1, size=16), tmp_path / "data"))
     plain = load_data(binary_manifest)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T.Trainer, "step", spy)
-        t = measure_timings(masked, "efficientnet_lite0", SIZE, device="cpu", weights="random", batch_size=2,
-                            max_slices_timed=4, n_cases=2)
-        assert t["mask_loss_timed"] is True and steps and all(steps)
-        steps.clear()
-        t0 = measure_timings(plain, "efficientnet_lite0", SIZE, device="cpu", weights="random", batch_size=2,
-                             max_slices_timed=4, n_cases=2)
-        assert t0["mask_loss_timed"] is False and steps and not any(steps)
+    monkeypatch.setattr(T.Trainer, "step", spy)
+    t = measure_timings(masked, "efficientnet_lite0", SIZE, device="cpu", weights="random", batch_size=2,
+                        max_slices_timed=4, n_cases=2)
+    assert t["mask_loss_timed"] is True and steps and all(steps)
+    steps.clear()
+    t0 = measure_timings(plain, "efficientnet_lite0", SIZE, device="cpu", weights="random", batch_size=2,
+                         max_slices_timed=4, n_cases=2)
+    assert t0["mask_loss_timed"] is False and steps and not any(steps)
     assert 0 < t["tail_step_s"] < t["full_step_s"]
 
 

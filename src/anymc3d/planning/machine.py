@@ -126,7 +126,8 @@ def measure_timings(task: TaskData, backbone_name: str, size: int, device: str =
 
         # one training batch of real slices: batch_size stacks of up to max_slices_timed slices
         stream = full.streams[0]
-        stacks = [slice_streams(p, specs, full.streams)[stream][:max_slices_timed] for p in prepared]
+        whole = [slice_streams(p, specs, full.streams)[stream] for p in prepared]  # each case's whole stack
+        stacks = [w[:max_slices_timed] for w in whole]
         stacks = (stacks * (batch_size // len(stacks) + 1))[:batch_size]
         slices, masks, present = collate([{stream: s} for s in stacks], [stream])
         n = int(sum(int(m.sum()) for m in masks.values()))
@@ -149,8 +150,7 @@ def measure_timings(task: TaskData, backbone_name: str, size: int, device: str =
         step_batch, tail_step_batch, n_step = batch, cached, n
         with_mask_loss = t_tail.decoder is not None
         if with_mask_loss:
-            whole = int(slice_streams(prepared[0], specs, full.streams)[stream].shape[0])  # slices of one stack
-            seg_cases = prepared[:max(1, min(len(prepared), (max_slices_timed * batch_size) // max(1, whole)))]
+            seg_cases = prepared[:max(1, min(len(prepared), (max_slices_timed * batch_size) // max(1, len(whole[0]))))]
             step_batch = rt_full.batcher.batch(seg_cases, with_masks=True)
             tail_step_batch = rt_tail.batcher.batch(seg_cases, with_masks=True)
             n_step = int(sum(int(m.sum()) for m in step_batch.masks.values()))
@@ -166,7 +166,8 @@ def measure_timings(task: TaskData, backbone_name: str, size: int, device: str =
     del t_full, t_tail
     del full, tail, rt_full, rt_tail, bb
     return {**machine_info(device), **threads, "backbone": backbone_name, "size": int(size), "batch_size": batch_size,
-            "slices_timed": n, "mask_loss_timed": with_mask_loss, "engine": engine_name(runner), "prep_s_per_volume": prep_s, "aug_s_per_volume": aug_s,
+            "slices_timed": n, "mask_loss_timed": with_mask_loss, "engine": engine_name(runner),
+            "prep_s_per_volume": prep_s, "aug_s_per_volume": aug_s,
             "trunk_fwd_s": trunk_fwd, "trunk_bytes_per_slice": int(h[0].numel() * 4),
             "tail_step_s": tail_step, "tail_fwd_s": tail_fwd, "full_step_s": full_step, "full_fwd_s": full_fwd,
             "measure_s": round(time.perf_counter() - t_all, 2)}
