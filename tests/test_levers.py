@@ -373,3 +373,31 @@ def test_weight_decay_flag_reaches_both_optimiser_groups(tmp_path):
     for bad in ("-0.1", "1.5"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(args + ["--weight-decay", bad])
+
+
+def test_the_ood_reference_of_a_plugin_with_test_flips_holds_every_training_case(tmp_path):
+    """fit_trust turns the test-time flips off for its pass over the training cases and back on before it
+    reads the captured embeddings: every training case's embedding is in the reference (it once kept
+    every third batch of a plugin with two flips), and the validation scores are one per case."""
+    from anymc3d.data.cases import Case
+    from anymc3d.evaluation import ood
+    from anymc3d.plugins.trust import fit_trust
+
+    bb = lite0()
+    path = random_plugin(bb, tmp_path, "tta", seed=6, last_k=1, size=SIZE, test_flips=["w", "h"])
+    model = load_plugin(path, weights="random")
+    pred = Predictor(model)
+    cases = [Case(id=f"c{i}", images={"image": volume(i)}) for i in range(20)]
+    trust = fit_trust(model, pred.runtime, cases[:12], cases[12:], np.arange(8) % 2, log=lambda *a, **k: None)
+    assert model.spec.test_flips == ["w", "h"]
+    (stream,) = trust.refs
+    assert len(trust.refs[stream]["points"]) == 12  # <= 64 embeddings: the reference is the embeddings themselves
+    assert len(trust.val_ood) == 8
+    # the reference is the training cases' unflipped embeddings, whatever the flips are at capture's end
+    model.spec.test_flips = []
+    with ood.EmbeddingCapture(model) as cap:
+        pred.runtime.predict(cases[:12], 4)
+    model.spec.test_flips = ["w", "h"]
+    want = ood.fit_knn_reference(cap.take()[stream], 64, 1)["points"]
+    np.testing.assert_allclose(np.asarray(trust.refs[stream]["points"], np.float32), np.asarray(want, np.float32),
+                               atol=1e-3)

@@ -43,15 +43,24 @@ FEATURES = ("task_query", "slice_mean")
 class EmbeddingCapture:
     """Within: every forward of ``model`` records each stream's pooled embedding (task query) and the
     mean of its slice embeddings; :meth:`take` returns them per stream as (N, D) arrays, in call order
-    (NaN rows for a batch without that stream)."""
+    (NaN rows for a batch without that stream).
+
+    The passes per batch are the plugin's test-time flips when the capture starts: a caller that turns
+    the flips off for its passes (the OOD reference's pass over the training cases) and back on before
+    :meth:`take` still gets every case's row."""
 
     def __init__(self, model) -> None:
         self.model = model
         self.handles: list = []
         self.rows: list[dict] = []
         self._open: dict = {}
+        self._passes = self._spec_passes()
+
+    def _spec_passes(self) -> int:
+        return 1 + len(getattr(self.model.spec, "test_flips", None) or [])
 
     def __enter__(self) -> "EmbeddingCapture":
+        self._passes = self._spec_passes()
         for s in self.model.streams:
             mod = self.model.slice_pool[s.replace(":", "__")]
             self.handles.append(mod.register_forward_hook(self._pool_hook(s)))
@@ -84,8 +93,9 @@ class EmbeddingCapture:
     @property
     def passes(self) -> int:
         """Forward passes per batch: a plugin with test-time flips runs the flipped slices first and the
-        slices as they are last (``Runtime.forward``); the embedding kept is that last pass's."""
-        return 1 + len(getattr(self.model.spec, "test_flips", None) or [])
+        slices as they are last (``Runtime.forward``); the embedding kept is that last pass's. Fixed when
+        the capture starts (a later change of the spec's flips does not reinterpret the rows)."""
+        return self._passes
 
     def batches(self) -> list[dict]:
         k = self.passes
