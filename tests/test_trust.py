@@ -296,3 +296,27 @@ def test_mahalanobis_reference_is_compact_and_separates():
     s_out = ood.mahalanobis(ref, a[300:] + rng.normal(size=(100, 64)) * 3.0)
     assert roc_auc_score([0] * 100 + [1] * 100, np.r_[s_in, s_out]) > 0.95
     assert 0.5 < np.median(s_in) < 2.0  # about 1 for in-distribution cases (score = d^2 / D)
+
+
+def test_cross_fitted_scores_score_training_cases_as_new_ones():
+    """In-sample, a reference of at most 64 points holds each training embedding itself (score 0);
+    cross-fitted, each case is scored against the other folds' reference, like a fresh case of the same
+    distribution, so the threshold can be set on the training cases too."""
+    rng = np.random.default_rng(4)
+    centre = rng.normal(size=16)
+    draw = lambda n: centre + 0.5 * rng.normal(size=(n, 16))  # noqa: E731
+    train, fresh = {"s": draw(60)}, {"s": draw(400)}
+    ref = {"s": ood.fit_knn_reference(train["s"], 64, 1)}
+    assert np.allclose(ood.combined_score(ref, train), 0.0, atol=1e-3)
+    oof = ood.cross_fitted_scores(train, 64, 1, folds=5)
+    new = ood.combined_score({"s": ood.fit_knn_reference(train["s"][:48], 64, 1)}, fresh)  # 4/5 of the cases
+    assert np.isfinite(oof).all() and oof.min() > 0.01
+    assert abs(np.median(oof) - np.median(new)) < 0.2 * np.median(new)
+    assert np.isnan(ood.cross_fitted_scores({"s": draw(3)})).all()  # too few cases for any fold's reference
+
+
+def test_the_ood_threshold_counts_the_cross_fitted_training_cases(toy):
+    spec = json.loads((toy["plugin"] / "plugin.json").read_text())
+    m = spec["trust"]["ood"]
+    n_val = len(load(toy["plugin"], device="cpu").trust.val_ood)
+    assert m["threshold_cases"] == {"validation": n_val, "training, cross-fitted": m["n_reference"]}

@@ -128,9 +128,14 @@ def fit_trust(model, runtime, train_cases: list, val_cases: list, y_val, batch_s
     if refs:
         vs = trust.ood_scores(cap_v.take("task_query"))
         trust.val_ood = vs.astype(np.float32)
+        # the threshold's cases: validation and the training cases scored as new ones (cross-fitted)
+        tr = ood.cross_fitted_scores({s: emb_tr[s] for s in refs}, points, neighbours, seed=seed)
+        held = np.r_[vs[np.isfinite(vs)], tr[np.isfinite(tr)]]
         trust.ood = {"method": ood.DEFAULT_METHOD, "feature": "task_query", "points": int(points),
                      "neighbours": int(neighbours),
-                     "percentile": float(percentile), "threshold": ood.ood_threshold(vs[np.isfinite(vs)], percentile),
+                     "percentile": float(percentile), "threshold": ood.ood_threshold(held, percentile),
+                     "threshold_cases": {"validation": int(np.isfinite(vs).sum()),
+                                         "training, cross-fitted": int(np.isfinite(tr).sum())},
                      "streams": list(refs), "n_reference": int(len(train_cases))}
     log(f"trust: calibration {trust.calibration['method'] if trust.calibration else 'none'}; OOD reference "
         f"{len(refs)} stream(s) from {len(train_cases)} training cases ({points} points); conformal scores from "
@@ -172,7 +177,7 @@ def annotate(res: dict, trust: Trust | None, spec, raw_probs, emb: dict[str, np.
             if s > thr:
                 res.setdefault("warnings", []).append(
                     f"out of distribution: OOD score {s:.3g} above the plugin's threshold {thr:.3g} (the "
-                    f"{trust.ood['percentile']:g}th percentile of its validation cases); do not rely on this prediction")
+                    f"{trust.ood['percentile']:g} % quantile of its held-out cases' scores); do not rely on this prediction")
     if trust.has_conformal:
         cp = cal_mod.class_probabilities(spec.task_type, trust.calibrate(raw_probs))
         cut = conformal.conformal_cut(trust.conformal_scores(), coverage)
