@@ -7,7 +7,8 @@ n < 99) lets an exchangeable case be flagged with a probability that is itself r
 Adrenal's 98 validation cases it exceeds 2 % with probability 14 %. The training cases are 12x as many,
 but their scores against a reference fitted on them are not those of new cases. Cross-fitting makes them
 new: the training embeddings are split into K folds, each fold is scored against the reference
-(:func:`anymc3d.evaluation.ood.fit_knn_reference`, the stored method and size) fitted on the other folds.
+(:func:`anymc3d.evaluation.ood.fit_knn_reference`, the stored method and size) fitted on the other folds
+(:func:`anymc3d.evaluation.ood.cross_fitted_scores`, which training now uses for the threshold).
 
 Checked on validation only: (1) are the out-of-fold training scores distributed like the validation
 scores (two-sample Kolmogorov-Smirnov, quantiles side by side)? (2) the threshold from the out-of-fold
@@ -44,17 +45,6 @@ def task_query(pred, cases) -> dict[str, np.ndarray]:
     return cap.take("task_query")
 
 
-def oof_scores(emb: dict[str, np.ndarray], folds: int, points: int, neighbours: int, seed: int) -> np.ndarray:
-    """Each training case's score against the reference fitted on the other folds (mean over streams)."""
-    n = len(next(iter(emb.values())))
-    fold = np.random.default_rng(seed).permutation(n) % folds
-    out = np.full(n, np.nan)
-    for k in range(folds):
-        refs = {s: ood.fit_knn_reference(x[fold != k], points, neighbours, seed) for s, x in emb.items()}
-        out[fold == k] = ood.combined_score(refs, {s: x[fold == k] for s, x in emb.items()})
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("plugin")
@@ -82,7 +72,7 @@ def main() -> None:
     for kind in ("inverted", "fov4x"):
         score[f"val_{kind}"] = scored(shifted(split["val"], kind))
     score["val_synthetic"] = scored(synthetic_cases(shape, a.n_synthetic)[::2])
-    oof = oof_scores(emb_tr, a.folds, m["points"], m["neighbours"], 0)
+    oof = ood.cross_fitted_scores(emb_tr, m["points"], m["neighbours"], a.folds, seed=0)  # what training stores
 
     q = [50, 90, 95, 99, 100]
     thresholds = {
