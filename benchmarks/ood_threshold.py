@@ -37,12 +37,7 @@ from anymc3d.predict import load  # noqa: E402
 
 def task_query(pred, cases) -> dict[str, np.ndarray]:
     """The unflipped pass's pooled task-query embedding per stream (what a prediction is scored by)."""
-    flips, pred.spec.test_flips = pred.spec.test_flips, []
-    try:
-        _, _, cap = ood.predict_with_embeddings(pred.runtime, cases, 8)
-    finally:
-        pred.spec.test_flips = flips
-    return cap.take("task_query")
+    return ood.predict_with_embeddings(pred.runtime, cases, 8, flips=False)[2].take("task_query")
 
 
 def main() -> None:
@@ -75,6 +70,7 @@ def main() -> None:
     oof = ood.cross_fitted_scores(emb_tr, m["points"], m["neighbours"], a.folds, seed=0)  # what training stores
 
     q = [50, 90, 95, 99, 100]
+    ks = ks_2samp(oof, score["val"])
     thresholds = {
         "validation only (the stored rule)": ood.ood_threshold(score["val"], m["percentile"]),
         "out-of-fold training only": ood.ood_threshold(oof, m["percentile"]),
@@ -85,8 +81,7 @@ def main() -> None:
         "n": {"train_oof": int(len(oof)), "val": int(len(score["val"])), "test": int(len(score["test"]))},
         "quantiles": {"percent": q, "train_oof": np.percentile(oof, q).tolist(),
                       "val": np.percentile(score["val"], q).tolist(), "test (reported only)": np.percentile(score["test"], q).tolist()},
-        "ks_train_oof_vs_val": {"statistic": float(ks_2samp(oof, score["val"]).statistic),
-                                "pvalue": float(ks_2samp(oof, score["val"]).pvalue)},
+        "ks_train_oof_vs_val": {"statistic": float(ks.statistic), "pvalue": float(ks.pvalue)},
         "thresholds": {},
     }
     for name, thr in thresholds.items():

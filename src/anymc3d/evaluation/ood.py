@@ -123,10 +123,20 @@ class EmbeddingCapture:
         self._open = {}
 
 
-def predict_with_embeddings(runtime, cases, batch_size: int = 4) -> tuple[np.ndarray, list[dict], EmbeddingCapture]:
-    """``runtime.predict`` plus the capture of every case's pooled embeddings."""
-    with EmbeddingCapture(runtime.model) as cap:
-        probs, outs = runtime.predict(cases, batch_size)
+def predict_with_embeddings(runtime, cases, batch_size: int = 4,
+                            flips: bool = True) -> tuple[np.ndarray, list[dict], EmbeddingCapture]:
+    """``runtime.predict`` plus the capture of every case's pooled embeddings. ``flips=False``: the
+    plugin's test-time flips are off for this pass (the embeddings are those a prediction is scored by,
+    its unflipped pass's, at a fraction of the cost; the probabilities are then the unflipped ones)."""
+    spec = runtime.model.spec
+    kept = spec.test_flips
+    if not flips:
+        spec.test_flips = []
+    try:
+        with EmbeddingCapture(runtime.model) as cap:
+            probs, outs = runtime.predict(cases, batch_size)
+    finally:
+        spec.test_flips = kept
     for s in runtime.model.streams:  # a stream a case lacks has no embedding (NaN rows, skipped by the score)
         absent = np.array([not o["present"].get(s, False) for o in outs])
         for feat in FEATURES:
@@ -253,8 +263,7 @@ def percentile_of(val_scores: np.ndarray, s: float) -> float:
 
 def ood_threshold(val_scores: np.ndarray, percentile: float = DEFAULT_PERCENTILE) -> float:
     """The split-conformal quantile of the held-out scores (validation, and the training cases' cross-fitted
-    ones): the ceil((n + 1) p / 100)-th smallest (the
-    largest when n is too small for it). A new case like the validation ones then scores above it with
+    ones): the ceil((n + 1) p / 100)-th smallest (the largest when n is too small for it). A new case like the validation ones then scores above it with
     probability at most 1 - p / 100 (at most 1 / (n + 1) when the largest is used): the false-flag
     rate is bounded whatever the number of validation cases, which a plain percentile is not."""
     v = np.sort(np.asarray(val_scores, dtype=np.float64).ravel())

@@ -112,11 +112,7 @@ def fit_trust(model, runtime, train_cases: list, val_cases: list, y_val, batch_s
     if len(train_cases) > MAX_REFERENCE_CASES:
         idx = np.random.default_rng(seed).choice(len(train_cases), MAX_REFERENCE_CASES, replace=False)
         train_cases = [train_cases[i] for i in sorted(idx)]
-    flips, spec.test_flips = spec.test_flips, []
-    try:
-        _, _, cap_tr = ood.predict_with_embeddings(train_runtime or runtime, train_cases, batch_size)
-    finally:
-        spec.test_flips = flips
+    _, _, cap_tr = ood.predict_with_embeddings(train_runtime or runtime, train_cases, batch_size, flips=False)
     emb_tr = cap_tr.take("task_query")
     refs = {s: ood.fit_knn_reference(x, points, neighbours, seed) for s, x in emb_tr.items()
             if np.isfinite(x).all(axis=1).sum() >= 3}
