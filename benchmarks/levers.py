@@ -44,6 +44,8 @@ CANDIDATES = {
     # training dynamics (planning/planner.py EMA_DECAY, LABEL_SMOOTHING)
     "k1_all_ema": ["--ema", "0.99"],
     "k1_all_ls": ["--label-smoothing", "0.1"],
+    # stochastic weight averaging of the epoch-end weights from a fifth of the epochs on (training/averaging.py)
+    "k1_all_swa": ["--swa", "0.2"],
     # --lr-lora 5e-4: the trainer's default since 2026-12-07 (it was 1e-4), so a cell run after that
     # date trains k1_all as k1_all_lrl5 does; the names keep the comparison's cells apart
     "k1_all_lrl5": ["--lr-lora", "5e-4"],

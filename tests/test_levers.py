@@ -202,7 +202,7 @@ def test_train_learns_a_separable_toy_through_the_cli_and_the_api(tmp_path, caps
 
 
 def test_weight_ema_moves_each_weight_toward_the_live_one_and_puts_the_live_ones_back():
-    from anymc3d.training.ema import WeightEMA
+    from anymc3d.training.averaging import WeightEMA
 
     w = torch.nn.Parameter(torch.zeros(3))
     ema = WeightEMA({"w": w}, 0.75)
@@ -216,6 +216,57 @@ def test_weight_ema_moves_each_weight_toward_the_live_one_and_puts_the_live_ones
     assert torch.allclose(w, torch.full((3,), 4.0))
     with pytest.raises(ValueError, match="decay"):
         WeightEMA({"w": w}, 1.0)
+
+
+def test_weight_swa_is_the_equal_mean_of_the_epoch_end_weights_from_its_first_epoch():
+    from anymc3d.training.averaging import WeightSWA
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    swa = WeightSWA({"w": w}, start=2)
+    for epoch, value in enumerate([10.0, 1.0, 2.0, 6.0], start=1):
+        with torch.no_grad():
+            w.fill_(value)
+        swa.end_epoch(epoch)
+        if epoch == 1:  # before its first epoch: no average, the live weights are validated
+            with swa.applied():
+                assert torch.allclose(w, torch.full((2,), 10.0))
+    assert swa.count == 3
+    with swa.applied():
+        assert torch.allclose(w, torch.full((2,), 3.0))  # (1 + 2 + 6) / 3; epoch 1's 10 left out
+    assert torch.allclose(w, torch.full((2,), 6.0))
+    again = WeightSWA({"w": torch.nn.Parameter(torch.zeros(2))}, start=2)
+    again.load_state_dict(swa.state_dict())
+    assert again.count == 3 and torch.allclose(again.shadow[0], torch.full((2,), 3.0))
+    with pytest.raises(ValueError, match="first epoch"):
+        WeightSWA({"w": w}, start=0)
+
+
+def test_swa_is_a_plan_field_and_a_flag_and_starts_at_its_fraction_of_the_epochs(tmp_path):
+    from anymc3d.cli import build_parser
+    from anymc3d.errors import InputError
+    from anymc3d.planning.cli import overrides_from
+    from anymc3d.training.averaging import WeightSWA
+    from anymc3d.training.trainer import TrainConfig, weight_average
+
+    a = build_parser().parse_args(["train", "d.csv", "--out", str(tmp_path), "--swa", "0.2"])
+    cfg = TrainConfig.from_plan({**overrides_from(a), "epochs": 15})
+    assert cfg.swa == 0.2
+
+    class Tiny:
+        def lora_parameters(self):
+            return {"a": torch.nn.Parameter(torch.zeros(1))}
+
+        def head_parameters(self):
+            return {"h": torch.nn.Parameter(torch.zeros(1))}
+
+    avg = weight_average(Tiny(), cfg)
+    assert isinstance(avg, WeightSWA) and avg.start == 3 and avg.names == ["a", "h"]  # ceil(0.2 * 15)
+    assert weight_average(Tiny(), TrainConfig(epochs=15)) is None
+    with pytest.raises(InputError, match="choose one"):
+        weight_average(Tiny(), TrainConfig(epochs=15, swa=0.2, ema=0.99))
+    for bad in (["--swa", "1.5"], ["--swa", "-0.1"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", "d.csv", "--out", str(tmp_path), *bad])
 
 
 def test_label_smoothing_pulls_the_targets_toward_uniform():

@@ -64,6 +64,7 @@ def _number_in(flag: str, ok, what: str):
 
 
 _ema = _number_in("--ema", lambda v: v == 0.0 or 0.0 < v < 1.0, "a decay in (0, 1) such as 0.99, or 0 (off)")
+_swa = _number_in("--swa", lambda v: 0.0 <= v < 1.0, "a fraction of the epochs in [0, 1) such as 0.2, or 0 (off)")
 _smoothing = _number_in("--label-smoothing", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)")
 _mixup = _number_in("--mixup", lambda v: 0.0 <= v <= 10.0, "a Beta parameter in (0, 10] such as 0.4, or 0 (off)")
 _view_dropout = _number_in("--view-dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)")
@@ -118,6 +119,9 @@ def add_plan_override_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema", type=_ema, metavar="DECAY",
                    help="validate and save an exponential moving average of the plugin's weights, DECAY per "
                         "optimiser step (e.g. 0.99; 0: off)")
+    g.add_argument("--swa", type=_swa, metavar="FRACTION",
+                   help="validate and save the mean of the plugin's weights at the end of every epoch from epoch "
+                        "ceil(FRACTION x epochs) on: stochastic weight averaging (e.g. 0.2; 0: off; not with --ema)")
     g.add_argument("--label-smoothing", type=_smoothing, metavar="EPS",
                    help="label smoothing of the classification loss (0: off)")
     g.add_argument("--mixup", type=_mixup, metavar="ALPHA",

@@ -37,7 +37,8 @@ from .fingerprint import in_plane_size, slices_per_view
 PLAN_VERSION = 1
 #: the plan fields a user flag can override (``anymc3d train --epochs ...``)
 FIELDS = ("size", "views", "lora_last_k", "augment", "slice_subset", "max_slices", "epochs", "batch_size", "patience",
-          "flip_copies", "test_flips", "ensemble", "neighbours", "ema", "label_smoothing", "mixup", "view_dropout")
+          "flip_copies", "test_flips", "ensemble", "neighbours", "ema", "swa", "label_smoothing",
+          "mixup", "view_dropout")
 MIN_SIZE = 64
 MIN_AXIS_FOR_VIEWS = 16
 MAX_ANISOTROPY_FOR_VIEWS = 3.0
@@ -90,7 +91,8 @@ class Plan:
     test_flips: list[str] = field(default_factory=list)  # in-plane flips averaged at prediction (plugin spec)
     ensemble: int = 1                # members trained together on the one cached trunk (plugin spec)
     neighbours: bool = False         # 2.5D slices: the slice and its two neighbours as the channels (preprocess spec)
-    ema: float = 0.0                 # per-step decay of the trainable weights' EMA (training.ema; 0: off)
+    ema: float = 0.0                 # per-step decay of the trainable weights' EMA (training.averaging; 0: off)
+    swa: float = 0.0                 # SWA of the epoch-end weights from this fraction of the epochs on (training.averaging)
     label_smoothing: float = 0.0     # label smoothing of the classification loss (0: off)
     mixup: float = 0.0               # Beta(a, a) mixup of slice embeddings (plugins.mixup; 0: off)
     view_dropout: float = 0.0        # probability of hiding a training case's view from the fusion (0: off)
@@ -316,6 +318,8 @@ def describe(c: dict) -> str:
         extra += f", {c['ensemble']}-member ensemble"
     if c.get("ema"):
         extra += f", weight EMA {c['ema']:g}"
+    if c.get("swa"):
+        extra += f", SWA from {c['swa']:g} of the epochs"
     if c.get("label_smoothing"):
         extra += f", label smoothing {c['label_smoothing']:g}"
     if c.get("mixup"):
@@ -403,7 +407,7 @@ def _settings(c: dict, est: dict, overrides: dict, timings: dict, size: int, bs:
                 slice_subset=c["slice_subset"], max_slices=c["max_slices"], epochs=int(c["epochs"]), batch_size=bs,
                 patience=int(overrides.get("patience", max(3, c["epochs"] // 3))),
                 flip_copies=int(c.get("flip_copies") or 0), test_flips=list(c.get("test_flips") or []),
-                ensemble=int(c.get("ensemble") or 1), ema=float(c.get("ema") or 0.0),
+                ensemble=int(c.get("ensemble") or 1), ema=float(c.get("ema") or 0.0), swa=float(c.get("swa") or 0.0),
                 label_smoothing=float(c.get("label_smoothing") or 0.0), mixup=float(c.get("mixup") or 0.0),
                 view_dropout=float(c.get("view_dropout") or 0.0),
                 neighbours=bool(overrides.get("neighbours", c.get("neighbours", False))), cache=cache)
@@ -454,6 +458,7 @@ def plan_table(plan: Plan) -> str:
             ("test-time flips", "/".join(plan.test_flips) if plan.test_flips else "none"),
             ("ensemble", f"{plan.ensemble} members on one trunk" if plan.ensemble > 1 else "one plugin"),
             ("weight EMA", f"decay {plan.ema:g} per step" if plan.ema else "off"),
+            ("weight SWA", f"epoch-end weights from {plan.swa:g} of the epochs on" if plan.swa else "off"),
             ("label smoothing", f"{plan.label_smoothing:g}" if plan.label_smoothing else "off"),
             ("embedding mixup", f"Beta({plan.mixup:g}, {plan.mixup:g})" if plan.mixup else "off"),
             ("view dropout", f"{plan.view_dropout:g} per view" if plan.view_dropout else "off"),
@@ -462,7 +467,7 @@ def plan_table(plan: Plan) -> str:
     keys = {"slice size": "size", "views": "views", "LoRA": "lora_last_k", "augmentation": "augment",
             "training slices": "slice_subset", "slices per view": "max_slices", "epochs": "epochs", "batch size": "batch_size",
             "flipped copies": "flip_copies", "test-time flips": "test_flips", "ensemble": "ensemble",
-            "weight EMA": "ema", "label smoothing": "label_smoothing", "embedding mixup": "mixup",
+            "weight EMA": "ema", "weight SWA": "swa", "label smoothing": "label_smoothing", "embedding mixup": "mixup",
             "view dropout": "view_dropout",
             "early-stopping patience": "patience"}
     w = max(len(r[0]) for r in rows)

@@ -36,7 +36,7 @@ from ..runtime.batching import FLIP_COPIES, Batch, Batcher, BatchPlan, PreparedC
 from ..runtime.engine import Runtime
 from . import distributed as ddp
 from .decoder import SegDecoder3D, dice_ce_loss
-from .ema import WeightEMA
+from .averaging import WeightEMA, WeightSWA
 from .losses import classification_loss
 from .view_dropout import drop_views
 
@@ -77,6 +77,8 @@ class TrainConfig:
     test_flips: list = field(default_factory=list)  # in-plane flips averaged at every prediction (PluginSpec.test_flips)
     ensemble: int = 1              # members trained together on one trunk (PluginSpec.ensemble)
     ema: float = 0.0               # per-step decay of an EMA of the trainable weights, validated and saved (0: off)
+    swa: float = 0.0               # SWA: the mean of the weights at every epoch's end from epoch ceil(swa * epochs)
+                                   # on, validated and saved like the EMA (0: off; not with ema)
     label_smoothing: float = 0.0   # targets pulled toward the uniform distribution by this much (0: off)
     mixup: float = 0.0             # Beta(a, a) mixup of slice embeddings between a batch's cases (plugins.mixup; 0: off)
     view_dropout: float = 0.0      # each training case's view hidden from the fusion with this probability (0: off)
@@ -95,7 +97,7 @@ class TrainConfig:
 
 #: the plan fields that are training settings (anymc3d.planning.planner.Plan)
 PLAN_FIELDS = ("epochs", "batch_size", "patience", "augment", "slice_subset", "workers", "flip_copies", "test_flips",
-               "ensemble", "ema", "label_smoothing", "mixup", "view_dropout", "threshold")
+               "ensemble", "ema", "swa", "label_smoothing", "mixup", "view_dropout", "threshold")
 
 
 #: settings that do not change what training computes, so a run may resume with them changed
@@ -106,6 +108,17 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for every result-changing setting that differs between two configs."""
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
             if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k)]
+
+
+def weight_average(model: AnyMC3D, cfg: TrainConfig) -> WeightEMA | WeightSWA | None:
+    """The average of the plugin's trainable weights that ``cfg`` asks for (the decoder is never saved, so
+    never averaged); None without ``ema`` or ``swa``."""
+    if cfg.ema and cfg.swa:
+        raise InputError("--ema and --swa: choose one weight average")
+    params = {**model.lora_parameters(), **model.head_parameters()}
+    if cfg.ema:
+        return WeightEMA(params, cfg.ema)
+    return WeightSWA(params, max(1, math.ceil(cfg.swa * cfg.epochs))) if cfg.swa else None
 
 
 def seed_everything(seed: int) -> None:
@@ -213,8 +226,8 @@ class Checkpoint:
               "config": json.dumps(asdict(self.cfg))}
         if t.decoder is not None:
             ck["decoder"] = t.decoder.state_dict()
-        if t.ema is not None:
-            ck["ema"] = t.ema.state_dict()
+        if t.average is not None:
+            ck["average"] = t.average.state_dict()
         with atomic_write(self.path) as tmp:
             torch.save(ck, tmp)
 
@@ -233,8 +246,8 @@ class Checkpoint:
         t.start_epoch, t.best, t.best_state, t.bad = ck["epoch"] + 1, ck["best"], ck["best_state"], ck["bad_epochs"]
         if t.decoder is not None and "decoder" in ck:
             t.decoder.load_state_dict(ck["decoder"])
-        if t.ema is not None:
-            t.ema.load_state_dict(ck["ema"])
+        if t.average is not None:
+            t.average.load_state_dict(ck["average"] if "average" in ck else ck["ema"])  # "ema": older checkpoints
         t.log.history = json.loads(ck["history"])
         return True
 
@@ -304,8 +317,7 @@ class Trainer:
         self.decoder = SegDecoder3D(model.backbone.embed_dim, cfg.seg_hidden).to(self.device) if use_seg else None
         self.bs, self.steps_per_epoch = ddp.local_batch(self.n_cases, cfg.batch_size)  # batch_size: the global batch
         self.opt, self.sched, self.params = build_optimizer(model, self.decoder, cfg, self.steps_per_epoch)
-        # the EMA of the plugin's weights (the decoder is never saved, so never averaged)
-        self.ema = WeightEMA({**model.lora_parameters(), **model.head_parameters()}, cfg.ema) if cfg.ema else None
+        self.average = weight_average(model, cfg)
         cw = class_weights(np.stack([c.label.numpy() for c in self.train]), self.task_type, cfg.class_weighting)
         self.cw = cw.to(self.device) if cw is not None else None
         # DistributedDataParallel under torchrun; ``local``: this process alone (the planner's timing on rank 0)
@@ -390,8 +402,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.opt.step()
         self.sched.step()
-        if self.ema is not None:
-            self.ema.update()
+        if isinstance(self.average, WeightEMA):
+            self.average.update()
         return loss.item(), seg_loss
 
     def train_epoch(self, epoch: int) -> dict:
@@ -435,8 +447,8 @@ class Trainer:
         return row, m["auc"] if m["auc"] is not None else m["acc"]
 
     def averaged(self):
-        """A context in which the model holds the EMA weights (``cfg.ema``); a no-op without one."""
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        """A context in which the model holds the averaged weights (``cfg.ema`` or ``cfg.swa``); a no-op without."""
+        return self.average.applied() if self.average is not None else contextlib.nullcontext()
 
     def track_best(self, score: float) -> bool:
         """Keep the trainable state when ``score`` beats the best so far, else count a bad epoch; whether it did."""
@@ -457,7 +469,9 @@ class Trainer:
         self.log.open_bar(self.steps_per_epoch * (cfg.epochs - self.start_epoch))
         for epoch in range(self.start_epoch, cfg.epochs):
             row = self.train_epoch(epoch)
-            with self.averaged():  # with --ema the averaged weights are validated and kept as the best state
+            if isinstance(self.average, WeightSWA):
+                self.average.end_epoch(epoch + 1)
+            with self.averaged():  # with --ema / --swa the averaged weights are validated and kept as the best state
                 val_row, score = self.validate()
                 row.update(val_row)
                 row["best"] = self.track_best(-row["train_loss"] if score is None else score)
