@@ -227,7 +227,7 @@ class Checkpoint:
         if t.decoder is not None:
             ck["decoder"] = t.decoder.state_dict()
         if t.average is not None:
-            ck["average"] = t.average.state_dict()
+            ck["ema"] = t.average.state_dict()  # the key the EMA was saved under first; SWA's too
         with atomic_write(self.path) as tmp:
             torch.save(ck, tmp)
 
@@ -247,7 +247,7 @@ class Checkpoint:
         if t.decoder is not None and "decoder" in ck:
             t.decoder.load_state_dict(ck["decoder"])
         if t.average is not None:
-            t.average.load_state_dict(ck["average"] if "average" in ck else ck["ema"])  # "ema": older checkpoints
+            t.average.load_state_dict(ck["ema"])
         t.log.history = json.loads(ck["history"])
         return True
 
