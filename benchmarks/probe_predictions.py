@@ -11,24 +11,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 from pathlib import Path
 
-import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from anymc3d.backbones import create_backbone
-from anymc3d.baselines.frozen import FeatureCache
+from anymc3d.baselines.frozen import FeatureCache, mean_pooled
 from anymc3d.baselines.linear_probe import fit_logistic_probe
+from anymc3d.bench.methods import THREE
 from anymc3d.data import load_data
-
-THREE = ("axial", "coronal", "sagittal")
-
-
-def pooled(cache: FeatureCache, split: str) -> np.ndarray:
-    e, m = cache.data[split]["emb"].astype(np.float32), cache.data[split]["mask"]
-    s = (e * m[..., None]).sum(2) / np.maximum(m.sum(2, keepdims=True), 1)
-    return s.reshape(len(s), -1)
+from anymc3d.io.writers import atomic_write
 
 
 def main() -> None:
@@ -45,7 +37,7 @@ def main() -> None:
         raise SystemExit("anymc3d: error: probe_predictions.py: binary tasks only")
     bb = create_backbone(a.backbone, input_size=a.size)
     cache = FeatureCache(task, bb, list(THREE), a.size, a.cache, engine=a.engine)
-    feats = {k: pooled(cache, k) for k in cache.data}
+    feats = {k: mean_pooled(cache, k) for k in cache.data}
     y = {k: cache.labels(k) for k in cache.data}
     score, c, val_auc = fit_logistic_probe(feats, y, task.task_type, task.label_names)
     out = Path(a.out)
@@ -56,12 +48,10 @@ def main() -> None:
             continue
         s, lab = score(split), y[split].reshape(-1)
         path = out / f"{split}.csv"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["id", "label", col])
             w.writerows([c_.id, int(l), f"{p:.6f}"] for c_, l, p in zip(cache.splits[split], lab, s))
-        os.replace(tmp, path)
         print(f"{split}: AUC {roc_auc_score(lab, s):.4f} ({len(lab)} cases) -> {path}")
     print(f"C = {c} (validation AUROC {val_auc:.4f})")
 

@@ -121,18 +121,20 @@ def _finish(cache: FeatureCache, val_scores, test_scores, threshold: float, extr
     return res
 
 
+def mean_pooled(cache: FeatureCache, split: str) -> np.ndarray:
+    """A split's cached slice embeddings mean-pooled per view (present slices only), views concatenated:
+    (N, V * D), the linear probe's features."""
+    e, m = cache.data[split]["emb"].astype(np.float32), cache.data[split]["mask"]
+    s = (e * m[..., None]).sum(2) / np.maximum(m.sum(2, keepdims=True), 1)
+    return s.reshape(len(s), -1)
+
+
 def linear_probe_from_cache(cache: FeatureCache, cs=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0), train_fraction: float = 1.0,
                             seed: int = 0) -> dict:
     """Mean pooling per view, views concatenated, StandardScaler + logistic regression (C on val AUROC)."""
     task = cache.task
     t0 = time.time()
-
-    def pooled(split):
-        e, m = cache.data[split]["emb"].astype(np.float32), cache.data[split]["mask"]
-        s = (e * m[..., None]).sum(2) / np.maximum(m.sum(2, keepdims=True), 1)
-        return s.reshape(len(s), -1)
-
-    f = {k: pooled(k) for k in cache.data}
+    f = {k: mean_pooled(cache, k) for k in cache.data}
     y = {k: cache.labels(k) for k in cache.data}
     keep = _subsample_idx(cache, train_fraction, seed)
     f["train"], y["train"] = f["train"][keep], y["train"][keep]

@@ -263,8 +263,8 @@ def percentile_of(val_scores: np.ndarray, s: float) -> float:
 
 def ood_threshold(val_scores: np.ndarray, percentile: float = DEFAULT_PERCENTILE) -> float:
     """The split-conformal quantile of the held-out scores (validation, and the training cases' cross-fitted
-    ones): the ceil((n + 1) p / 100)-th smallest (the largest when n is too small for it). A new case like the validation ones then scores above it with
-    probability at most 1 - p / 100 (at most 1 / (n + 1) when the largest is used): the false-flag
+    ones): the ceil((n + 1) p / 100)-th smallest (the largest when n is too small for it). A new case
+    like the validation ones then scores above it with probability at most 1 - p / 100 (at most 1 / (n + 1) when the largest is used): the false-flag
     rate is bounded whatever the number of validation cases, which a plain percentile is not."""
     v = np.sort(np.asarray(val_scores, dtype=np.float64).ravel())
     v = v[np.isfinite(v)]

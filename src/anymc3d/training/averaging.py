@@ -1,10 +1,11 @@
 """Averages of the plugin's trainable weights: an exponential moving average (EMA, ``anymc3d train --ema
-DECAY``) and stochastic weight averaging (SWA, ``anymc3d train --swa EPOCH``).
+DECAY``) and stochastic weight averaging (SWA, ``anymc3d train --swa FRACTION``).
 
 * EMA: after every optimiser step each shadow weight moves toward its live weight: ``shadow += (1 - decay)
   * (live - shadow)`` (``torch._foreach_lerp_``).
 * SWA (Izmailov et al., 2018): the equal-weight mean of the weights at the end of every epoch from
-  ``EPOCH`` on (1-based), kept as a running mean: ``shadow += (live - shadow) / n``.
+  epoch ceil(FRACTION x epochs) on (1-based; ``training.trainer.weight_average``), kept as a running
+  mean: ``shadow += (live - shadow) / n``.
 
 Validation, the best state and the saved plugin use the shadow weights; training continues from the live
 ones. Before SWA's first epoch has ended there is no average, and the live weights are validated.
@@ -54,8 +55,7 @@ class WeightAverage:
         return {k: s.detach().cpu() for k, s in zip(self.names, self.shadow)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        names = [k for k in state if k != SWA_COUNT]
-        if sorted(names) != sorted(self.names):
+        if sorted(state) != sorted(self.names):
             raise KeyError("the weight average's state does not match the trainable weights")
         with torch.no_grad():
             for k, s in zip(self.names, self.shadow):
@@ -105,5 +105,5 @@ class WeightSWA(WeightAverage):
         return {**super().state_dict(), SWA_COUNT: torch.tensor(self.count)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        super().load_state_dict(state)
+        super().load_state_dict({k: v for k, v in state.items() if k != SWA_COUNT})
         self.count = int(state[SWA_COUNT])
